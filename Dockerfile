@@ -1,0 +1,51 @@
+# syntax=docker/dockerfile:1
+# Spillway's images, one build for all three binaries:
+#   docker build --target producer -t spillway-producer:dev .
+#   docker build --target worker   -t spillway-worker:dev .
+#   docker build --target scaler   -t spillway-scaler:dev .
+# (./manage.sh up builds them into the cluster's runtime.)
+
+FROM rust:1.95-slim-bookworm AS builder
+WORKDIR /src
+# Dependencies first, in a layer of their own: it is rebuilt only when a manifest or
+# the lock file changes, not on every source edit.
+COPY Cargo.toml Cargo.lock ./
+COPY common/Cargo.toml common/
+COPY producer/Cargo.toml producer/
+COPY worker/Cargo.toml worker/
+COPY scaler/Cargo.toml scaler/
+RUN for crate in common producer worker scaler; do \
+        mkdir -p "$crate/src" "$crate/benches" && echo 'fn main() {}' > "$crate/src/main.rs" && touch "$crate/src/lib.rs"; \
+    done \
+    && echo 'fn main() {}' > producer/benches/ingest.rs \
+    && echo 'fn main() {}' > worker/benches/consume.rs \
+    && cargo build --release --locked --bins \
+    && rm -rf common producer worker scaler
+COPY common common
+COPY producer producer
+COPY worker worker
+COPY scaler scaler
+# Touch the sources so cargo rebuilds them over the placeholder builds above.
+RUN find common producer worker scaler -name '*.rs' -exec touch {} + \
+    && cargo build --release --locked --bins
+
+# The run-time base: no compiler, no build tools; a shell for the exec handler.
+FROM debian:bookworm-slim AS runtime
+RUN groupadd --gid 10001 spillway \
+    && useradd --uid 10001 --gid spillway --no-create-home --shell /usr/sbin/nologin spillway
+USER 10001:10001
+ENV LOG_FORMAT=json
+
+FROM runtime AS producer
+COPY --from=builder /src/target/release/producer /usr/local/bin/producer
+EXPOSE 8000
+ENTRYPOINT ["/usr/local/bin/producer"]
+
+FROM runtime AS worker
+COPY --from=builder /src/target/release/worker /usr/local/bin/worker
+ENTRYPOINT ["/usr/local/bin/worker"]
+
+FROM runtime AS scaler
+COPY --from=builder /src/target/release/scaler /usr/local/bin/scaler
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/scaler"]

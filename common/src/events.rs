@@ -1,0 +1,111 @@
+//! The messages workers and the scaler exchange besides rows: progress reports and
+//! drain requests, each on a topic exchange of its own.
+//!
+//! Workers publish a [`WorkerReport`] on [`EVENTS_EXCHANGE`] every few seconds and on
+//! exit, so the scaler knows who holds work before it drains anyone (the management
+//! API's unacked count lags by seconds; a worker's own report does not). The scaler
+//! asks a worker to drain by publishing to [`CONTROL_EXCHANGE`] with the worker's
+//! [`drain_routing_key`]; each worker listens on an exclusive queue bound to its own key.
+
+use std::collections::BTreeMap;
+
+use lapin::{Channel, ExchangeKind, options::ExchangeDeclareOptions, types::FieldTable};
+use serde::{Deserialize, Serialize};
+
+/// Topic exchange of worker reports (routing key `worker.<job_type>.<worker>`) and of
+/// published batches (routing key `batch.<job_type>`).
+pub const EVENTS_EXCHANGE: &str = "spillway.events";
+/// Topic exchange of requests to workers; routing key `drain.<worker>`.
+pub const CONTROL_EXCHANGE: &str = "spillway.control";
+
+pub fn report_routing_key(job_type: &str, worker: &str) -> String {
+    format!("worker.{job_type}.{worker}")
+}
+
+pub fn batch_routing_key(job_type: &str) -> String {
+    format!("batch.{job_type}")
+}
+
+pub fn drain_routing_key(worker: &str) -> String {
+    format!("drain.{worker}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    /// Taking and processing rows.
+    Running,
+    /// Asked to stop: taking no new rows, finishing the ones in hand.
+    Draining,
+    /// Gone; this is its last report.
+    Exited,
+}
+
+/// A worker's account of itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerReport {
+    pub worker: String,
+    pub job_type: String,
+    pub queue: String,
+    pub state: WorkerState,
+    /// Rows handled successfully and acked.
+    pub processed: u64,
+    /// Failed rows returned to the queue for another attempt.
+    pub failed: u64,
+    /// Rows this worker sent to the dead queue.
+    pub dead_lettered: u64,
+    /// Rows received and not yet settled: work in hand.
+    pub in_flight: u64,
+    pub started_unix: u64,
+    /// When a row last started or finished, or the worker started.
+    pub last_activity_unix: u64,
+    pub sent_unix: u64,
+    /// This worker's counts per batch it has touched (the most recent ones).
+    #[serde(default)]
+    pub batches: BTreeMap<String, BatchCounts>,
+}
+
+/// One worker's rows of one batch, by outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchCounts {
+    pub processed: u64,
+    pub failed: u64,
+    pub dead_lettered: u64,
+    /// When this worker last settled a row of the batch.
+    pub last_unix: u64,
+}
+
+/// What the producer announces once every row of a batch is confirmed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchPublished {
+    pub batch_id: String,
+    pub job_type: String,
+    pub queue: String,
+    pub rows: u64,
+    pub published_unix: u64,
+}
+
+/// Declares both exchanges (durable topic exchanges).
+pub async fn declare_exchanges(channel: &Channel) -> Result<(), lapin::Error> {
+    for exchange in [EVENTS_EXCHANGE, CONTROL_EXCHANGE] {
+        channel
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Spillway in a terminal: a summary of queues, workers, batches and scaling, from the
+# scaler's API. Needs bash and curl only.
+set -euo pipefail
+
+SCALER_URL="${SCALER_URL:-http://localhost:8080}"
+SCALER_URL="${SCALER_URL%/}"
+
+usage() {
+    cat <<'USAGE'
+Usage: ./dashboard.sh [options]
+       ./dashboard.sh logs <worker> [--tail N]
+
+  (no options)    a one-shot summary: queues, workers, batches, recent scaling
+  -w [SECONDS]    watch: refresh the summary every SECONDS (default 2); Ctrl-C stops
+  --json          the raw JSON behind the summary (stats, jobs, batches, events)
+  logs <worker>   a worker's log (--tail N for its last N lines)
+  -h, --help      this text
+
+SCALER_URL points at the scaler (default http://localhost:8080).
+USAGE
+}
+
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+unreachable() {
+    die "cannot reach the scaler at $SCALER_URL.
+Is Spillway running? Start it with './manage.sh local', or for a cluster run
+'./manage.sh forward' in another terminal; set SCALER_URL if it listens elsewhere."
+}
+
+# GET a path of the scaler's API; fails with the API's own error message on 4xx/5xx.
+fetch() {
+    local body status
+    body=$(curl -sS --max-time 10 -w '\n%{http_code}' "$SCALER_URL$1" 2>/dev/null) || unreachable
+    status=${body##*$'\n'}
+    body=${body%$'\n'*}
+    if [[ "$status" != 2* ]]; then
+        die "the scaler answered $status for $1: $body"
+    fi
+    printf '%s' "$body"
+}
+
+colour_flag() {
+    if [[ -t 1 && -z "${NO_COLOR:-}" ]]; then echo true; else echo false; fi
+}
+
+summary() {
+    fetch "/api/summary?color=$(colour_flag)"
+}
+
+cmd_summary() {
+    summary
+}
+
+cmd_watch() {
+    local seconds=${1:-2}
+    [[ "$seconds" =~ ^[0-9]+$ && "$seconds" -gt 0 ]] || die "-w takes a whole number of seconds, not '$seconds'"
+    while true; do
+        local screen
+        screen=$(summary)
+        if [[ -t 1 ]]; then printf '\033[H\033[2J'; fi
+        printf '%s\n\n(refreshing every %ss; Ctrl-C to stop)\n' "$screen" "$seconds"
+        sleep "$seconds"
+    done
+}
+
+cmd_json() {
+    printf '{"stats":%s,"jobs":%s,"batches":%s,"events":%s}\n' \
+        "$(fetch /api/stats)" "$(fetch /api/jobs)" "$(fetch /api/batches)" "$(fetch /api/events)"
+}
+
+cmd_logs() {
+    local worker=${1:-} tail=""
+    [[ -n "$worker" ]] || die "logs needs a worker name: ./dashboard.sh logs <worker> (names are in the summary)"
+    shift
+    if [[ "${1:-}" == "--tail" ]]; then
+        [[ "${2:-}" =~ ^[0-9]+$ ]] || die "--tail takes a number of lines"
+        tail="?tail=$2"
+    fi
+    [[ "$worker" =~ ^[A-Za-z0-9._-]+$ ]] || die "'$worker' is not a worker name"
+    fetch "/api/jobs/$worker/logs$tail"
+}
+
+main() {
+    case "${1:-}" in
+        "") cmd_summary ;;
+        -w | --watch) cmd_watch "${2:-2}" ;;
+        --json) cmd_json ;;
+        logs) shift; cmd_logs "$@" ;;
+        -h | --help | help) usage ;;
+        *) usage >&2; die "unknown option: $1" ;;
+    esac
+}
+
+main "$@"

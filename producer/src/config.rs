@@ -1,0 +1,98 @@
+//! The producer's settings: read from the environment once, at start, and passed
+//! down as typed values. `producer --help` lists them all.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::Parser;
+use spillway_common::config::{BrokerSettings, JobsSettings, LogSettings};
+
+use crate::ingest::Limits;
+
+/// Spillway producer: turns an uploaded CSV file into one RabbitMQ message per row.
+///
+/// Every setting is an environment variable (or the flag shown).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "producer", version)]
+pub struct Settings {
+    /// Address the HTTP API listens on.
+    #[arg(
+        long = "listen",
+        env = "PRODUCER_LISTEN",
+        value_name = "PRODUCER_LISTEN",
+        default_value = "0.0.0.0:8000"
+    )]
+    pub listen: SocketAddr,
+
+    /// Largest accepted upload, in bytes; larger ones get 413.
+    #[arg(long = "max-upload-bytes", env = "MAX_UPLOAD_BYTES", value_name = "MAX_UPLOAD_BYTES", default_value_t = 1 << 30)]
+    pub max_upload_bytes: u64,
+
+    /// Largest accepted row, in bytes (bounds memory whatever the input).
+    #[arg(long = "max-row-bytes", env = "MAX_ROW_BYTES", value_name = "MAX_ROW_BYTES", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_row_bytes: u64,
+
+    /// Most columns a file may have.
+    #[arg(long = "max-columns", env = "MAX_COLUMNS", value_name = "MAX_COLUMNS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_columns: u64,
+
+    /// Publisher confirms kept in flight per upload.
+    #[arg(long = "publish-window", env = "PUBLISH_WINDOW", value_name = "PUBLISH_WINDOW", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(1..=65_535))]
+    pub publish_window: u64,
+
+    /// Directory for spool files of uploads being validated (default: the system temp dir).
+    #[arg(long = "spool-dir", env = "SPOOL_DIR", value_name = "SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+
+    /// Number of recent batches `GET /batches/{id}` remembers.
+    #[arg(long = "batch-history", env = "BATCH_HISTORY", value_name = "BATCH_HISTORY", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_history: u64,
+
+    /// Seconds to keep retrying an unreachable broker before an upload gets 503.
+    #[arg(
+        long = "broker-retry-seconds",
+        env = "BROKER_RETRY_SECONDS",
+        value_name = "BROKER_RETRY_SECONDS",
+        default_value_t = 10
+    )]
+    pub broker_retry_seconds: u64,
+
+    #[command(flatten)]
+    pub broker: BrokerSettings,
+
+    #[command(flatten)]
+    pub jobs: JobsSettings,
+
+    #[command(flatten)]
+    pub log: LogSettings,
+}
+
+impl Settings {
+    /// Checks what clap cannot: that `AMQP_URL` parses and `SPOOL_DIR` is writable.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.broker.validate()?;
+        let dir = self.spool_dir();
+        tempfile::tempfile_in(&dir).map_err(|e| {
+            anyhow::anyhow!(
+                "SPOOL_DIR {} is not a writable directory: {e}",
+                dir.display()
+            )
+        })?;
+        Ok(())
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.spool_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_upload_bytes: self.max_upload_bytes,
+            max_row_bytes: usize::try_from(self.max_row_bytes).unwrap_or(usize::MAX),
+            max_columns: usize::try_from(self.max_columns).unwrap_or(usize::MAX),
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Spillway's producer: an HTTP service that turns an uploaded CSV file into one
+//! persistent, confirmed RabbitMQ message per row.
+//!
+//! # Layout
+//!
+//! - [`config`]: the producer's settings, from the environment.
+//! - [`routes`]: the HTTP API and the mapping of every error to JSON.
+//! - [`ingest`]: stream -> validate -> spool, then spool -> publish with confirms.
+//! - [`strict`]: the byte-level CSV rules the parser does not enforce.
+//! - [`broker`]: the one long-lived RabbitMQ connection, reconnected on demand.
+//! - [`batches`]: recent batches and their publishing progress.
+//! - [`metrics`]: Prometheus counters and the publish-latency histogram.
+
+pub mod batches;
+pub mod broker;
+pub mod config;
+pub mod ingest;
+pub mod metrics;
+pub mod routes;
+pub mod strict;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use spillway_common::jobs_config::JobsConfig;
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+
+use crate::{
+    batches::Batches, broker::Broker, config::Settings, metrics::Metrics, routes::AppState,
+};
+
+/// Builds the producer's state from its settings and job types.
+pub fn build_state(settings: &Settings, jobs: JobsConfig) -> Arc<AppState> {
+    Arc::new(AppState {
+        jobs,
+        broker: Broker::new(
+            &settings.broker.amqp_url,
+            Duration::from_secs(settings.broker_retry_seconds),
+        ),
+        limits: settings.limits(),
+        publish_window: usize::try_from(settings.publish_window).unwrap_or(2000),
+        spool_dir: settings
+            .spool_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir),
+        batches: Batches::new(usize::try_from(settings.batch_history).unwrap_or(usize::MAX)),
+        metrics: Arc::new(Metrics::new()),
+        tasks: TaskTracker::new(),
+    })
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then lets requests in
+/// flight finish and every batch being published reach its last confirm.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let served = axum::serve(listener, routes::router(Arc::clone(&state)))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    state.tasks.close();
+    state.tasks.wait().await;
+    served
+}

@@ -1,0 +1,22 @@
+//! The `producer` binary: read settings, start logging, serve until SIGTERM/SIGINT.
+
+use anyhow::Context;
+use clap::Parser;
+use spillway_common::{jobs_config::JobsConfig, shutdown, telemetry};
+use spillway_producer::config::Settings;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings = Settings::parse();
+    settings.validate()?;
+    telemetry::init(&settings.log)?;
+    let jobs = JobsConfig::load(settings.jobs.jobs_config.as_deref())?;
+    let state = spillway_producer::build_state(&settings, jobs);
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on PRODUCER_LISTEN={}", settings.listen))?;
+    tracing::info!(listen = %settings.listen, "producer ready for uploads");
+    let stop = shutdown::on_signal()?;
+    spillway_producer::serve(listener, state, async move { stop.cancelled().await }).await?;
+    Ok(())
+}

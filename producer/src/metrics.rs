@@ -1,0 +1,84 @@
+//! The producer's Prometheus metrics, served as OpenMetrics text on `/metrics`.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `accepted`, `rejected` (the client's fault) or `failed` (the broker's or ours).
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub uploads: Family<OutcomeLabels, Counter>,
+    pub rows_published: Counter,
+    pub rejections: Family<ReasonLabels, Counter>,
+    /// Seconds from the first publish of a batch to its last confirm.
+    pub publish_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let uploads = Family::<OutcomeLabels, Counter>::default();
+        let rows_published = Counter::default();
+        let rejections = Family::<ReasonLabels, Counter>::default();
+        let publish_seconds =
+            Histogram::new([0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]);
+        let mut registry = Registry::with_prefix("spillway_producer");
+        registry.register("uploads", "Uploads by outcome", uploads.clone());
+        registry.register(
+            "rows_published",
+            "Rows published and confirmed by RabbitMQ",
+            rows_published.clone(),
+        );
+        registry.register(
+            "rejections",
+            "Uploads rejected, by reason",
+            rejections.clone(),
+        );
+        registry.register(
+            "publish_seconds",
+            "Time to publish a batch and receive every confirm",
+            publish_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            uploads,
+            rows_published,
+            rejections,
+            publish_seconds,
+        }
+    }
+
+    pub fn outcome(&self, outcome: &'static str) {
+        self.uploads.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    pub fn rejected(&self, reason: &'static str) {
+        self.outcome("rejected");
+        self.rejections
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,374 @@
+//! The producer's HTTP API, and the one place its errors become JSON.
+//!
+//! `POST /upload` and `POST /submit/{job_type}` take a multipart body with a `file`
+//! field; `GET /batches/{id}` reports a batch; `/healthz`, `/readyz` and `/metrics`
+//! serve probes and Prometheus. Every error is `{"error": ..., "line": ...}` with a
+//! status that says whose fault it is: 4xx for the upload, 503 for the broker.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
+
+use axum::{
+    Json, Router,
+    extract::{
+        DefaultBodyLimit, Multipart, Path, State,
+        multipart::{MultipartError, MultipartRejection},
+    },
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde_json::json;
+use spillway_common::{
+    events::{BatchPublished, unix_now},
+    jobs_config::{JobsConfig, UnknownJobType},
+};
+use tokio_util::task::TaskTracker;
+
+use crate::{
+    batches::{Batch, BatchState, Batches},
+    broker::{Broker, BrokerError},
+    ingest::{self, BatchInfo, IngestError, Limits, Rejection},
+    metrics::Metrics,
+};
+
+/// Everything a request handler needs, built once at start.
+pub struct AppState {
+    pub jobs: JobsConfig,
+    pub broker: Broker,
+    pub limits: Limits,
+    pub publish_window: usize,
+    pub spool_dir: PathBuf,
+    pub batches: Batches,
+    pub metrics: Arc<Metrics>,
+    /// Batches being published; shutdown waits for them.
+    pub tasks: TaskTracker,
+}
+
+/// Room for multipart framing and small fields around the file itself.
+const MULTIPART_SLACK: u64 = 1 << 20;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    // Uploads are streamed and counted against MAX_UPLOAD_BYTES by the ingest code;
+    // the extractor limit only needs room for the multipart framing around the file.
+    let body_limit = usize::try_from(
+        state
+            .limits
+            .max_upload_bytes
+            .saturating_add(MULTIPART_SLACK),
+    )
+    .unwrap_or(usize::MAX);
+    Router::new()
+        .route("/upload", post(upload))
+        .route("/submit/{job_type}", post(submit))
+        .route("/batches/{id}", get(batch))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// The answer to an accepted upload, sent once every row is confirmed.
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    pub batch_id: String,
+    pub job_type: String,
+    pub queue: String,
+    pub rows: u64,
+}
+
+async fn upload(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<Json<Accepted>, ApiError> {
+    let job_type = state.jobs.default_job_type.clone();
+    submit_to(&state, &job_type, &headers, multipart).await
+}
+
+async fn submit(
+    State(state): State<Arc<AppState>>,
+    Path(job_type): Path<String>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<Json<Accepted>, ApiError> {
+    submit_to(&state, &job_type, &headers, multipart).await
+}
+
+async fn submit_to(
+    state: &AppState,
+    job_type: &str,
+    headers: &HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<Json<Accepted>, ApiError> {
+    let outcome = accept(state, job_type, headers, multipart).await;
+    match &outcome {
+        Ok(_) => state.metrics.outcome("accepted"),
+        Err(ApiError::Rejected(rejection)) => state.metrics.rejected(rejection.reason()),
+        Err(ApiError::UnknownJobType(_)) => state.metrics.rejected("unknown_job_type"),
+        Err(ApiError::WrongContentType) => state.metrics.rejected("wrong_content_type"),
+        Err(_) => state.metrics.outcome("failed"),
+    }
+    outcome.map(Json)
+}
+
+async fn accept(
+    state: &AppState,
+    job_type: &str,
+    headers: &HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<Accepted, ApiError> {
+    let job = state.jobs.job_type(job_type)?;
+    let is_multipart = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
+    if !is_multipart {
+        return Err(ApiError::WrongContentType);
+    }
+    // Refuse an announced oversized body before reading it, so the client gets the
+    // 413 instead of a connection reset halfway through sending gigabytes.
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|len| {
+        len > state
+            .limits
+            .max_upload_bytes
+            .saturating_add(MULTIPART_SLACK)
+    }) {
+        return Err(Rejection::TooLarge {
+            limit: state.limits.max_upload_bytes,
+        }
+        .into());
+    }
+    let mut multipart = multipart.map_err(|e| Rejection::NotMultipart(e.body_text()))?;
+    let field = loop {
+        match multipart.next_field().await {
+            Ok(Some(field)) if field.name() == Some("file") => break field,
+            Ok(Some(_)) => continue,
+            Ok(None) => return Err(Rejection::MissingFile.into()),
+            Err(e) => return Err(multipart_rejection(&e, state.limits.max_upload_bytes).into()),
+        }
+    };
+
+    let batch_id = uuid::Uuid::new_v4().to_string();
+    let info = BatchInfo {
+        batch_id: batch_id.clone(),
+        job_type: job_type.to_string(),
+    };
+    let received = Instant::now();
+    let limit = state.limits.max_upload_bytes;
+    let body = field.map(|chunk| chunk.map_err(|e| multipart_rejection(&e, limit)));
+    let spool = ingest::spool_upload(body, info, state.limits, &state.spool_dir).await?;
+    let rows = spool.rows;
+    tracing::info!(%batch_id, job_type, rows, elapsed = ?received.elapsed(), "upload validated");
+
+    let channel = state
+        .broker
+        .publishing_channel(&job.queue, job.delivery_limit)
+        .await?;
+    let batch = Arc::new(Batch::new(
+        batch_id.clone(),
+        job_type.to_string(),
+        job.queue.clone(),
+        rows,
+    ));
+    state.batches.insert(Arc::clone(&batch));
+
+    // Publishing runs in its own task, tracked so shutdown waits for it, and keeps
+    // its own books: a client that hangs up mid-way does not leave a batch half-sent
+    // or its state stale.
+    let publishing = {
+        let batch = Arc::clone(&batch);
+        let queue = job.queue.clone();
+        let window = state.publish_window;
+        let metrics = Arc::clone(&state.metrics);
+        state.tasks.spawn(async move {
+            let started = Instant::now();
+            let result = ingest::publish(
+                spool,
+                &channel,
+                &batch.batch_id,
+                &queue,
+                window,
+                &batch.confirmed,
+            )
+            .await;
+            if result.is_ok() {
+                let announcement = BatchPublished {
+                    batch_id: batch.batch_id.clone(),
+                    job_type: batch.job_type.clone(),
+                    queue: queue.clone(),
+                    rows: batch.rows,
+                    published_unix: unix_now(),
+                };
+                Broker::announce(&channel, &announcement).await;
+            }
+            let _ = channel.close(200, "batch published".into()).await;
+            let published = batch.confirmed.load(Ordering::Relaxed);
+            metrics.rows_published.inc_by(published);
+            match &result {
+                Ok(_) => {
+                    batch.finish(BatchState::Published, None);
+                    metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
+                    tracing::info!(batch_id = %batch.batch_id, rows = batch.rows, took = ?started.elapsed(), "batch published");
+                }
+                Err(error) => {
+                    batch.finish(BatchState::Failed, Some(error.to_string()));
+                    tracing::error!(batch_id = %batch.batch_id, %error, published, rows = batch.rows, "batch failed");
+                }
+            }
+            result.map_err(|e| (e.to_string(), published))
+        })
+    };
+    match publishing
+        .await
+        .map_err(|e| ApiError::Internal(format!("the publishing task failed: {e}")))?
+    {
+        Ok(_) => Ok(Accepted {
+            batch_id,
+            job_type: job_type.to_string(),
+            queue: job.queue.clone(),
+            rows,
+        }),
+        Err((message, published)) => Err(ApiError::PublishFailed {
+            batch_id,
+            rows,
+            published,
+            message,
+        }),
+    }
+}
+
+/// A broken or oversized multipart body, as the client's error.
+fn multipart_rejection(error: &MultipartError, limit: u64) -> Rejection {
+    if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        Rejection::TooLarge { limit }
+    } else {
+        Rejection::NotMultipart(error.body_text())
+    }
+}
+
+async fn batch(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let batch = state.batches.get(&id).ok_or(ApiError::NoSuchBatch(id))?;
+    Ok(Json(batch.view()).into_response())
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
+    state.broker.check().await?;
+    Ok(Json(json!({"status": "ready"})))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+/// Every way a request can fail, each with its status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    #[error(transparent)]
+    UnknownJobType(#[from] UnknownJobType),
+    #[error("expected Content-Type multipart/form-data with the CSV in a field named `file`")]
+    WrongContentType,
+    #[error("no batch {0:?} (the producer remembers its most recent batches only)")]
+    NoSuchBatch(String),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("batch {batch_id}: {message}; {published} of {rows} rows were published")]
+    PublishFailed {
+        batch_id: String,
+        rows: u64,
+        published: u64,
+        message: String,
+    },
+    #[error("{0}")]
+    Internal(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("not found")]
+    NotFound,
+}
+
+impl From<IngestError> for ApiError {
+    fn from(error: IngestError) -> Self {
+        match error {
+            IngestError::Rejected(rejection) => ApiError::Rejected(rejection),
+            IngestError::Spool(e) => ApiError::Internal(format!("cannot spool the upload: {e}")),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::Rejected(Rejection::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Rejected(_) => StatusCode::BAD_REQUEST,
+            ApiError::WrongContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::UnknownJobType(_) | ApiError::NoSuchBatch(_) | ApiError::NotFound => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::Broker(BrokerError::Unavailable { .. }) | ApiError::PublishFailed { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Broker(BrokerError::Topology { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::warn!(%status, error = %self, "request failed");
+        }
+        let mut body = json!({ "error": self.to_string() });
+        match &self {
+            ApiError::Rejected(rejection) => {
+                if let Some(line) = rejection.line() {
+                    body["line"] = json!(line);
+                }
+            }
+            ApiError::UnknownJobType(unknown) => body["known_job_types"] = json!(unknown.known),
+            ApiError::PublishFailed {
+                batch_id,
+                published,
+                ..
+            } => {
+                body["batch_id"] = json!(batch_id);
+                body["published"] = json!(published);
+            }
+            _ => {}
+        }
+        (status, Json(body)).into_response()
+    }
+}

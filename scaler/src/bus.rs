@@ -1,0 +1,221 @@
+//! The scaler's side of RabbitMQ messaging: worker reports and batch announcements
+//! in, drain requests out.
+//!
+//! One task keeps a connection open (reconnecting with backoff for as long as the
+//! scaler runs), consumes every worker's reports from the events exchange into
+//! [`Reports`], and lends its channel for drain requests. While it is disconnected,
+//! reports age and become stale, which the policy treats as "unknown": never idle.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Channel,
+    options::{BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use spillway_common::{
+    events::{
+        self, BatchPublished, CONTROL_EXCHANGE, EVENTS_EXCHANGE, WorkerReport, drain_routing_key,
+    },
+    jobs_config::JobsConfig,
+    retry, topology,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::board::Board;
+
+/// The latest report of each worker, with when it arrived.
+#[derive(Default)]
+pub struct Reports {
+    latest: Mutex<HashMap<String, (WorkerReport, Instant)>>,
+}
+
+impl Reports {
+    pub fn record(&self, report: WorkerReport, at: Instant) {
+        self.latest
+            .lock()
+            .expect("reports lock")
+            .insert(report.worker.clone(), (report, at));
+    }
+
+    /// The latest report of `worker` and when it arrived.
+    pub fn get(&self, worker: &str) -> Option<(WorkerReport, Instant)> {
+        self.latest
+            .lock()
+            .expect("reports lock")
+            .get(worker)
+            .cloned()
+    }
+
+    /// Forgets workers no longer known to the launcher.
+    pub fn retain(&self, known: impl Fn(&str) -> bool) {
+        self.latest
+            .lock()
+            .expect("reports lock")
+            .retain(|name, _| known(name));
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot ask worker {worker} to drain: {reason}")]
+pub struct DrainError {
+    worker: String,
+    reason: String,
+}
+
+pub struct Bus {
+    pub reports: Arc<Reports>,
+    board: Arc<Board>,
+    /// Work queues (name, delivery limit) declared on every connection, so the
+    /// management API always has them to report on.
+    queues: Vec<(String, u32)>,
+    channel: Mutex<Option<Channel>>,
+}
+
+impl Bus {
+    /// A bus that also tells `board` about reports and published batches.
+    pub fn new(board: Arc<Board>, jobs: &JobsConfig) -> Arc<Self> {
+        Arc::new(Bus {
+            reports: Arc::new(Reports::default()),
+            board,
+            queues: jobs
+                .job_types
+                .values()
+                .map(|job| (job.queue.clone(), job.delivery_limit))
+                .collect(),
+            channel: Mutex::new(None),
+        })
+    }
+
+    pub fn connected(&self) -> bool {
+        self.channel
+            .lock()
+            .expect("channel lock")
+            .as_ref()
+            .is_some_and(|c| c.status().connected())
+    }
+
+    /// Asks `worker` to finish what it holds and exit.
+    pub async fn drain(&self, worker: &str) -> Result<(), DrainError> {
+        let failed = |reason: String| DrainError {
+            worker: worker.to_string(),
+            reason,
+        };
+        let channel = self
+            .channel
+            .lock()
+            .expect("channel lock")
+            .clone()
+            .ok_or_else(|| failed("not connected to RabbitMQ".into()))?;
+        channel
+            .basic_publish(
+                CONTROL_EXCHANGE.into(),
+                drain_routing_key(worker).as_str().into(),
+                BasicPublishOptions::default(),
+                b"drain",
+                BasicProperties::default(),
+            )
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Keeps the connection and the report consumer up until `stop`.
+    pub async fn run(self: Arc<Self>, amqp_url: String, stop: CancellationToken) {
+        loop {
+            let session = async {
+                let connection =
+                    retry::connect(&amqp_url, "spillway-scaler", Duration::from_secs(30)).await?;
+                let channel = connection.create_channel().await?;
+                for (queue, delivery_limit) in &self.queues {
+                    topology::declare_work_queue(&channel, queue, *delivery_limit)
+                        .await
+                        .with_context(|| format!("cannot declare work queue {queue:?}"))?;
+                }
+                let reports = subscribe(&channel).await?;
+                *self.channel.lock().expect("channel lock") = Some(channel);
+                tracing::info!("listening to worker reports");
+                self.consume(reports).await;
+                anyhow::Ok(())
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                ended = session => {
+                    *self.channel.lock().expect("channel lock") = None;
+                    match ended {
+                        Ok(()) => tracing::warn!("lost the RabbitMQ connection; reconnecting"),
+                        Err(error) => tracing::warn!(%error, "cannot reach RabbitMQ; retrying"),
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    async fn consume(&self, mut events: lapin::Consumer) {
+        while let Some(Ok(delivery)) = events.next().await {
+            if delivery.routing_key.as_str().starts_with("batch.") {
+                match serde_json::from_slice::<BatchPublished>(&delivery.data) {
+                    Ok(batch) => self.board.record_batch(batch),
+                    Err(error) => tracing::warn!(%error, "ignoring a malformed batch announcement"),
+                }
+                continue;
+            }
+            match serde_json::from_slice::<WorkerReport>(&delivery.data) {
+                Ok(report) => {
+                    self.board.record_report(&report);
+                    self.reports.record(report, Instant::now());
+                }
+                Err(error) => tracing::warn!(%error, "ignoring a malformed worker report"),
+            }
+        }
+    }
+}
+
+/// An exclusive queue bound to every worker report and batch announcement, consumed
+/// without acks.
+async fn subscribe(channel: &Channel) -> Result<lapin::Consumer, lapin::Error> {
+    events::declare_exchanges(channel).await?;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    for pattern in ["worker.#", "batch.#"] {
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                EVENTS_EXCHANGE.into(),
+                pattern.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    channel
+        .basic_consume(
+            queue.name().clone(),
+            "spillway-scaler-reports".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}

@@ -1,0 +1,221 @@
+//! The scaler's settings: read from the environment once, at start. `scaler --help`
+//! lists them all; scaling thresholds live in the job-types file (`JOBS_CONFIG`).
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, ValueEnum};
+use spillway_common::{
+    config::{BrokerSettings, JobsSettings, LogSettings},
+    jobs_config::JobsConfig,
+};
+
+use crate::launcher::kube::JobTemplate;
+
+/// Spillway scaler: spawns workers by queue depth and drains them once idle.
+///
+/// Every setting is an environment variable (or the flag shown).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "scaler", version)]
+pub struct Settings {
+    /// Address of the scaler's HTTP endpoints (/healthz, /readyz, /metrics).
+    #[arg(
+        long = "listen",
+        env = "SCALER_LISTEN",
+        value_name = "SCALER_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
+    pub listen: SocketAddr,
+
+    /// Where workers run (default: kubernetes inside a cluster, local otherwise).
+    #[arg(
+        long = "launcher",
+        env = "LAUNCHER",
+        value_name = "LAUNCHER",
+        value_enum
+    )]
+    pub launcher: Option<LauncherKind>,
+
+    /// RabbitMQ management API (same vhost as AMQP_URL); credentials in the URL.
+    #[arg(
+        long = "rabbitmq-api-url",
+        env = "RABBITMQ_API_URL",
+        value_name = "RABBITMQ_API_URL",
+        default_value = "http://guest:guest@127.0.0.1:15672"
+    )]
+    pub rabbitmq_api_url: String,
+
+    /// Local launcher: the worker binary (default: `worker` next to the scaler's own).
+    #[arg(long = "worker-bin", env = "WORKER_BIN", value_name = "WORKER_BIN")]
+    pub worker_bin: Option<PathBuf>,
+
+    /// Local launcher: directory of the worker registry and worker logs.
+    #[arg(
+        long = "worker-dir",
+        env = "WORKER_DIR",
+        value_name = "WORKER_DIR",
+        default_value = ".spillway/workers"
+    )]
+    pub worker_dir: PathBuf,
+
+    /// Seconds a worker asked to drain may take before it is stopped (only if it holds nothing).
+    #[arg(
+        long = "drain-grace-seconds",
+        env = "DRAIN_GRACE_SECONDS",
+        value_name = "DRAIN_GRACE_SECONDS",
+        default_value_t = 60
+    )]
+    pub drain_grace_seconds: u64,
+
+    /// Seconds after which a worker's last report no longer counts (it is then "unknown", never idle).
+    #[arg(long = "report-stale-seconds", env = "REPORT_STALE_SECONDS", value_name = "REPORT_STALE_SECONDS",
+          default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub report_stale_seconds: u64,
+
+    /// Kubernetes launcher: namespace of the worker Jobs (default: the scaler's own).
+    #[arg(
+        long = "kube-namespace",
+        env = "KUBE_NAMESPACE",
+        value_name = "KUBE_NAMESPACE"
+    )]
+    pub kube_namespace: Option<String>,
+
+    /// Kubernetes launcher: Secret holding the workers' AMQP_URL.
+    #[arg(
+        long = "worker-secret",
+        env = "WORKER_SECRET",
+        value_name = "WORKER_SECRET",
+        default_value = "spillway-rabbitmq"
+    )]
+    pub worker_secret: String,
+
+    /// Kubernetes launcher: key of AMQP_URL in WORKER_SECRET.
+    #[arg(
+        long = "worker-secret-key",
+        env = "WORKER_SECRET_KEY",
+        value_name = "WORKER_SECRET_KEY",
+        default_value = "amqp-url"
+    )]
+    pub worker_secret_key: String,
+
+    /// Kubernetes launcher: ConfigMap holding the job-types file.
+    #[arg(
+        long = "worker-configmap",
+        env = "WORKER_CONFIGMAP",
+        value_name = "WORKER_CONFIGMAP",
+        default_value = "spillway-jobs"
+    )]
+    pub worker_configmap: String,
+
+    /// Kubernetes launcher: key of the job-types file in WORKER_CONFIGMAP.
+    #[arg(
+        long = "worker-configmap-key",
+        env = "WORKER_CONFIGMAP_KEY",
+        value_name = "WORKER_CONFIGMAP_KEY",
+        default_value = "jobs.toml"
+    )]
+    pub worker_configmap_key: String,
+
+    /// Kubernetes launcher: seconds a finished worker Job is kept before Kubernetes deletes it.
+    #[arg(
+        long = "worker-ttl-seconds",
+        env = "WORKER_TTL_SECONDS",
+        value_name = "WORKER_TTL_SECONDS",
+        default_value_t = 300
+    )]
+    pub worker_ttl_seconds: i32,
+
+    /// Kubernetes launcher: seconds a stopped worker's pod gets to finish its rows.
+    #[arg(
+        long = "worker-stop-grace-seconds",
+        env = "WORKER_STOP_GRACE_SECONDS",
+        value_name = "WORKER_STOP_GRACE_SECONDS",
+        default_value_t = 600
+    )]
+    pub worker_stop_grace_seconds: i64,
+
+    /// Kubernetes launcher: worker CPU request.
+    #[arg(
+        long = "worker-cpu-request",
+        env = "WORKER_CPU_REQUEST",
+        value_name = "WORKER_CPU_REQUEST",
+        default_value = "100m"
+    )]
+    pub worker_cpu_request: String,
+
+    /// Kubernetes launcher: worker memory request.
+    #[arg(
+        long = "worker-memory-request",
+        env = "WORKER_MEMORY_REQUEST",
+        value_name = "WORKER_MEMORY_REQUEST",
+        default_value = "64Mi"
+    )]
+    pub worker_memory_request: String,
+
+    /// Kubernetes launcher: worker CPU limit.
+    #[arg(
+        long = "worker-cpu-limit",
+        env = "WORKER_CPU_LIMIT",
+        value_name = "WORKER_CPU_LIMIT",
+        default_value = "1"
+    )]
+    pub worker_cpu_limit: String,
+
+    /// Kubernetes launcher: worker memory limit.
+    #[arg(
+        long = "worker-memory-limit",
+        env = "WORKER_MEMORY_LIMIT",
+        value_name = "WORKER_MEMORY_LIMIT",
+        default_value = "256Mi"
+    )]
+    pub worker_memory_limit: String,
+
+    #[command(flatten)]
+    pub broker: BrokerSettings,
+
+    #[command(flatten)]
+    pub jobs: JobsSettings,
+
+    #[command(flatten)]
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LauncherKind {
+    /// Workers as processes on this machine.
+    Local,
+    /// Workers as Kubernetes Jobs in the scaler's namespace.
+    Kubernetes,
+}
+
+impl Settings {
+    /// `LAUNCHER`, or the default: kubernetes inside a cluster, local otherwise.
+    pub fn launcher(&self) -> LauncherKind {
+        self.launcher.unwrap_or_else(|| {
+            if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+                LauncherKind::Kubernetes
+            } else {
+                LauncherKind::Local
+            }
+        })
+    }
+
+    pub fn job_template(&self, jobs: &JobsConfig) -> JobTemplate {
+        JobTemplate {
+            images: jobs
+                .job_types
+                .iter()
+                .map(|(name, job)| (name.clone(), job.image.clone()))
+                .collect(),
+            secret_name: self.worker_secret.clone(),
+            secret_key: self.worker_secret_key.clone(),
+            config_map: self.worker_configmap.clone(),
+            config_map_key: self.worker_configmap_key.clone(),
+            ttl_seconds_after_finished: self.worker_ttl_seconds,
+            termination_grace_seconds: self.worker_stop_grace_seconds,
+            cpu_request: self.worker_cpu_request.clone(),
+            memory_request: self.worker_memory_request.clone(),
+            cpu_limit: self.worker_cpu_limit.clone(),
+            memory_limit: self.worker_memory_limit.clone(),
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Launchers: where workers run. The scaler decides; a launcher carries it out.
+//!
+//! Every side effect of scaling (starting a worker, stopping one, listing them) sits
+//! behind [`Launcher`], so the tick loop reads the same against local processes and,
+//! later, Kubernetes Jobs. A launcher rebuilds its list of workers from its own
+//! records (a pid registry for local processes), never from the scaler's memory, so
+//! a restarted scaler neither loses nor double-spawns workers.
+
+pub mod kube;
+pub mod local;
+
+use std::future::Future;
+
+use crate::policy::Phase;
+
+/// A worker as its launcher knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchedWorker {
+    pub name: String,
+    pub job_type: String,
+    pub phase: Phase,
+    pub started_unix: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LauncherError {
+    #[error("cannot start worker {name}: {reason}")]
+    Spawn { name: String, reason: String },
+    #[error("cannot stop worker {name}: {reason}")]
+    Stop { name: String, reason: String },
+    #[error("cannot list workers: {0}")]
+    List(String),
+    #[error("no worker named {0:?}")]
+    NoSuchWorker(String),
+    #[error("cannot read the logs of worker {name}: {reason}")]
+    Logs { name: String, reason: String },
+}
+
+pub trait Launcher: Send + Sync + 'static {
+    /// Every worker this launcher started and still remembers, with its phase.
+    fn workers(&self) -> impl Future<Output = Result<Vec<LaunchedWorker>, LauncherError>> + Send;
+
+    /// Starts worker `name` on job type `job_type`.
+    fn spawn(
+        &self,
+        job_type: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<(), LauncherError>> + Send;
+
+    /// Stops worker `name` (SIGTERM to it: it finishes what it holds and exits).
+    fn stop(&self, name: &str) -> impl Future<Output = Result<(), LauncherError>> + Send;
+
+    /// The log of worker `name`, its last `tail_lines` lines when given. Only workers
+    /// this launcher started can be read.
+    fn logs(
+        &self,
+        name: &str,
+        tail_lines: Option<u32>,
+    ) -> impl Future<Output = Result<String, LauncherError>> + Send;
+}
+
+/// A fresh worker name: `spillway-<job type>-<suffix>`, valid as a Kubernetes name.
+pub fn worker_name(job_type: &str) -> String {
+    let cleaned: String = job_type
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    let suffix = {
+        use std::hash::{BuildHasher, RandomState};
+        RandomState::new().hash_one(std::time::SystemTime::now()) as u32
+    };
+    format!("spillway-{}-{suffix:08x}", cleaned.trim_matches('-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_names_are_valid_kubernetes_names_and_distinct() {
+        let a = worker_name("Image_Resize");
+        let b = worker_name("Image_Resize");
+        assert!(a.starts_with("spillway-image-resize-"), "{a}");
+        assert!(a.len() <= 63);
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        );
+        assert_ne!(a, b);
+    }
+}

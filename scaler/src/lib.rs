@@ -1,0 +1,132 @@
+//! Spillway's scaler: watches each job type's queue and its workers, spawns workers by
+//! queue depth and drains them once everything has been idle for the idle window.
+//!
+//! # Layout
+//!
+//! - [`config`]: the scaler's settings, from the environment.
+//! - [`policy`]: the scaling rules, a pure function with table tests.
+//! - [`tick`]: observe -> decide -> act, once per tick.
+//! - [`launcher`]: where workers run, behind one trait: [`launcher::local`] (processes)
+//!   and [`launcher::kube`] (Kubernetes Jobs).
+//! - [`bus`]: worker reports in, drain requests out, over RabbitMQ.
+//! - [`board`]: what the dashboard shows, kept bounded.
+//! - [`dashboard`]: the HTML page and its JSON API.
+//! - [`http`]: every route, with `/api/jobs/{name}/logs`, `/healthz`, `/readyz`, `/metrics`.
+//! - [`metrics`]: the Prometheus metrics.
+
+pub mod board;
+pub mod bus;
+pub mod config;
+pub mod dashboard;
+pub mod http;
+pub mod launcher;
+pub mod metrics;
+pub mod policy;
+pub mod tick;
+
+use std::{future::IntoFuture, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use spillway_common::{jobs_config::JobsConfig, rabbit_api::RabbitApi};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    board::Board,
+    bus::Bus,
+    config::{LauncherKind, Settings},
+    dashboard::{DashboardState, Page},
+    http::HttpState,
+    launcher::{Launcher, kube::KubeLauncher, local::LocalLauncher},
+    metrics::Metrics,
+    tick::{Parts, Scaler},
+};
+
+/// Runs the scaler until `stop`: HTTP endpoints on `listener`, the bus, and the ticks.
+/// Workers are left running when it stops; a restarted scaler finds them again.
+pub async fn run(
+    settings: Settings,
+    jobs: JobsConfig,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let board = Arc::new(Board::new());
+    let parts = Parts {
+        api: RabbitApi::new(&settings.rabbitmq_api_url, &settings.broker.amqp_url)?,
+        bus: Bus::new(Arc::clone(&board), &jobs),
+        board,
+        metrics: Arc::new(Metrics::new()),
+        drain_grace: Duration::from_secs(settings.drain_grace_seconds),
+        report_stale_after: Duration::from_secs(settings.report_stale_seconds),
+    };
+    tokio::spawn(Arc::clone(&parts.bus).run(settings.broker.amqp_url.clone(), stop.clone()));
+    match settings.launcher() {
+        LauncherKind::Kubernetes => {
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot reach the Kubernetes API (LAUNCHER=kubernetes)")?;
+            let namespace = settings
+                .kube_namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_string());
+            let (launcher, watch) =
+                KubeLauncher::new(client, &namespace, settings.job_template(&jobs));
+            let watch = tokio::spawn(watch);
+            tracing::info!(%namespace, "workers run as Kubernetes Jobs");
+            let served = serve_and_tick(launcher, jobs, parts, listener, stop).await;
+            watch.abort();
+            served?;
+        }
+        LauncherKind::Local => {
+            let worker_bin = match &settings.worker_bin {
+                Some(bin) => bin.clone(),
+                None => launcher::local::worker_next_to_current_exe()?,
+            };
+            let launcher = LocalLauncher::new(worker_bin, settings.worker_dir.clone())
+                .with_context(|| {
+                    format!("WORKER_DIR {} is not usable", settings.worker_dir.display())
+                })?;
+            serve_and_tick(launcher, jobs, parts, listener, stop).await?;
+        }
+    }
+    tracing::info!("scaler stopped; workers keep running and a restarted scaler picks them up");
+    Ok(())
+}
+
+async fn serve_and_tick<L: Launcher>(
+    launcher: L,
+    jobs: JobsConfig,
+    parts: Parts,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let launcher = Arc::new(launcher);
+    let dashboard = DashboardState {
+        board: Arc::clone(&parts.board),
+        page: Arc::new(Page::new(2000)),
+    };
+    let router = http::app(
+        HttpState {
+            bus: Arc::clone(&parts.bus),
+            metrics: Arc::clone(&parts.metrics),
+            launcher: Arc::clone(&launcher),
+        },
+        dashboard,
+    );
+    let http = tokio::spawn(
+        axum::serve(listener, router)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    let mut scaler = Scaler::new(jobs, launcher, parts);
+    let mut ticks = tokio::time::interval(scaler.jobs.tick());
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = ticks.tick() => scaler.tick(std::time::Instant::now()).await,
+        }
+    }
+    http.await??;
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! The scaler's Prometheus metrics, served as OpenMetrics text on `/metrics`.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    pub job_type: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub job_type: String,
+    pub phase: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub job_type: String,
+    pub action: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub queue_ready: Family<JobLabels, Gauge>,
+    pub queue_unacked: Family<JobLabels, Gauge>,
+    pub workers: Family<PhaseLabels, Gauge>,
+    pub decisions: Family<ActionLabels, Counter>,
+    pub observe_failures: Family<JobLabels, Counter>,
+    pub ticks: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let metrics = Metrics {
+            registry: Registry::with_prefix("spillway_scaler"),
+            queue_ready: Family::default(),
+            queue_unacked: Family::default(),
+            workers: Family::default(),
+            decisions: Family::default(),
+            observe_failures: Family::default(),
+            ticks: Counter::default(),
+        };
+        let mut registry = metrics.registry;
+        registry.register(
+            "queue_ready",
+            "Ready rows in the job type's queue",
+            metrics.queue_ready.clone(),
+        );
+        registry.register(
+            "queue_unacked",
+            "Rows delivered and not yet acked",
+            metrics.queue_unacked.clone(),
+        );
+        registry.register("workers", "Workers by phase", metrics.workers.clone());
+        registry.register(
+            "decisions",
+            "Scaling actions taken (spawn: workers started; drain: workers asked to drain; stop: workers stopped)",
+            metrics.decisions.clone(),
+        );
+        registry.register(
+            "observe_failures",
+            "Ticks whose queue numbers could not be read",
+            metrics.observe_failures.clone(),
+        );
+        registry.register("ticks", "Scaler ticks", metrics.ticks.clone());
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,312 @@
+//! The dashboard in a real browser: headless Chromium, driven over WebDriver
+//! (chromedriver), opens the scaler's page during a run on the local launcher and
+//! checks that the cards show live numbers, workers appear with processed counts, a
+//! worker's logs open, and a CSV value containing `<script>` shows as text. It saves
+//! a screenshot to `target/test-artifacts/dashboard.png`.
+
+mod support;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use base64::Engine;
+use serde_json::{Value, json};
+use spillway_common::testing::{TestVhost, wait_for};
+use support::{Scaler, free_port, start_producer, upload};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const PATIENCE: Duration = Duration::from_secs(60);
+const PAYLOAD: &str = "<script>alert(1)</script>";
+
+/// Rows print their own JSON (so the worker's log holds the CSV values), then take
+/// a moment, so workers are still there to be looked at.
+const JOBS: &str = r#"
+tick_seconds = 1
+idle_seconds = 300
+
+[job_types.default]
+queue = "tasks"
+handler = "exec"
+command = ["sh", "-c", "cat; echo; sleep 0.2"]
+max_jobs = 3
+"#;
+
+/// A chromedriver process and one browser session on it.
+struct Browser {
+    driver: Child,
+    base: String,
+    session: String,
+    http: reqwest::Client,
+}
+
+impl Browser {
+    async fn start(profile: &Path) -> Self {
+        for binary in [CHROMIUM, CHROMEDRIVER] {
+            assert!(
+                Path::new(binary).exists(),
+                "{binary} is missing: install the chromium and chromium-driver packages (./manage.sh test does)"
+            );
+        }
+        let port = free_port();
+        let driver = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        wait_for(
+            "chromedriver to answer",
+            Duration::from_secs(20),
+            || async { http.get(format!("{base}/status")).send().await.is_ok() },
+        )
+        .await;
+        let capabilities = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": CHROMIUM,
+                // The closed network refuses Chromium's own background connections.
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                         "--window-size=1300,1400", format!("--user-data-dir={}", profile.display())]
+            }
+        }}});
+        let created: Value = http
+            .post(format!("{base}/session"))
+            .json(&capabilities)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let session = created["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {created}"))
+            .to_string();
+        Browser {
+            driver,
+            base,
+            session,
+            http,
+        }
+    }
+
+    async fn command(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let mut request = self.http.request(method, url);
+        if !body.is_null() {
+            request = request.json(&body);
+        }
+        let answer: Value = request.send().await.unwrap().json().await.unwrap();
+        if let Some(error) = answer["value"]["error"].as_str() {
+            panic!(
+                "WebDriver {path} failed: {error}: {}",
+                answer["value"]["message"]
+            );
+        }
+        answer["value"].clone()
+    }
+
+    async fn open(&self, url: &str) {
+        self.command(reqwest::Method::POST, "/url", json!({"url": url}))
+            .await;
+    }
+
+    /// Runs `script` in the page and returns what it returns.
+    async fn eval(&self, script: &str) -> Value {
+        self.command(
+            reqwest::Method::POST,
+            "/execute/sync",
+            json!({"script": script, "args": []}),
+        )
+        .await
+    }
+
+    async fn screenshot(&self, to: &Path) {
+        let png = self
+            .command(reqwest::Method::GET, "/screenshot", Value::Null)
+            .await;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().unwrap())
+            .unwrap();
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::write(to, bytes).unwrap();
+        println!("dashboard screenshot: {}", to.display());
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn artifact(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("../test-artifacts")
+        .join(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_live_numbers_workers_and_logs_and_escapes_what_it_shows() {
+    let vhost = TestVhost::new("browser").await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::write(dir.join("jobs.toml"), JOBS).unwrap();
+    let (producer, stop_producer) = start_producer(&vhost, dir).await;
+    let scaler = Scaler::start(&vhost, dir, "scaler.log");
+
+    let mut csv = String::from("n,text\n");
+    csv.push_str(&format!("0,{PAYLOAD}\n"));
+    for n in 1..60 {
+        csv.push_str(&format!("{n},row {n}\n"));
+    }
+    upload(&producer, csv).await;
+
+    let browser = Browser::start(&dir.join("profile")).await;
+    browser.open(&scaler.url).await;
+    let number = |id: &'static str| {
+        let browser = &browser;
+        async move {
+            let text = browser
+                .eval(&format!(
+                    "return document.getElementById('{id}').textContent"
+                ))
+                .await;
+            text.as_str()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        }
+    };
+    wait_for("the cards to show rows consumed", PATIENCE, || async {
+        number("card-consumed").await > 0
+    })
+    .await;
+    wait_for(
+        "the active-jobs card to count workers",
+        PATIENCE,
+        || async { number("card-active").await > 0 },
+    )
+    .await;
+    assert_eq!(number("card-max").await, 3);
+
+    let rows_with_counts = "return [...document.querySelectorAll('#jobs tr')].map(r => [...r.cells].map(c => c.textContent))";
+    wait_for(
+        "a worker with a processed count in the job table",
+        PATIENCE,
+        || async {
+            let rows = browser.eval(rows_with_counts).await;
+            rows.as_array().unwrap().iter().any(|row| {
+                row[0]
+                    .as_str()
+                    .is_some_and(|name| name.starts_with("spillway-default-"))
+                    && row[4]
+                        .as_str()
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .is_some_and(|n| n > 0)
+            })
+        },
+    )
+    .await;
+
+    // The row holding the payload was processed: its worker's log prints it.
+    wait_for("the batch's progress to be published", PATIENCE, || async {
+        let text = browser
+            .eval("return document.getElementById('batches').textContent")
+            .await;
+        text.as_str().is_some_and(|t| t.contains("60"))
+    })
+    .await;
+    let mut found = false;
+    let workers = browser.eval("return [...document.querySelectorAll('#jobs button[data-logs]')].map(b => b.dataset.logs)").await;
+    for (i, _) in workers.as_array().unwrap().iter().enumerate() {
+        browser
+            .eval(&format!(
+                "document.querySelectorAll('#jobs button[data-logs]')[{i}].click()"
+            ))
+            .await;
+        wait_for("the logs dialog to load", PATIENCE, || async {
+            let state = browser.eval("return [document.getElementById('logs').open, document.getElementById('logs-text').textContent]").await;
+            state[0] == json!(true) && state[1].as_str().is_some_and(|t| t != "loading…")
+        })
+        .await;
+        let text = browser
+            .eval("return document.getElementById('logs-text').textContent")
+            .await;
+        if text.as_str().unwrap().contains(PAYLOAD) {
+            found = true;
+            break;
+        }
+        browser
+            .eval("document.getElementById('logs').close()")
+            .await;
+    }
+    assert!(
+        found,
+        "some worker's log shows the row with the payload, as text"
+    );
+    // As text, not markup: no element was made from it, and only the page's own script exists.
+    assert_eq!(
+        browser
+            .eval("return document.getElementById('logs-text').childElementCount")
+            .await,
+        json!(0)
+    );
+    assert_eq!(
+        browser.eval("return document.scripts.length").await,
+        json!(1)
+    );
+    let download = browser
+        .eval("return document.getElementById('logs-download').getAttribute('href')")
+        .await;
+    assert!(
+        download.as_str().unwrap().ends_with("/logs?download=true"),
+        "{download}"
+    );
+
+    browser.screenshot(&artifact("dashboard.png")).await;
+
+    // The same board in a terminal, through dashboard.sh and curl.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboard.sh");
+    let run = |args: &[&str], url: &str| {
+        let output = Command::new("bash")
+            .arg(script)
+            .args(args)
+            .env("SCALER_URL", url)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, summary, _) = run(&[], &scaler.url);
+    assert!(
+        ok && summary.contains("spillway-default-") && summary.contains("3 of 3 active"),
+        "{summary}"
+    );
+    assert!(
+        !summary.contains('\x1b'),
+        "no colour off a terminal: {summary:?}"
+    );
+    let (ok, json_text, _) = run(&["--json"], &scaler.url);
+    let parsed: Value = serde_json::from_str(&json_text).expect("--json prints JSON");
+    assert!(
+        ok && parsed["jobs"].as_array().is_some_and(|j| !j.is_empty()),
+        "{json_text}"
+    );
+    let worker = parsed["jobs"][0]["name"].as_str().unwrap().to_string();
+    let (ok, log, _) = run(&["logs", &worker, "--tail", "3"], &scaler.url);
+    assert!(ok && log.lines().count() <= 3 && !log.is_empty(), "{log}");
+    let (ok, _, error) = run(&[], &format!("http://127.0.0.1:{}", free_port()));
+    assert!(!ok && error.contains("cannot reach the scaler"), "{error}");
+    stop_producer.cancel();
+}

@@ -1,0 +1,462 @@
+//! The consume loop: take rows, run the handler, settle each delivery exactly once.
+//!
+//! Rows run as tasks, at most `CONCURRENCY` at a time, with `PREFETCH` unacked rows
+//! allowed by the broker. Every delivery is settled in one function, [`settle`]: ack
+//! when the handler succeeded; on failure, return it to the queue (the quorum queue
+//! counts deliveries) or, on its last allowed attempt or when it is not a row message
+//! at all, publish it to `<queue>.dead` with the reason and then ack it. A row is never
+//! dropped and never loops forever; should the worker die mid-row, the broker delivers
+//! the row again, and its own delivery limit dead-letters a row that kills workers.
+//!
+//! A lost connection is re-established with backoff for up to
+//! `BROKER_GIVE_UP_SECONDS`; rows in hand at that moment are redelivered by the broker.
+//! A drain (SIGTERM or a request from the scaler) cancels the consumer, finishes and
+//! acks the rows already received, and ends the run.
+
+use std::{sync::Arc, time::Duration};
+
+use std::panic::AssertUnwindSafe;
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::{
+    BasicProperties, Channel, Connection,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
+        BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    },
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use spillway_common::{
+    envelope::RowMessage,
+    events::{self, WorkerState},
+    retry, topology,
+};
+use tokio::{sync::Semaphore, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    drain,
+    handler::{Handler, RowFailed},
+    progress::{Progress, Tally},
+};
+
+/// Everything a worker needs to run, resolved from its settings.
+pub struct Worker {
+    pub name: String,
+    pub job_type: String,
+    pub queue: String,
+    pub delivery_limit: u32,
+    pub handler: Handler,
+    pub amqp_url: String,
+    pub concurrency: usize,
+    pub prefetch: u16,
+    pub progress_interval: Duration,
+    pub give_up_after: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(
+        "gave up on RabbitMQ after {seconds} s without a connection (BROKER_GIVE_UP_SECONDS): {source}"
+    )]
+    GaveUp {
+        seconds: u64,
+        source: retry::ConnectError,
+    },
+    #[error("cannot set up consuming from queue {queue:?}: {source}")]
+    Setup { queue: String, source: lapin::Error },
+}
+
+/// How one connection's session ended.
+enum SessionEnd {
+    Drained,
+    /// The connection or the consumer went away without a drain; why.
+    ConnectionLost(String),
+}
+
+/// Why a row was not done.
+enum Failure {
+    /// The handler failed: retry until the delivery limit.
+    Handler(RowFailed),
+    /// The message is not a row: no retry can help.
+    Poison(String),
+}
+
+/// What a row task needs to settle its delivery.
+struct Settler {
+    publisher: Channel,
+    queue: String,
+    worker: String,
+    delivery_limit: u32,
+    progress: Arc<Progress>,
+}
+
+impl Worker {
+    /// Runs until drained by `stop` or by a drain request; returns when every row
+    /// received has been settled and the final report sent.
+    pub async fn run(self, stop: CancellationToken) -> Result<(), WorkerError> {
+        let progress = Arc::new(Progress::new(
+            self.name.clone(),
+            self.job_type.clone(),
+            self.queue.clone(),
+        ));
+        tracing::info!(
+            worker = %self.name, job_type = %self.job_type, queue = %self.queue,
+            concurrency = self.concurrency, prefetch = self.prefetch, "worker starting"
+        );
+        loop {
+            let connecting = retry::connect(&self.amqp_url, &self.name, self.give_up_after);
+            let connection = tokio::select! {
+                // Stopped while the broker is away: there is nothing in hand to finish.
+                _ = stop.cancelled() => {
+                    tracing::info!("stopped while waiting for RabbitMQ; exiting");
+                    return Ok(());
+                }
+                connected = connecting => connected.map_err(|source| WorkerError::GaveUp {
+                    seconds: self.give_up_after.as_secs(),
+                    source,
+                })?,
+            };
+            match self.session(&connection, &progress, &stop).await? {
+                SessionEnd::Drained => {
+                    let _ = connection.close(200, "drained".into()).await;
+                    let report = progress.report();
+                    tracing::info!(
+                        processed = report.processed,
+                        failed = report.failed,
+                        dead_lettered = report.dead_lettered,
+                        "worker drained, exiting"
+                    );
+                    return Ok(());
+                }
+                SessionEnd::ConnectionLost(error) if stop.is_cancelled() => {
+                    tracing::warn!(%error, "connection lost while draining; rows in hand return to the queue");
+                    return Ok(());
+                }
+                SessionEnd::ConnectionLost(error) => {
+                    tracing::warn!(%error, "connection to RabbitMQ lost; reconnecting");
+                }
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        connection: &Connection,
+        progress: &Arc<Progress>,
+        stop: &CancellationToken,
+    ) -> Result<SessionEnd, WorkerError> {
+        let setup = |source| WorkerError::Setup {
+            queue: self.queue.clone(),
+            source,
+        };
+        let consuming = connection.create_channel().await.map_err(setup)?;
+        let publisher = connection.create_channel().await.map_err(setup)?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(setup)?;
+        topology::declare_work_queue(&consuming, &self.queue, self.delivery_limit)
+            .await
+            .map_err(setup)?;
+        events::declare_exchanges(&consuming).await.map_err(setup)?;
+        consuming
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(setup)?;
+        let mut drain_requests = drain::listen(&publisher, &self.name).await.map_err(setup)?;
+        let mut rows = consuming
+            .basic_consume(
+                self.queue.as_str().into(),
+                self.name.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(setup)?;
+
+        let settler = Arc::new(Settler {
+            publisher: publisher.clone(),
+            queue: self.queue.clone(),
+            worker: self.name.clone(),
+            delivery_limit: self.delivery_limit,
+            progress: Arc::clone(progress),
+        });
+        let reporter = tokio::spawn(report_every(
+            self.progress_interval,
+            Arc::clone(progress),
+            publisher.clone(),
+        ));
+        let slots = Arc::new(Semaphore::new(self.concurrency));
+        let mut tasks = JoinSet::new();
+        let mut draining = stop.is_cancelled();
+        if draining {
+            self.stop_taking(&consuming, progress, &publisher).await;
+        }
+
+        let end = loop {
+            tokio::select! {
+                _ = stop.cancelled(), if !draining => {
+                    draining = true;
+                    self.stop_taking(&consuming, progress, &publisher).await;
+                }
+                request = drain_requests.next(), if !draining => match request {
+                    Some(Ok(_)) => {
+                        tracing::info!("drain requested by the scaler");
+                        stop.cancel();
+                    }
+                    Some(Err(error)) => break SessionEnd::ConnectionLost(error.to_string()),
+                    None => break SessionEnd::ConnectionLost("the drain-request consumer ended".into()),
+                },
+                Some(done) = tasks.join_next() => {
+                    if let Err(e) = done {
+                        tracing::error!(error = %e, "a row task panicked");
+                    }
+                }
+                next = async {
+                    // Wait for a free slot before taking a delivery, so rows beyond
+                    // CONCURRENCY stay with the broker (or in the prefetch buffer).
+                    let slot = Arc::clone(&slots).acquire_owned().await.expect("never closed");
+                    (slot, rows.next().await)
+                } => match next {
+                    (slot, Some(Ok(delivery))) => {
+                        let in_hand = progress.row_in_hand();
+                        let handler = self.handler.clone();
+                        let settler = Arc::clone(&settler);
+                        tasks.spawn(async move {
+                            process(delivery, &handler, &settler).await;
+                            drop((in_hand, slot));
+                        });
+                    }
+                    (_, Some(Err(error))) => break SessionEnd::ConnectionLost(error.to_string()),
+                    // Draining: the consumer was cancelled and everything it delivered taken.
+                    (_, None) if draining => break SessionEnd::Drained,
+                    (_, None) => break SessionEnd::ConnectionLost(
+                        "the broker ended the consumer (connection closed or queue deleted)".into(),
+                    ),
+                }
+            }
+        };
+        if matches!(end, SessionEnd::ConnectionLost(_)) {
+            // Their rows went back to the queue with the connection, and their acks
+            // cannot arrive: stop them (and the commands they run) and reconnect now.
+            tasks.abort_all();
+        }
+        while let Some(done) = tasks.join_next().await {
+            if let Err(e) = done
+                && e.is_panic()
+            {
+                tracing::error!(error = %e, "a row task panicked");
+            }
+        }
+        reporter.abort();
+        if matches!(end, SessionEnd::Drained) {
+            progress.set_state(WorkerState::Exited);
+            if let Err(error) = progress.publish(&publisher).await {
+                tracing::warn!(%error, "cannot send the final progress report");
+            }
+            let _ = publisher.wait_for_confirms().await;
+            // Channels first, so the connection's close finds nothing half-open.
+            let _ = consuming.close(200, "drained".into()).await;
+            let _ = publisher.close(200, "drained".into()).await;
+        }
+        Ok(end)
+    }
+
+    async fn stop_taking(&self, consuming: &Channel, progress: &Progress, publisher: &Channel) {
+        tracing::info!("draining: taking no new rows, finishing the ones in hand");
+        progress.set_state(WorkerState::Draining);
+        if let Err(error) = consuming
+            .basic_cancel(self.name.as_str().into(), BasicCancelOptions::default())
+            .await
+        {
+            tracing::warn!(%error, "cannot cancel the consumer");
+        }
+        let _ = progress.publish(publisher).await;
+    }
+}
+
+async fn report_every(interval: Duration, progress: Arc<Progress>, channel: Channel) {
+    let mut ticks = tokio::time::interval(interval);
+    let mut last_logged = None;
+    loop {
+        ticks.tick().await;
+        if let Err(error) = progress.publish(&channel).await {
+            tracing::warn!(%error, "cannot send a progress report");
+        }
+        let report = progress.report();
+        let counts = (report.processed, report.failed, report.in_flight);
+        if last_logged != Some(counts) {
+            tracing::info!(
+                processed = report.processed,
+                failed = report.failed,
+                dead_lettered = report.dead_lettered,
+                in_flight = report.in_flight,
+                "progress"
+            );
+            last_logged = Some(counts);
+        }
+    }
+}
+
+/// Handles one delivery and settles it.
+async fn process(delivery: Delivery, handler: &Handler, settler: &Settler) {
+    let (batch_id, outcome) = match serde_json::from_slice::<RowMessage>(&delivery.data) {
+        Ok(row) => {
+            // A handler that panics fails its row like any other failure: the row is
+            // still settled, never left unacked.
+            let result = AssertUnwindSafe(handler.handle(&row, &delivery.data))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Err(RowFailed("the handler panicked".into())));
+            tracing::debug!(batch_id = %row.batch_id, line = row.line, ok = result.is_ok(), "row handled");
+            (Some(row.batch_id), result.map_err(Failure::Handler))
+        }
+        Err(e) => (
+            None,
+            Err(Failure::Poison(format!("not a Spillway row message: {e}"))),
+        ),
+    };
+    if let Err(error) = settle(&delivery, batch_id.as_deref(), outcome, settler).await {
+        // The channel is gone; the broker will deliver the row again.
+        tracing::warn!(%error, "cannot settle a row; the broker will redeliver it");
+    }
+}
+
+/// The one place a delivery is acked, returned to the queue or dead-lettered.
+async fn settle(
+    delivery: &Delivery,
+    batch_id: Option<&str>,
+    outcome: Result<(), Failure>,
+    settler: &Settler,
+) -> Result<(), SettleError> {
+    let progress = &settler.progress;
+    let (reason, retry) = match outcome {
+        Ok(()) => {
+            sent(delivery.ack(BasicAckOptions::default()).await?)?;
+            progress.tally(batch_id, Tally::Processed);
+            return Ok(());
+        }
+        Err(Failure::Handler(RowFailed(reason))) => (reason, true),
+        Err(Failure::Poison(reason)) => (reason, false),
+    };
+    let attempts = delivery_count(&delivery.properties) + 1;
+    if retry && attempts < u64::from(settler.delivery_limit) {
+        tracing::warn!(attempts, limit = settler.delivery_limit, %reason, "row failed; returning it to the queue");
+        sent(
+            delivery
+                .reject(BasicRejectOptions { requeue: true })
+                .await?,
+        )?;
+        progress.tally(batch_id, Tally::Failed);
+        return Ok(());
+    }
+    tracing::error!(attempts, %reason, queue = %topology::dead_queue_name(&settler.queue), "row failed for good; dead-lettering it");
+    if let Err(error) = dead_letter(delivery, &reason, attempts, settler).await {
+        delivery
+            .reject(BasicRejectOptions { requeue: true })
+            .await?;
+        return Err(error);
+    }
+    sent(delivery.ack(BasicAckOptions::default()).await?)?;
+    progress.tally(batch_id, Tally::DeadLettered);
+    Ok(())
+}
+
+/// Publishes the row to `<queue>.dead` with why it failed, and waits for the confirm,
+/// so the original is acked only once its copy is safe.
+async fn dead_letter(
+    delivery: &Delivery,
+    reason: &str,
+    attempts: u64,
+    settler: &Settler,
+) -> Result<(), SettleError> {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    let mut put = |key: &str, value: AMQPValue| {
+        headers.insert(ShortString::from(key), value);
+    };
+    put("x-spillway-error", AMQPValue::LongString(reason.into()));
+    put(
+        "x-spillway-worker",
+        AMQPValue::LongString(settler.worker.as_str().into()),
+    );
+    put(
+        "x-spillway-attempts",
+        AMQPValue::LongLongInt(i64::try_from(attempts).unwrap_or(i64::MAX)),
+    );
+    let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
+    let confirm = settler
+        .publisher
+        .basic_publish(
+            topology::DEAD_LETTER_EXCHANGE.into(),
+            topology::dead_queue_name(&settler.queue).as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &delivery.data,
+            properties,
+        )
+        .await?
+        .await?;
+    match confirm {
+        lapin::Confirmation::Ack(None) => Ok(()),
+        _ => Err(SettleError::DeadLetterRefused),
+    }
+}
+
+/// lapin answers `Ok(false)` when an ack or reject could not be sent (its channel is
+/// gone): that row was not settled and must not be counted as if it were.
+fn sent(was_sent: bool) -> Result<(), SettleError> {
+    if was_sent {
+        Ok(())
+    } else {
+        Err(SettleError::NotSent)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SettleError {
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+    #[error("the channel is gone, so the row could not be settled")]
+    NotSent,
+    #[error("RabbitMQ did not take the dead-letter copy; the row returns to the queue")]
+    DeadLetterRefused,
+}
+
+/// Earlier deliveries of this message, as the quorum queue counts them.
+fn delivery_count(properties: &BasicProperties) -> u64 {
+    let Some(headers) = properties.headers() else {
+        return 0;
+    };
+    match headers.inner().get("x-delivery-count") {
+        Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongUInt(n)) => u64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::ShortUInt(n)) => u64::from(*n),
+        Some(AMQPValue::ShortShortInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::ShortShortUInt(n)) => u64::from(*n),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_count_reads_the_quorum_header_in_any_integer_width() {
+        let with = |value| {
+            let mut headers = FieldTable::default();
+            headers.insert("x-delivery-count".into(), value);
+            BasicProperties::default().with_headers(headers)
+        };
+        assert_eq!(delivery_count(&BasicProperties::default()), 0);
+        assert_eq!(delivery_count(&with(AMQPValue::LongLongInt(3))), 3);
+        assert_eq!(delivery_count(&with(AMQPValue::LongInt(2))), 2);
+        assert_eq!(delivery_count(&with(AMQPValue::LongString("x".into()))), 0);
+    }
+}

@@ -1,0 +1,43 @@
+//! Spillway's worker: consumes one job type's queue with manual acks, runs the job
+//! type's handler on each row, reports progress, and drains on request.
+//!
+//! # Layout
+//!
+//! - [`config`]: the worker's settings, from the environment.
+//! - [`consume`]: the consume loop, reconnection, and settling each delivery once.
+//! - [`handler`]: what is done with a row: `simulate` or `exec`.
+//! - [`drain`]: drain requests from the scaler over RabbitMQ.
+//! - [`progress`]: counters and the progress reports on the events exchange.
+
+pub mod config;
+pub mod consume;
+pub mod drain;
+pub mod handler;
+pub mod progress;
+
+use std::time::Duration;
+
+use spillway_common::jobs_config::{JobsConfig, UnknownJobType};
+
+use crate::{config::Settings, consume::Worker, handler::Handler};
+
+/// Resolves the settings and job types into a runnable worker.
+pub fn build(settings: &Settings, jobs: &JobsConfig) -> Result<Worker, UnknownJobType> {
+    let job_type = settings
+        .job_type
+        .clone()
+        .unwrap_or_else(|| jobs.default_job_type.clone());
+    let job = jobs.job_type(&job_type)?;
+    Ok(Worker {
+        name: settings.worker_name(),
+        job_type,
+        queue: job.queue.clone(),
+        delivery_limit: job.delivery_limit,
+        handler: Handler::for_job_type(job, Duration::from_secs(settings.exec_timeout_seconds)),
+        amqp_url: settings.broker.amqp_url.clone(),
+        concurrency: usize::from(settings.concurrency),
+        prefetch: settings.prefetch(),
+        progress_interval: Duration::from_secs(settings.progress_seconds),
+        give_up_after: Duration::from_secs(settings.broker_give_up_seconds),
+    })
+}

@@ -1,0 +1,303 @@
+//! The worker binary against a real RabbitMQ: every row processed and acked, rows of a
+//! killed worker processed by another, a failing row dead-lettered with its reason, a
+//! clean exit on SIGTERM and on a drain request, and recovery from a closed connection.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Connection, ConnectionProperties,
+    options::{
+        BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    },
+    types::{AMQPValue, FieldTable},
+};
+use spillway_common::{
+    envelope::RowMessage,
+    events::{
+        self, CONTROL_EXCHANGE, EVENTS_EXCHANGE, WorkerReport, WorkerState, drain_routing_key,
+    },
+    testing::wait_for,
+    topology::dead_queue_name,
+};
+use support::{PATIENCE, QUEUE, Rig};
+
+/// Records the row's line in $STARTED, sleeps $DELAY seconds, records it in $RECORD.
+const RECORDING: &str = r#"echo "$SPILLWAY_LINE" >> "$STARTED"; sleep "${DELAY:-0}"; echo "$SPILLWAY_LINE" >> "$RECORD""#;
+
+#[tokio::test]
+async fn every_row_is_processed_and_acked_exactly_once_and_reported() {
+    let rig = Rig::new("happy", 5, RECORDING).await;
+    rig.publish_rows(60).await;
+    let connection = Connection::connect(&rig.vhost.amqp_url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    events::declare_exchanges(&channel).await.unwrap();
+    let reports = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            reports.name().clone(),
+            EVENTS_EXCHANGE.into(),
+            "worker.default.happy-1".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let mut worker = rig.start_worker("happy-1", &[("CONCURRENCY", "4")]);
+    rig.wait_recorded("record", 60, &mut worker).await;
+    worker.signal("TERM");
+    assert!(worker.wait_exit().await.success(), "{}", worker.log_text());
+
+    let counts = rig.counts("record");
+    assert_eq!(
+        counts.keys().copied().collect::<Vec<_>>(),
+        (1..=60).collect::<Vec<_>>()
+    );
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "each row once: {counts:?}"
+    );
+    assert_eq!(rig.ready(QUEUE).await, 0, "every row was acked");
+
+    let mut consumer = channel
+        .basic_consume(
+            reports.name().clone(),
+            "reports".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut last = None;
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
+    {
+        last = Some(serde_json::from_slice::<WorkerReport>(&delivery.data).unwrap());
+    }
+    let last = last.expect("the worker published progress reports");
+    assert_eq!(
+        (last.state, last.processed, last.in_flight),
+        (WorkerState::Exited, 60, 0),
+        "{last:?}"
+    );
+    assert_eq!(
+        (last.worker.as_str(), last.queue.as_str()),
+        ("happy-1", QUEUE)
+    );
+}
+
+#[tokio::test]
+async fn rows_held_by_a_killed_worker_are_processed_by_another() {
+    let rig = Rig::new("sigkill", 5, RECORDING).await;
+    rig.publish_rows(10).await;
+    let mut doomed = rig.start_worker("doomed", &[("CONCURRENCY", "2"), ("DELAY", "60")]);
+    rig.wait_recorded("started", 2, &mut doomed).await;
+    doomed.signal("KILL");
+    let status = doomed.wait_exit().await;
+    assert!(!status.success(), "SIGKILL ends it abruptly");
+    let held: Vec<u64> = rig.counts("started").into_keys().collect();
+    assert!(
+        rig.counts("record").is_empty(),
+        "the killed worker finished nothing"
+    );
+
+    let mut rescuer = rig.start_worker("rescuer", &[("CONCURRENCY", "2")]);
+    rig.wait_recorded("record", 10, &mut rescuer).await;
+    rescuer.signal("TERM");
+    assert!(
+        rescuer.wait_exit().await.success(),
+        "{}",
+        rescuer.log_text()
+    );
+    let record = rig.counts("record");
+    assert_eq!(record.len(), 10, "nothing lost: {record:?}");
+    for line in held {
+        assert!(
+            record.contains_key(&line),
+            "row {line} held by the killed worker was processed"
+        );
+    }
+    assert_eq!(rig.ready(QUEUE).await, 0);
+}
+
+#[tokio::test]
+async fn a_row_that_always_fails_ends_in_the_dead_queue_with_its_reason() {
+    let script = format!(r#"[ "$SPILLWAY_LINE" != 3 ] || exit 7; {RECORDING}"#);
+    let rig = Rig::new("poison", 3, &script).await;
+    rig.publish_rows(5).await;
+    let mut worker = rig.start_worker("poison-1", &[]);
+    rig.wait_recorded("record", 4, &mut worker).await;
+    let dead = dead_queue_name(QUEUE);
+    let rig_ref = &rig;
+    wait_for("the failing row in the dead queue", PATIENCE, || async {
+        rig_ref.ready(&dead).await == 1
+    })
+    .await;
+    worker.signal("TERM");
+    assert!(worker.wait_exit().await.success(), "{}", worker.log_text());
+    assert_eq!(rig.ready(QUEUE).await, 0, "the failing row does not loop");
+    assert!(!rig.counts("record").contains_key(&3));
+
+    let connection = Connection::connect(&rig.vhost.amqp_url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let message = channel
+        .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the dead row");
+    let row: RowMessage = serde_json::from_slice(&message.delivery.data).unwrap();
+    assert_eq!(row.line, 3);
+    let headers = message.delivery.properties.headers().clone().unwrap();
+    let header = |key: &str| headers.inner().get(key).cloned();
+    match header("x-spillway-error") {
+        Some(AMQPValue::LongString(reason)) => {
+            assert!(reason.to_string().contains("exit status: 7"), "{reason}")
+        }
+        other => panic!("no reason header: {other:?}"),
+    }
+    assert_eq!(
+        header("x-spillway-attempts"),
+        Some(AMQPValue::LongLongInt(3))
+    );
+}
+
+#[tokio::test]
+async fn sigterm_during_a_long_row_finishes_and_acks_it_then_exits_0() {
+    let rig = Rig::new("sigterm", 5, RECORDING).await;
+    rig.publish_rows(1).await;
+    let mut worker = rig.start_worker("term-1", &[("DELAY", "2")]);
+    rig.wait_recorded("started", 1, &mut worker).await;
+    // Signal the worker only (not its group): the row's command must not be hit.
+    let status = std::process::Command::new("kill")
+        .args(["-s", "TERM", &worker.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = worker.wait_exit().await;
+    assert!(
+        status.success(),
+        "exit 0 after a drain: {status}\n{}",
+        worker.log_text()
+    );
+    assert_eq!(
+        rig.counts("record").get(&1),
+        Some(&1),
+        "the long row finished"
+    );
+    assert_eq!(rig.ready(QUEUE).await, 0, "and was acked");
+}
+
+#[tokio::test]
+async fn a_drain_request_from_the_scaler_stops_the_worker_cleanly() {
+    let rig = Rig::new("drainreq", 5, RECORDING).await;
+    rig.publish_rows(3).await;
+    let mut worker = rig.start_worker("drain-1", &[]);
+    rig.wait_recorded("record", 3, &mut worker).await;
+    let connection = Connection::connect(&rig.vhost.amqp_url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let routing_key = drain_routing_key("drain-1");
+    // The worker binds its drain queue at start; publish until it has taken effect.
+    let mut exited = None;
+    wait_for("the worker to exit after a drain request", PATIENCE, || {
+        let channel = channel.clone();
+        let routing_key = routing_key.clone();
+        let already = worker.child_exited();
+        exited = already.or(exited);
+        async move {
+            if already.is_some() {
+                return true;
+            }
+            channel
+                .basic_publish(
+                    CONTROL_EXCHANGE.into(),
+                    routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    b"drain",
+                    BasicProperties::default(),
+                )
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            false
+        }
+    })
+    .await;
+    assert!(exited.unwrap().success(), "{}", worker.log_text());
+}
+
+#[tokio::test]
+async fn the_worker_reconnects_after_the_broker_closes_its_connection() {
+    let rig = Rig::new("reconnect", 5, RECORDING).await;
+    rig.publish_rows(30).await;
+    let mut worker = rig.start_worker("reconnect-1", &[("CONCURRENCY", "1"), ("DELAY", "0.1")]);
+    rig.wait_recorded("record", 3, &mut worker).await;
+    let api = &rig.vhost.api;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let names = loop {
+        let names = api.connections().await.unwrap();
+        if !names.is_empty() {
+            break names;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker's connection never showed in the management API"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for name in &names {
+        api.close_connection(name).await.unwrap();
+    }
+    rig.wait_recorded("record", 30, &mut worker).await;
+    worker.signal("TERM");
+    assert!(worker.wait_exit().await.success(), "{}", worker.log_text());
+    assert!(
+        worker.log_text().contains("reconnecting"),
+        "{}",
+        worker.log_text()
+    );
+    assert_eq!(rig.ready(QUEUE).await, 0);
+}
+
+#[tokio::test]
+async fn a_worker_that_cannot_reach_the_broker_gives_up_with_a_clear_error() {
+    let started = std::time::Instant::now();
+    // Port 9 (discard) has no broker listening.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker"))
+        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:9/%2f")
+        .env("BROKER_GIVE_UP_SECONDS", "1")
+        .env_remove("JOBS_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success(), "gives up with a non-zero exit");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("gave up on RabbitMQ after 1 s"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "gave up in time: {:?}",
+        started.elapsed()
+    );
+}

@@ -1,0 +1,229 @@
+//! Worker processes against their own vhost on the real broker: publishing rows,
+//! starting `worker` binaries with an `exec` handler that records what it did, and
+//! reading the records back.
+
+use std::{
+    collections::BTreeMap,
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::Duration,
+};
+
+use lapin::{
+    Connection, ConnectionProperties,
+    options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use spillway_common::{
+    envelope::{RowMessage, row_properties},
+    testing::{TestVhost, wait_for},
+    topology,
+};
+
+pub const QUEUE: &str = "rows";
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A vhost with a work queue, and a directory for job types, logs and records.
+pub struct Rig {
+    pub vhost: TestVhost,
+    pub dir: tempfile::TempDir,
+    pub batch_id: String,
+    delivery_limit: u32,
+}
+
+/// A running worker process, killed (with its commands) if the test ends early.
+pub struct WorkerProcess {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Rig {
+    /// A vhost whose work queue dead-letters a row after `delivery_limit` deliveries,
+    /// and whose rows run `script` through `sh -c`.
+    pub async fn new(label: &str, delivery_limit: u32, script: &str) -> Self {
+        let vhost = TestVhost::new(label).await;
+        let dir = tempfile::tempdir().unwrap();
+        let command = serde_json::to_string(&["sh", "-c", script]).unwrap();
+        let jobs = format!(
+            "[job_types.default]\nqueue = \"{QUEUE}\"\nhandler = \"exec\"\n\
+             command = {command}\ndelivery_limit = {delivery_limit}\n"
+        );
+        std::fs::write(dir.path().join("jobs.toml"), jobs).unwrap();
+        Rig {
+            vhost,
+            dir,
+            batch_id: format!("batch-{label}"),
+            delivery_limit,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    async fn connection(&self) -> Connection {
+        Connection::connect(&self.vhost.amqp_url, ConnectionProperties::default())
+            .await
+            .expect("test connects to its vhost")
+    }
+
+    /// Publishes rows with lines 1..=rows, confirmed.
+    pub async fn publish_rows(&self, rows: u64) {
+        let connection = self.connection().await;
+        let channel = connection.create_channel().await.unwrap();
+        topology::declare_work_queue(&channel, QUEUE, self.delivery_limit)
+            .await
+            .unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        for line in 1..=rows {
+            let row = RowMessage {
+                batch_id: self.batch_id.clone(),
+                job_type: "default".into(),
+                line,
+                row: line,
+                headers: vec!["n".into()],
+                fields: vec![line.to_string()],
+            };
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    QUEUE.into(),
+                    BasicPublishOptions::default(),
+                    &serde_json::to_vec(&row).unwrap(),
+                    row_properties(&row.message_id()),
+                )
+                .await
+                .unwrap();
+            assert!(confirm.await.unwrap().is_ack());
+        }
+    }
+
+    /// Ready messages in `queue` (needs no management-API delay).
+    pub async fn ready(&self, queue: &str) -> u32 {
+        let connection = self.connection().await;
+        let channel = connection.create_channel().await.unwrap();
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .expect("queue exists")
+            .message_count()
+    }
+
+    /// Starts a worker named `name`; `env` adds to its environment.
+    pub fn start_worker(&self, name: &str, env: &[(&str, &str)]) -> WorkerProcess {
+        let log = self.path(&format!("{name}.log"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
+        command
+            .env("AMQP_URL", &self.vhost.amqp_url)
+            .env("JOBS_CONFIG", self.path("jobs.toml"))
+            .env("WORKER_NAME", name)
+            .env("PROGRESS_SECONDS", "1")
+            .env("RUST_LOG", "info")
+            .env("RECORD", self.path("record"))
+            .env("STARTED", self.path("started"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            // Its own process group, so a test can kill it together with its commands.
+            .process_group(0);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        WorkerProcess {
+            name: name.to_string(),
+            child: command.spawn().expect("start the worker binary"),
+            log,
+        }
+    }
+
+    /// How many times each line was recorded in file `name` (one line per entry).
+    pub fn counts(&self, name: &str) -> BTreeMap<u64, usize> {
+        let text = std::fs::read_to_string(self.path(name)).unwrap_or_default();
+        let mut counts = BTreeMap::new();
+        for line in text.lines() {
+            *counts
+                .entry(line.trim().parse().expect("a line number"))
+                .or_default() += 1;
+        }
+        counts
+    }
+
+    /// Waits until file `name` holds at least `lines` distinct lines.
+    pub async fn wait_recorded(&self, name: &str, lines: usize, worker: &mut WorkerProcess) {
+        let what = format!("{lines} distinct lines in {name}");
+        let patience = PATIENCE;
+        let deadline = tokio::time::Instant::now() + patience;
+        while self.counts(name).len() < lines {
+            if let Some(status) = worker.child.try_wait().unwrap() {
+                panic!(
+                    "worker {} exited ({status}) before {what}:\n{}",
+                    worker.name,
+                    worker.log_text()
+                );
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "timed out after {patience:?} waiting for {what}; worker log:\n{}",
+                    worker.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl WorkerProcess {
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args(["-s", signal, "--", &format!("-{}", self.child.id())])
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "kill -{signal} the worker's process group"
+        );
+    }
+
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let mut status = None;
+        wait_for(&format!("worker {} to exit", self.name), PATIENCE, || {
+            status = self.child.try_wait().unwrap();
+            std::future::ready(status.is_some())
+        })
+        .await;
+        status.expect("exited")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status, if the worker has exited.
+    pub fn child_exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .args(["-s", "KILL", "--", &format!("-{}", self.child.id())])
+                .status();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
