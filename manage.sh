@@ -57,22 +57,28 @@ wait_until() { # seconds, description, command...
     done
 }
 
-install_rabbitmq() {
-    if [[ "${SPILLWAY_NO_INSTALL:-0}" == 1 ]] || [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
-        die "RabbitMQ is not installed and cannot be installed here.
-Install it (for example: sudo apt-get install rabbitmq-server), or point AMQP_URL and
-RABBITMQ_API_URL at a RabbitMQ 3.10+ with the management plugin, then run this again."
-    fi
-    say "installing rabbitmq-server with apt-get"
+may_install() {
+    [[ "${SPILLWAY_NO_INSTALL:-0}" != 1 ]] && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null
+}
+
+# apt_install "what it is for" "what to do instead" package...
+apt_install() {
+    local why=$1 otherwise=$2
+    shift 2
+    may_install || die "$why needs $* and it cannot be installed here (not root, no apt-get, or
+SPILLWAY_NO_INSTALL=1). $otherwise"
+    say "installing $* with apt-get ($why)"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
 # Makes sure a RabbitMQ with the management plugin answers at RABBITMQ_API_URL:
 # uses one that answers, starts an installed one, or installs one.
 ensure_rabbitmq() {
     api_answers && return 0
-    command -v rabbitmqctl >/dev/null || install_rabbitmq
+    command -v rabbitmqctl >/dev/null || apt_install "Spillway's broker" \
+        "Install it (sudo apt-get install rabbitmq-server), or point AMQP_URL and RABBITMQ_API_URL
+at a RabbitMQ 3.10+ with the management plugin, then run this again." rabbitmq-server
     if ! rabbitmqctl -q status >/dev/null 2>&1; then
         say "starting RabbitMQ"
         rabbitmq-server -detached
@@ -94,13 +100,9 @@ build_release() {
 # The dashboard's browser test drives headless Chromium through chromedriver.
 ensure_chromium() {
     [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]] && return 0
-    if [[ "${SPILLWAY_NO_INSTALL:-0}" == 1 ]] || [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
-        die "the dashboard's browser test needs Chromium and ChromeDriver at /usr/bin:
-install them (for example: sudo apt-get install chromium chromium-driver), then run this again."
-    fi
-    say "installing chromium and chromium-driver with apt-get (for the dashboard's browser test)"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    apt_install "the dashboard's browser test" \
+        "Install them (sudo apt-get install chromium chromium-driver), then run this again." \
+        chromium chromium-driver
 }
 
 CI_VENV="$STATE_DIR/ci-venv"
@@ -109,16 +111,10 @@ HADOLINT_VERSION=2.15.1
 # The oldest Kubernetes Spillway supports (k8s-openapi's v1_33 feature).
 KUBERNETES_VERSION=1.33.0
 
-may_install() {
-    [[ "${SPILLWAY_NO_INSTALL:-0}" != 1 ]] && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null
-}
-
 ensure_kubectl() {
     command -v kubectl >/dev/null && return 0
-    may_install || die "kubectl is missing: install it (https://kubernetes.io/docs/tasks/tools/), then run this again"
-    say "installing kubectl with apt-get"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl >/dev/null
+    apt_install "deploying and checking the manifests" \
+        "Install kubectl (https://kubernetes.io/docs/tasks/tools/), then run this again." kubectl
 }
 
 # Pinned manifest and Dockerfile checkers, in a virtualenv of their own.
@@ -158,12 +154,10 @@ cmd_test() {
     cargo fmt --all -- --check || die "formatting differs: run 'cargo fmt' and commit the result"
     say "running clippy"
     cargo clippy --locked --workspace --all-targets -- -D warnings
-    if command -v shellcheck >/dev/null; then
-        say "checking scripts with shellcheck"
-        shellcheck "$ROOT/manage.sh" "$ROOT/dashboard.sh" "$ROOT/.ci/run"
-    else
-        say "shellcheck is not installed; skipping the script checks (apt-get install shellcheck)"
-    fi
+    command -v shellcheck >/dev/null || apt_install "checking the scripts" \
+        "Install it (sudo apt-get install shellcheck), then run this again." shellcheck
+    say "checking scripts with shellcheck"
+    shellcheck "$ROOT/manage.sh" "$ROOT/dashboard.sh" "$ROOT/.ci/run"
     say "checking the Kubernetes manifests and the Dockerfile"
     check_deploy
     say "running the test suite"

@@ -69,12 +69,19 @@ async fn uploaded_rows_get_workers_are_all_processed_and_the_workers_drain() {
     .await;
 
     // A worker's log, through the scaler's API; nothing else is readable there.
+    // The worker may have been spawned a moment ago: its first line comes when it starts.
     let worker = first_worker(dir);
-    let log = reqwest::get(format!("{}/api/jobs/{worker}/logs", scaler.url))
-        .await
-        .unwrap();
-    assert_eq!(log.status(), StatusCode::OK);
-    assert!(log.text().await.unwrap().contains("worker starting"));
+    let log_url = format!("{}/api/jobs/{worker}/logs", scaler.url);
+    wait_for(
+        "the worker's log to show it starting",
+        Duration::from_secs(30),
+        || async {
+            let log = reqwest::get(&log_url).await.unwrap();
+            assert_eq!(log.status(), StatusCode::OK);
+            log.text().await.unwrap().contains("worker starting")
+        },
+    )
+    .await;
     let stranger = reqwest::get(format!(
         "{}/api/jobs/..%2F..%2Fetc%2Fpasswd/logs",
         scaler.url
