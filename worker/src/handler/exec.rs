@@ -52,8 +52,8 @@ impl Exec {
         let stderr = log_lines(child.stderr.take(), "stderr", row);
 
         let run = async {
-            let (status, (), ()) = tokio::join!(child.wait(), stdout, stderr);
-            status
+            let (status, _, last_error_line) = tokio::join!(child.wait(), stdout, stderr);
+            status.map(|status| (status, last_error_line))
         };
         let outcome = tokio::time::timeout(self.timeout, run).await;
         feed.abort();
@@ -63,18 +63,34 @@ impl Exec {
                 self.timeout
             ))),
             Ok(Err(e)) => Err(RowFailed(format!("cannot wait for {program:?}: {e}"))),
-            Ok(Ok(status)) if status.success() => Ok(()),
-            Ok(Ok(status)) => Err(RowFailed(format!("{program:?} failed: {status}"))),
+            Ok(Ok((status, _))) if status.success() => Ok(()),
+            Ok(Ok((status, None))) => Err(RowFailed(format!("{program:?} failed: {status}"))),
+            Ok(Ok((status, Some(said)))) => Err(RowFailed(format!(
+                "{program:?} failed: {status}; its last error line: {said}"
+            ))),
         }
     }
 }
 
-async fn log_lines(output: Option<impl AsyncRead + Unpin>, stream: &str, row: &RowMessage) {
-    let Some(output) = output else { return };
-    let mut lines = BufReader::new(output).lines();
+/// The most of a command's last error line a failure reason carries.
+const REASON_LINE_CHARS: usize = 500;
+
+/// Logs each line of `output` tagged with the row; returns the last non-blank one,
+/// shortened to [`REASON_LINE_CHARS`], so a failure can say what the command said.
+async fn log_lines(
+    output: Option<impl AsyncRead + Unpin>,
+    stream: &str,
+    row: &RowMessage,
+) -> Option<String> {
+    let mut lines = BufReader::new(output?).lines();
+    let mut last = None;
     while let Ok(Some(line)) = lines.next_line().await {
         tracing::info!(batch_id = %row.batch_id, line = row.line, stream, "{line}");
+        if !line.trim().is_empty() {
+            last = Some(line);
+        }
     }
+    last.map(|line| line.chars().take(REASON_LINE_CHARS).collect())
 }
 
 #[cfg(test)]
@@ -115,6 +131,19 @@ mod tests {
             .await
             .unwrap_err();
         assert!(failed.0.contains("exit status: 3"), "{failed}");
+        assert!(!failed.0.contains("error line"), "{failed}");
+        let said = exec(
+            "echo first >&2; echo 'out of paper' >&2; echo >&2; exit 4",
+            5000,
+        )
+        .handle(&row(), b"{}")
+        .await
+        .unwrap_err();
+        assert!(
+            said.0
+                .ends_with("exit status: 4; its last error line: out of paper"),
+            "{said}"
+        );
         let slow = exec("sleep 5", 100)
             .handle(&row(), b"{}")
             .await

@@ -1,0 +1,327 @@
+//! Faults on the local launcher with a real broker: workers killed with SIGKILL while
+//! they work, the scaler killed and restarted, a poison row among good ones. Each run
+//! accounts for every row: "N rows in, N processed at least once, 0 lost, D duplicates".
+//! (The broker restart is in `broker_restart.rs`: it stops the whole broker, so it runs
+//! in a test binary of its own, never beside these.)
+
+mod support;
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, SystemTime},
+};
+
+use futures_util::StreamExt;
+use lapin::{
+    Connection, ConnectionProperties,
+    options::{BasicAckOptions, BasicConsumeOptions},
+    types::{AMQPValue, FieldTable},
+};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use spillway_common::testing::{TestVhost, wait_for};
+use support::{
+    Account, RECORD_ROW, Scaler, WorkerReaper, expected_rows, numbered_csv, recorded_rows,
+    registry, running_workers, start_producer, upload,
+};
+
+/// The three scenarios share two cores: one at a time keeps their pacing honest.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn jobs(command: &str, max_jobs: usize, delivery_limit: u32) -> String {
+    let command = command.replace('\\', "\\\\").replace('"', "\\\"");
+    format!(
+        r#"
+tick_seconds = 1
+idle_seconds = 3
+
+[job_types.default]
+queue = "tasks"
+handler = "exec"
+command = ["sh", "-c", "{command}"]
+max_jobs = {max_jobs}
+delivery_limit = {delivery_limit}
+"#
+    )
+}
+
+/// A small xorshift generator: which worker dies next. The seed is printed so a run
+/// can be repeated.
+struct Dice(u64);
+
+impl Dice {
+    fn seeded() -> Self {
+        let seed = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1;
+        println!("worker-killing seed: {seed}");
+        Dice(seed)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_killed_while_they_work_lose_no_row() {
+    const ROWS: usize = 10_000;
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let vhost = TestVhost::new("fault-kill").await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // Rows held by a killed worker are delivered again; a high limit keeps them from
+    // being dead-lettered by the kills alone.
+    std::fs::write(dir.join("jobs.toml"), jobs(RECORD_ROW, 6, 100)).unwrap();
+    let (producer, stop_producer) = start_producer(&vhost, dir).await;
+    let scaler = Scaler::start_with(&vhost, dir, "scaler.log", &[("CONCURRENCY", "4")]);
+    let _reaper = WorkerReaper(dir);
+
+    let batch = upload(&producer, numbered_csv(ROWS)).await;
+    let expected = expected_rows(&batch, ROWS);
+
+    let mut dice = Dice::seeded();
+    let mut kills = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        // Kills are the scenario's pace, not a synchronisation: every 2 s while rows remain.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let done = recorded_rows(dir).len();
+        if done >= ROWS {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out: {done} of {ROWS} rows recorded after {kills} kills"
+        );
+        let running = running_workers(dir);
+        if running.is_empty() {
+            continue;
+        }
+        let (name, pid) = &running[dice.below(running.len())];
+        if kill(Pid::from_raw(*pid as i32), Signal::SIGKILL).is_ok() {
+            kills += 1;
+            println!("killed {name} (pid {pid}) with {done} of {ROWS} rows recorded");
+        }
+    }
+    assert!(
+        kills >= 3,
+        "only {kills} workers were killed before the rows ran out: too few to prove anything"
+    );
+
+    let dead = dead_rows(&vhost).await;
+    let account = Account::of(&expected, &recorded_rows(dir), &dead);
+    println!("{account} ({kills} workers killed with SIGKILL)");
+    assert!(
+        account.lost.is_empty(),
+        "{account}: lost {:?}",
+        account.lost
+    );
+    assert_eq!(account.processed, ROWS, "{account}");
+    // The management API samples queues every few seconds.
+    wait_for(
+        "the management API to show the queue empty",
+        Duration::from_secs(30),
+        || async {
+            vhost
+                .api
+                .queue_stats("tasks")
+                .await
+                .is_ok_and(|q| (q.ready, q.unacked) == (0, 0))
+        },
+    )
+    .await;
+
+    drop(scaler);
+    stop_producer.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scaler_killed_and_restarted_mid_run_loses_and_doubles_nothing() {
+    const ROWS: usize = 1_000;
+    const MAX_JOBS: usize = 8;
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let vhost = TestVhost::new("fault-scaler").await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let slow_row = format!("{RECORD_ROW}; sleep 0.05");
+    std::fs::write(dir.join("jobs.toml"), jobs(&slow_row, MAX_JOBS, 5)).unwrap();
+    let (producer, stop_producer) = start_producer(&vhost, dir).await;
+    let mut scaler = Scaler::start(&vhost, dir, "scaler-1.log");
+    let _reaper = WorkerReaper(dir);
+
+    let batch = upload(&producer, numbered_csv(ROWS)).await;
+    let expected = expected_rows(&batch, ROWS);
+    wait_for(
+        "every worker spawned and rows under way",
+        Duration::from_secs(90),
+        || async { registry(dir).0 >= MAX_JOBS && recorded_rows(dir).len() >= 50 },
+    )
+    .await;
+    let before = recorded_rows(dir).len();
+    assert!(before < ROWS, "the rows outlast the kill");
+    scaler.kill();
+    println!("killed the scaler with {before} of {ROWS} rows recorded");
+    let scaler = Scaler::start(&vhost, dir, "scaler-2.log");
+
+    wait_for(
+        "every row processed after the restart",
+        Duration::from_secs(120),
+        || async {
+            let (spawned, _) = registry(dir);
+            assert!(
+                spawned <= MAX_JOBS,
+                "the new scaler double-spawned: {spawned} workers"
+            );
+            recorded_rows(dir).len() >= ROWS
+        },
+    )
+    .await;
+    let account = Account::of(&expected, &recorded_rows(dir), &dead_rows(&vhost).await);
+    println!("{account} (scaler killed with SIGKILL and restarted)");
+    assert!(
+        account.lost.is_empty(),
+        "{account}: lost {:?}",
+        account.lost
+    );
+    assert_eq!(account.processed, ROWS, "{account}");
+
+    wait_for(
+        "the restarted scaler to drain every worker",
+        Duration::from_secs(60),
+        || async { registry(dir).1 == 0 },
+    )
+    .await;
+    assert_eq!(registry(dir).0, MAX_JOBS, "no worker lost or added");
+    drop(scaler);
+    stop_producer.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_row_is_dead_lettered_and_the_rest_are_processed() {
+    const ROWS: usize = 500;
+    const POISON_LINE: usize = 251;
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let vhost = TestVhost::new("fault-poison").await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let poison_aware = format!(
+        r#"case "$(cat)" in *'"poison"'*) echo "cannot digest this row" >&2; exit 3;; esac; {RECORD_ROW}"#
+    );
+    std::fs::write(dir.join("jobs.toml"), jobs(&poison_aware, 6, 3)).unwrap();
+    let (producer, stop_producer) = start_producer(&vhost, dir).await;
+    let scaler = Scaler::start(&vhost, dir, "scaler.log");
+    let _reaper = WorkerReaper(dir);
+
+    let csv = numbered_csv(ROWS).replacen(&format!("\n{}\n", POISON_LINE - 1), "\npoison\n", 1);
+    let batch = upload(&producer, csv).await;
+    let poison = format!("{batch}:{POISON_LINE}");
+    let mut good = expected_rows(&batch, ROWS);
+    assert!(good.remove(&poison));
+
+    wait_for(
+        "every good row processed and the poison row dead-lettered",
+        Duration::from_secs(120),
+        || async {
+            recorded_rows(dir).len() >= ROWS - 1
+                && vhost
+                    .api
+                    .queue_stats("tasks.dead")
+                    .await
+                    .is_ok_and(|q| q.ready == 1)
+        },
+    )
+    .await;
+    let dead = dead_letters(&vhost).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let (id, error, attempts) = &dead[0];
+    assert_eq!(id, &poison);
+    assert!(
+        error.ends_with("exit status: 3; its last error line: cannot digest this row"),
+        "the dead row says why: {error:?}"
+    );
+    assert_eq!(*attempts, 3, "dead-lettered at the delivery limit");
+
+    let mut all = good.clone();
+    all.insert(poison.clone());
+    let recorded = recorded_rows(dir);
+    assert!(
+        !recorded.contains_key(&poison),
+        "the poison row never succeeded"
+    );
+    let account = Account::of(&all, &recorded, &BTreeSet::from([poison]));
+    println!("{account} (one poison row)");
+    assert!(
+        account.lost.is_empty(),
+        "{account}: lost {:?}",
+        account.lost
+    );
+    assert_eq!(account.processed, ROWS - 1, "{account}");
+
+    drop(scaler);
+    stop_producer.cancel();
+}
+
+/// The ids of the rows in `tasks.dead`.
+async fn dead_rows(vhost: &TestVhost) -> BTreeSet<String> {
+    dead_letters(vhost)
+        .await
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect()
+}
+
+/// Every row in `tasks.dead`, taken off it: (message id, x-spillway-error, x-spillway-attempts).
+async fn dead_letters(vhost: &TestVhost) -> Vec<(String, String, i64)> {
+    let Ok(stats) = vhost.api.queue_stats("tasks.dead").await else {
+        return Vec::new();
+    };
+    let connection = Connection::connect(&vhost.amqp_url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            "tasks.dead".into(),
+            "fault-suite".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut rows = Vec::new();
+    while rows.len() < stats.ready as usize {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("the dead queue's rows within 10 s")
+            .expect("a delivery")
+            .unwrap();
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let header = |key: &str| headers.inner().get(key).cloned();
+        let error = match header("x-spillway-error") {
+            Some(AMQPValue::LongString(text)) => text.to_string(),
+            other => format!("{other:?}"),
+        };
+        let attempts = match header("x-spillway-attempts") {
+            Some(AMQPValue::LongLongInt(n)) => n,
+            _ => 0,
+        };
+        let id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+        rows.push((id, error, attempts));
+    }
+    connection.close(0, "done".into()).await.ok();
+    rows
+}
