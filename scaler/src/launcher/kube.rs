@@ -6,11 +6,17 @@
 //! non-root read-only container, the broker URL from a Secret and the job types from a
 //! ConfigMap. The list of workers comes from a watched cache of those Jobs (one watch,
 //! not a list per tick), and is refused until the cache has synced, so a restarted
-//! scaler never mistakes "not loaded yet" for "no workers". A Job is deleted only as a
+//! scaler never mistakes "not loaded yet" for "no workers", and while the watch is
+//! failing, so a cache that may be missing changes is never read as the truth. A Job is deleted only as a
 //! drain fallback, in the foreground: the Job stays (marked for deletion, still counted
 //! as a worker) while its pod gets SIGTERM and drains like any worker.
 
-use std::{collections::BTreeMap, future::Future};
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use futures_util::{FutureExt, StreamExt};
 use k8s_openapi::{
@@ -64,10 +70,18 @@ pub struct JobTemplate {
     pub memory_limit: String,
 }
 
+/// How long a watch error keeps the cache suspect when no event has come since. The
+/// watch retries with a backoff of at most 30 s, so a watch that keeps failing renews
+/// its error within this; one that recovered without a change to report stops being
+/// suspect after it.
+const WATCH_ERROR_HOLD: Duration = Duration::from_secs(60);
+
 pub struct KubeLauncher {
     jobs: Api<Job>,
     pods: Api<Pod>,
     cache: reflector::Store<Job>,
+    /// The watch's latest error and when it came, until an event arrives after it.
+    watch_error: Arc<Mutex<Option<(Instant, String)>>>,
     template: JobTemplate,
 }
 
@@ -87,17 +101,26 @@ impl KubeLauncher {
             writer,
             watcher(jobs.clone(), watcher::Config::default().labels(&selector)),
         )
-        .default_backoff()
-        .for_each(|event| async move {
-            if let Err(error) = event {
-                tracing::warn!(%error, "watching worker Jobs failed; retrying");
+        .default_backoff();
+        let watch_error = Arc::new(Mutex::new(None));
+        let health = Arc::clone(&watch_error);
+        let watch = watch.for_each(move |event| {
+            let mut health = health.lock().expect("watch health lock");
+            match event {
+                Ok(_) => *health = None,
+                Err(error) => {
+                    tracing::warn!(%error, "watching worker Jobs failed; retrying");
+                    *health = Some((Instant::now(), error.to_string()));
+                }
             }
+            std::future::ready(())
         });
         (
             KubeLauncher {
                 jobs,
                 pods,
                 cache,
+                watch_error,
                 template,
             },
             watch,
@@ -255,6 +278,13 @@ impl Launcher for KubeLauncher {
             return Err(LauncherError::List(
                 "the watch of worker Jobs has not synced yet".into(),
             ));
+        }
+        if let Some((at, error)) = &*self.watch_error.lock().expect("watch health lock")
+            && at.elapsed() < WATCH_ERROR_HOLD
+        {
+            return Err(LauncherError::List(format!(
+                "the watch of worker Jobs is failing, so its cache may be stale: {error}"
+            )));
         }
         let mut workers: Vec<LaunchedWorker> = self
             .cache
@@ -716,6 +746,45 @@ mod tests {
             "the watch event to reach the cache",
             Duration::from_secs(5),
             || async { phases().await.get("unscheduled") == Some(&Phase::Running) },
+        )
+        .await;
+
+        // A failing watch makes the cache suspect: no answer until it works again.
+        let (method, _, query, _, respond) = next(&mut handle).await;
+        assert!(
+            method == Method::GET && query.contains("watch=true"),
+            "{query}"
+        );
+        answer(
+            respond,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "etcd is sulking", "reason": "InternalError", "code": 500}),
+        );
+        wait_for(
+            "the failing watch to make the cache suspect",
+            Duration::from_secs(5),
+            || async {
+                launcher
+                    .workers()
+                    .await
+                    .is_err_and(|e| e.to_string().contains("etcd is sulking"))
+            },
+        )
+        .await;
+        let (_, _, query, _, respond) = next(&mut handle).await;
+        assert!(query.contains("watch=true"), "retried: {query}");
+        let event = json!({"type": "MODIFIED", "object": job("busy", json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}))});
+        respond.send_response(
+            Response::builder()
+                .status(StatusCode::OK)
+                .body(Body::from(format!("{event}\n").into_bytes()))
+                .unwrap(),
+        );
+        wait_for(
+            "the recovered watch to be trusted again",
+            Duration::from_secs(5),
+            || async { phases().await.get("busy") == Some(&Phase::Succeeded) },
         )
         .await;
     }
