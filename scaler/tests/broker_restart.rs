@@ -136,7 +136,11 @@ max_jobs = {MAX_JOBS}
     .await;
     let account = Account::of(&expected, &recorded_rows(dir), &Default::default());
     println!("{account} (broker restarted mid-run)");
-    assert!(account.lost.is_empty(), "{account}: lost {:?}", account.lost);
+    assert!(
+        account.lost.is_empty(),
+        "{account}: lost {:?}",
+        account.lost
+    );
 
     // The workers from before the restart reconnected rather than gave up: once idle,
     // they drain and exit 0.
@@ -147,14 +151,13 @@ max_jobs = {MAX_JOBS}
     )
     .await;
     for (name, _) in &before {
-        let entry = std::fs::read_to_string(dir.join("workers").join(format!("{name}.json")))
-            .unwrap();
+        let entry =
+            std::fs::read_to_string(dir.join("workers").join(format!("{name}.json"))).unwrap();
         assert!(
             entry.contains("\"ended\":\"succeeded\""),
             "{name} drained cleanly after reconnecting: {entry}"
         );
-        let log = std::fs::read_to_string(dir.join("workers").join(format!("{name}.log")))
-            .unwrap();
+        let log = std::fs::read_to_string(dir.join("workers").join(format!("{name}.log"))).unwrap();
         assert!(
             log.contains("reconnecting"),
             "{name}'s log shows it lost and regained the broker"
