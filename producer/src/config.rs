@@ -1,7 +1,7 @@
 //! The producer's settings: read from the environment once, at start, and passed
 //! down as typed values. `producer --help` lists them all.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use spillway_common::config::{BrokerSettings, JobsSettings, LogSettings};
@@ -36,6 +36,12 @@ pub struct Settings {
     #[arg(long = "max-columns", env = "MAX_COLUMNS", value_name = "MAX_COLUMNS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_columns: u64,
+
+    /// Seconds an upload's body may send nothing before it is refused with 408, so a
+    /// client that stalls cannot hold a connection and a spool file forever.
+    #[arg(long = "body-idle-timeout-seconds", env = "BODY_IDLE_TIMEOUT_SECONDS", value_name = "BODY_IDLE_TIMEOUT_SECONDS",
+          default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_idle_timeout_seconds: u64,
 
     /// Publisher confirms kept in flight per upload.
     #[arg(long = "publish-window", env = "PUBLISH_WINDOW", value_name = "PUBLISH_WINDOW", default_value_t = 2000,
@@ -86,6 +92,10 @@ impl Settings {
 
     pub fn spool_dir(&self) -> PathBuf {
         self.spool_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+
+    pub fn body_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.body_idle_timeout_seconds)
     }
 
     pub fn limits(&self) -> Limits {

@@ -48,14 +48,28 @@ pub enum Rejection {
     NotMultipart(String),
     #[error("the upload has no multipart field named `file`")]
     MissingFile,
-    #[error("the file is empty")]
+    #[error("the file is empty: it has no header line")]
     EmptyFile,
     #[error("the file has a header but no data rows")]
     HeaderOnly,
     #[error("the upload is larger than the limit of {limit} bytes (MAX_UPLOAD_BYTES)")]
     TooLarge { limit: u64 },
+    #[error(
+        "the upload stalled: nothing arrived for {seconds} s (BODY_IDLE_TIMEOUT_SECONDS); send it again"
+    )]
+    BodyIdle { seconds: u64 },
     #[error("the header has {count} columns, more than the limit of {limit} (MAX_COLUMNS)")]
     TooManyColumns { count: usize, limit: usize },
+    #[error("column {column} of the header has no name; every column needs one")]
+    UnnamedColumn { column: usize },
+    #[error(
+        "the header names column {name:?} twice (columns {first} and {second}); column names must be unique"
+    )]
+    DuplicateColumn {
+        name: String,
+        first: usize,
+        second: usize,
+    },
     #[error("row has {found} fields but the header has {expected}")]
     RaggedRow {
         line: u64,
@@ -66,8 +80,6 @@ pub enum Rejection {
     NotUtf8 { line: u64 },
     #[error("{0}")]
     Strict(StrictError),
-    #[error("the upload could not be read: {0}")]
-    Body(String),
 }
 
 impl Rejection {
@@ -75,6 +87,9 @@ impl Rejection {
     pub fn line(&self) -> Option<u64> {
         match self {
             Rejection::RaggedRow { line, .. } | Rejection::NotUtf8 { line } => Some(*line),
+            Rejection::TooManyColumns { .. }
+            | Rejection::UnnamedColumn { .. }
+            | Rejection::DuplicateColumn { .. } => Some(1),
             Rejection::Strict(e) => Some(e.line()),
             _ => None,
         }
@@ -88,13 +103,16 @@ impl Rejection {
             Rejection::EmptyFile => "empty_file",
             Rejection::HeaderOnly => "header_only",
             Rejection::TooLarge { .. } => "too_large",
+            Rejection::BodyIdle { .. } => "body_idle",
             Rejection::TooManyColumns { .. } => "too_many_columns",
+            Rejection::UnnamedColumn { .. } => "unnamed_column",
+            Rejection::DuplicateColumn { .. } => "duplicate_column",
             Rejection::RaggedRow { .. } => "ragged_row",
             Rejection::NotUtf8 { .. } => "not_utf8",
             Rejection::Strict(StrictError::NulByte { .. }) => "nul_byte",
             Rejection::Strict(StrictError::RowTooLong { .. }) => "row_too_long",
+            Rejection::Strict(StrictError::NotCsv { .. }) => "not_csv",
             Rejection::Strict(_) => "bad_quoting",
-            Rejection::Body(_) => "bad_body",
         }
     }
 }
@@ -114,6 +132,11 @@ pub struct Spool {
     file: std::fs::File,
     pub rows: u64,
 }
+
+/// Most bytes handed to the parser in one piece. Chunks arrive as large as the
+/// connection had buffered (half a megabyte is common); cut into pieces, the channel's
+/// few slots bound the bytes waiting for the parser whatever size chunks come in.
+const PIECE_BYTES: usize = 64 * 1024;
 
 /// Streams `body` through validation into a spool file in `dir`.
 ///
@@ -136,8 +159,8 @@ where
 
     let mut received: u64 = 0;
     let mut stream_error = None;
-    while let Some(chunk) = body.next().await {
-        let chunk = match chunk {
+    'body: while let Some(chunk) = body.next().await {
+        let mut chunk = match chunk {
             Ok(chunk) => chunk,
             Err(rejection) => {
                 stream_error = Some(rejection);
@@ -151,9 +174,12 @@ where
             });
             break;
         }
-        if tx.send(chunk).await.is_err() {
-            // The parser stopped early: it has found a problem and will report it.
-            break;
+        while !chunk.is_empty() {
+            let piece = chunk.split_to(chunk.len().min(PIECE_BYTES));
+            if tx.send(piece).await.is_err() {
+                // The parser stopped early: it has found a problem and will report it.
+                break 'body;
+            }
         }
     }
     drop(tx);
@@ -187,13 +213,7 @@ pub fn spool_rows(
     if headers.is_empty() {
         return Err(Rejection::EmptyFile.into());
     }
-    if headers.len() > limits.max_columns {
-        return Err(Rejection::TooManyColumns {
-            count: headers.len(),
-            limit: limits.max_columns,
-        }
-        .into());
-    }
+    check_header(&headers, limits.max_columns)?;
 
     let mut out = BufWriter::with_capacity(256 * 1024, tempfile::tempfile_in(dir)?);
     let mut record = csv::StringRecord::new();
@@ -226,6 +246,33 @@ pub fn spool_rows(
     let mut file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
     file.rewind()?;
     Ok(Spool { file, rows })
+}
+
+/// Refuses a header workers could not use: too wide, or with a column that has no
+/// name or the name of another. Rows reach workers as names and fields side by side,
+/// so a blank or repeated name would make a field unreachable by name.
+fn check_header(headers: &[String], max_columns: usize) -> Result<(), Rejection> {
+    if headers.len() > max_columns {
+        return Err(Rejection::TooManyColumns {
+            count: headers.len(),
+            limit: max_columns,
+        });
+    }
+    let mut seen = std::collections::HashMap::with_capacity(headers.len());
+    for (i, name) in headers.iter().enumerate() {
+        let column = i + 1;
+        if name.trim().is_empty() {
+            return Err(Rejection::UnnamedColumn { column });
+        }
+        if let Some(first) = seen.insert(name.as_str(), column) {
+            return Err(Rejection::DuplicateColumn {
+                name: name.clone(),
+                first,
+                second: column,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A parsed row's fields serialised as a JSON array, without copying them.
@@ -317,13 +364,14 @@ pub async fn publish(
             pending_bytes -= oldest.body.len();
             publisher.settle(oldest).await?;
         }
-        // Reuse the buffer of the row about to be settled for the next one.
+        // Reuse the buffer of the row about to be settled for the next one. A new one
+        // is sized by the row read into it: a window of small rows stays small.
         let mut body = if pending.len() == window {
             let oldest = pending.pop_front().expect("window is full");
             pending_bytes -= oldest.body.len();
             publisher.settle(oldest).await?
         } else {
-            Vec::with_capacity(1024)
+            Vec::new()
         };
         let line = input.read_u64_le().await?;
         let len = input.read_u32_le().await? as usize;
@@ -511,9 +559,23 @@ mod tests {
         assert_eq!((rows[1].line, rows[1].row), (4, 2));
     }
 
+    #[tokio::test]
+    async fn a_chunk_larger_than_a_piece_arrives_whole() {
+        let mut csv = String::from("n\n");
+        for n in 0..40_000 {
+            csv.push_str(&format!("{n}\n"));
+        }
+        assert!(csv.len() > 2 * PIECE_BYTES);
+        let body = futures_util::stream::iter([Ok(Bytes::from(csv))]);
+        let spool = spool_upload(body, batch(), LIMITS, &std::env::temp_dir())
+            .await
+            .expect("a valid upload");
+        assert_eq!(spool.rows, 40_000);
+    }
+
     #[test]
     fn each_bad_file_gets_its_rejection() {
-        let cases: [(&[u8], Rejection); 6] = [
+        let cases: [(&[u8], Rejection); 9] = [
             (b"", Rejection::EmptyFile),
             (b"a,b\n", Rejection::HeaderOnly),
             (
@@ -529,6 +591,16 @@ mod tests {
                 b"a,b,c,d,e\n1,2,3,4,5\n",
                 Rejection::TooManyColumns { count: 5, limit: 4 },
             ),
+            (b"a, ,c\n1,2,3\n", Rejection::UnnamedColumn { column: 2 }),
+            (
+                b"a,b,a\n1,2,3\n",
+                Rejection::DuplicateColumn {
+                    name: "a".into(),
+                    first: 1,
+                    second: 3,
+                },
+            ),
+            (b"\n\r\n\n", Rejection::EmptyFile),
             (
                 b"a,b\n1,\"2\n",
                 Rejection::Strict(StrictError::Unterminated { line: 2 }),

@@ -38,6 +38,7 @@ pub fn build_state(settings: &Settings, jobs: JobsConfig) -> Arc<AppState> {
             Duration::from_secs(settings.broker_retry_seconds),
         ),
         limits: settings.limits(),
+        body_idle_timeout: settings.body_idle_timeout(),
         publish_window: usize::try_from(settings.publish_window).unwrap_or(2000),
         spool_dir: settings
             .spool_dir

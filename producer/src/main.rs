@@ -15,7 +15,9 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on PRODUCER_LISTEN={}", settings.listen))?;
-    tracing::info!(listen = %settings.listen, "producer ready for uploads");
+    // The bound address, not the setting: with port 0 it names the port chosen.
+    let listen = listener.local_addr()?;
+    tracing::info!(%listen, "producer ready for uploads");
     let stop = shutdown::on_signal()?;
     spillway_producer::serve(listener, state, async move { stop.cancelled().await }).await?;
     Ok(())

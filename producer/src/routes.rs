@@ -8,20 +8,21 @@
 use std::{
     path::PathBuf,
     sync::{Arc, atomic::Ordering},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use axum::{
     Json, Router,
     extract::{
         DefaultBodyLimit, Multipart, Path, State,
-        multipart::{MultipartError, MultipartRejection},
+        multipart::{Field, MultipartError, MultipartRejection},
     },
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use futures_util::StreamExt;
+use bytes::Bytes;
+use futures_util::Stream;
 use serde::Serialize;
 use serde_json::json;
 use spillway_common::{
@@ -42,6 +43,8 @@ pub struct AppState {
     pub jobs: JobsConfig,
     pub broker: Broker,
     pub limits: Limits,
+    /// How long the client may send nothing while its upload is read.
+    pub body_idle_timeout: Duration,
     pub publish_window: usize,
     pub spool_dir: PathBuf,
     pub batches: Batches,
@@ -152,8 +155,12 @@ async fn accept(
         .into());
     }
     let mut multipart = multipart.map_err(|e| Rejection::NotMultipart(e.body_text()))?;
+    let idle = state.body_idle_timeout;
     let field = loop {
-        match multipart.next_field().await {
+        let next = tokio::time::timeout(idle, multipart.next_field())
+            .await
+            .map_err(|_| body_idle(idle))?;
+        match next {
             Ok(Some(field)) if field.name() == Some("file") => break field,
             Ok(Some(_)) => continue,
             Ok(None) => return Err(Rejection::MissingFile.into()),
@@ -167,8 +174,7 @@ async fn accept(
         job_type: job_type.to_string(),
     };
     let received = Instant::now();
-    let limit = state.limits.max_upload_bytes;
-    let body = field.map(|chunk| chunk.map_err(|e| multipart_rejection(&e, limit)));
+    let body = file_chunks(field, idle, state.limits.max_upload_bytes);
     let spool = ingest::spool_upload(body, info, state.limits, &state.spool_dir).await?;
     let rows = spool.rows;
     tracing::info!(%batch_id, job_type, rows, elapsed = ?received.elapsed(), "upload validated");
@@ -247,6 +253,33 @@ async fn accept(
             published,
             message,
         }),
+    }
+}
+
+/// The file field's bytes as they arrive. The client has `idle` to send each chunk:
+/// one that stalls gets 408 instead of holding its connection and spool file forever.
+fn file_chunks(
+    field: Field<'_>,
+    idle: Duration,
+    max_upload_bytes: u64,
+) -> impl Stream<Item = Result<Bytes, Rejection>> + Unpin + Send + '_ {
+    Box::pin(futures_util::stream::unfold(
+        Some(field),
+        move |field| async move {
+            let mut field = field?;
+            match tokio::time::timeout(idle, field.chunk()).await {
+                Ok(Ok(Some(chunk))) => Some((Ok(chunk), Some(field))),
+                Ok(Ok(None)) => None,
+                Ok(Err(e)) => Some((Err(multipart_rejection(&e, max_upload_bytes)), None)),
+                Err(_) => Some((Err(body_idle(idle)), None)),
+            }
+        },
+    ))
+}
+
+fn body_idle(idle: Duration) -> Rejection {
+    Rejection::BodyIdle {
+        seconds: idle.as_secs(),
     }
 }
 
@@ -336,6 +369,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
             ApiError::Rejected(Rejection::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Rejected(Rejection::BodyIdle { .. }) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Rejected(_) => StatusCode::BAD_REQUEST,
             ApiError::WrongContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::UnknownJobType(_) | ApiError::NoSuchBatch(_) | ApiError::NotFound => {

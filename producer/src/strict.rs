@@ -5,7 +5,9 @@
 //! rejects such files instead of publishing rows the user did not mean, so the bytes
 //! pass through [`StrictReader`] on their way to the parser. It enforces RFC 4180
 //! quoting, refuses NUL bytes and bounds the size of one row, which also bounds the
-//! parser's memory whatever the input.
+//! parser's memory whatever the input. By their first bytes it recognises the files
+//! most often uploaded by mistake (compressed, a spreadsheet, UTF-16), so the user is
+//! told what the file is instead of where its first odd byte sits.
 //!
 //! It also notes the line on which each row starts. The parser's own line count is
 //! one short after every CRLF terminator, and users fix files by line number.
@@ -30,7 +32,33 @@ pub enum StrictError {
     NulByte { line: u64 },
     #[error("a row is longer than the limit of {limit} bytes (MAX_ROW_BYTES)")]
     RowTooLong { line: u64, limit: usize },
+    #[error("{what}")]
+    NotCsv { what: &'static str },
 }
+
+/// First bytes of files that are not CSV text, and what to tell the user about them.
+const NOT_CSV: [(&[u8], &str); 4] = [
+    (
+        b"\x1f\x8b",
+        "the file is gzip-compressed, not CSV text: upload it uncompressed",
+    ),
+    (
+        b"PK\x03\x04",
+        "the file is a zip archive (an .xlsx workbook is one), not CSV text: export it as CSV",
+    ),
+    (
+        b"\xff\xfe",
+        "the file is UTF-16 text, not UTF-8: save it as UTF-8 CSV",
+    ),
+    (
+        b"\xfe\xff",
+        "the file is UTF-16 text, not UTF-8: save it as UTF-8 CSV",
+    ),
+];
+
+/// Bytes the first check needs to see at once: the longest of the byte-order mark and
+/// the [`NOT_CSV`] signatures.
+const SNIFF_BYTES: usize = 4;
 
 impl StrictError {
     pub fn line(&self) -> u64 {
@@ -40,6 +68,7 @@ impl StrictError {
             | StrictError::Unterminated { line }
             | StrictError::NulByte { line }
             | StrictError::RowTooLong { line, .. } => line,
+            StrictError::NotCsv { .. } => 1,
         }
     }
 }
@@ -94,8 +123,11 @@ impl<R: Read> StrictReader<R> {
     fn check(&mut self, mut bytes: &[u8]) -> Result<(), StrictError> {
         if self.at_file_start && !bytes.is_empty() {
             self.at_file_start = false;
+            // `read` makes sure the first check sees the whole signature or mark.
+            if let Some((_, what)) = NOT_CSV.iter().find(|(magic, _)| bytes.starts_with(magic)) {
+                return Err(StrictError::NotCsv { what });
+            }
             // The parser skips a UTF-8 byte-order mark; so must the quote rules.
-            // `read` makes sure the first check sees the whole mark.
             bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
         }
         for &byte in bytes {
@@ -162,10 +194,11 @@ impl<R: Read> StrictReader<R> {
 impl<R: Read> Read for StrictReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut n = self.inner.read(buf)?;
-        // Upload chunks can split a byte-order mark: give the first check (and the
-        // parser, which strips the mark only when it sees it whole) three bytes.
-        while self.at_file_start && n > 0 && n < 3 && buf.len() >= 3 {
-            match self.inner.read(&mut buf[n..3])? {
+        // Upload chunks can split a byte-order mark or a signature: give the first
+        // check (and the parser, which strips the mark only when it sees it whole)
+        // enough bytes to recognise them.
+        while self.at_file_start && n > 0 && n < SNIFF_BYTES && buf.len() >= SNIFF_BYTES {
+            match self.inner.read(&mut buf[n..SNIFF_BYTES])? {
                 0 => break,
                 more => n += more,
             }
@@ -184,11 +217,11 @@ impl<R: Read> Read for StrictReader<R> {
 mod tests {
     use super::*;
 
-    fn verdict(input: &[u8], max_row_bytes: usize) -> Result<Vec<u8>, StrictError> {
+    fn verdict(input: impl Read, max_row_bytes: usize) -> Result<Vec<u8>, StrictError> {
         run(input, max_row_bytes).0
     }
 
-    fn run(input: &[u8], max_row_bytes: usize) -> (Result<Vec<u8>, StrictError>, Vec<u64>) {
+    fn run(input: impl Read, max_row_bytes: usize) -> (Result<Vec<u8>, StrictError>, Vec<u64>) {
         let mut reader = StrictReader::new(input, max_row_bytes);
         let mut out = Vec::new();
         let verdict = match reader.read_to_end(&mut out) {
@@ -242,8 +275,31 @@ mod tests {
     }
 
     #[test]
+    fn files_that_are_not_csv_text_are_named() {
+        let cases: [(&[u8], &str); 4] = [
+            (b"\x1f\x8b\x08\x00\x00\x00", "gzip"),
+            (b"PK\x03\x04\x14\x00", "zip archive"),
+            (b"\xff\xfea\x00,\x00b\x00", "UTF-16"),
+            (b"\xfe\xff\x00a\x00,\x00b", "UTF-16"),
+        ];
+        for (input, named) in cases {
+            match verdict(input, 1024) {
+                Err(StrictError::NotCsv { what }) => assert!(what.contains(named), "{what}"),
+                other => panic!("{input:?}: {other:?}"),
+            }
+        }
+        // A signature split across reads is still recognised; one inside the file is data.
+        let split = (&b"P"[..]).chain(&b"K\x03\x04rest"[..]);
+        assert!(matches!(
+            verdict(split, 1024),
+            Err(StrictError::NotCsv { what }) if what.contains("zip")
+        ));
+        assert!(verdict(&b"a\nPK\x03\x04\n"[..], 1024).is_ok());
+    }
+
+    #[test]
     fn a_quoted_newline_counts_toward_the_line_of_later_rows() {
-        let input = b"a,b\n\"x\ny\",1\n2,bad\"\n";
+        let input: &[u8] = b"a,b\n\"x\ny\",1\n2,bad\"\n";
         assert_eq!(
             verdict(input, 1024),
             Err(StrictError::BareQuote { line: 4 })
@@ -274,7 +330,7 @@ mod tests {
 
     #[test]
     fn row_starts_skip_blank_lines_and_count_quoted_newlines() {
-        let input = b"a,b\r\n\r\n\"x\r\ny\",1\r\n2,3\r\n,\n";
+        let input: &[u8] = b"a,b\r\n\r\n\"x\r\ny\",1\r\n2,3\r\n,\n";
         assert_eq!(run(input, 1024).1, [1, 3, 5, 6]);
     }
 }
