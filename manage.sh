@@ -30,9 +30,9 @@ Commands:
   local stop        Stop what `local --detach` started.
   test              Format and lint checks, then every test against a real RabbitMQ
                     (started, or installed with apt-get, if missing).
-  bench             Benchmarks, each against a bare lapin baseline in the same run:
-                    producer ingest (100k and 1M rows through HTTP, with peak memory)
-                    and worker consume-and-ack (100k rows, no-op handler).
+  bench             Benchmarks, one table, every figure a ratio to a baseline of the
+                    same run: producer ingest (100k and 1M rows, peak memory), worker
+                    consume-and-ack, 100k rows end to end, the idle scaler's CPU and RSS.
   help              This text.
 
 Environment: AMQP_URL and RABBITMQ_API_URL point at the broker (default: local guest/guest);
@@ -282,8 +282,12 @@ local_stop() {
 cmd_bench() {
     ensure_rabbitmq
     build_release
+    # Each benchmark records its figures here; the last one prints the table of them all.
+    rm -rf "$ROOT/target/bench-results"
     cargo bench --locked -p spillway-producer --bench ingest
     cargo bench --locked -p spillway-worker --bench consume
+    cargo bench --locked -p spillway-scaler --bench system
+    say "the table above is what BENCHMARKS.md keeps: copy it there with the machine it ran on"
 }
 
 NAMESPACE=spillway

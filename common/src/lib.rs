@@ -13,7 +13,10 @@
 //! - [`telemetry`]: tracing setup, human-readable or JSON lines.
 //! - [`shutdown`]: turning SIGTERM/SIGINT into a cancellation token.
 //! - `testing` (feature `test-support`): a throwaway vhost per test on a real broker.
+//! - `bench` (feature `test-support`): the benchmarks' baselines, processes and results table.
 
+#[cfg(feature = "test-support")]
+pub mod bench;
 pub mod config;
 pub mod envelope;
 pub mod events;

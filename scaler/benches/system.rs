@@ -1,0 +1,444 @@
+//! Whole-system benchmarks on the local launcher, the last part of `./manage.sh bench`,
+//! which then prints the table of every benchmark's figures.
+//!
+//! - **c.** 100,000 rows of `data/generate_data.py` output through the release
+//!   `producer`, the release `scaler` (`LAUNCHER=local`) and the `worker` processes it
+//!   spawns (`simulate` at 0 ms, a no-op): from the start of the upload until the queue
+//!   holds no row, then checked against the management API (nothing unacked, nothing
+//!   dead). The baseline is the broker's own time for the same messages on the same
+//!   kind of queue: a bare lapin publisher with confirms, then a bare lapin consumer
+//!   acking. Two runs each, in the order Spillway, broker, broker, Spillway, each on a
+//!   fresh vhost.
+//! - **d.** The release `scaler` idle (no rows): its CPU time over a 30 s window and its
+//!   resident memory, against a minimal process doing the I/O any idle scaler must do
+//!   (one lapin connection with a consumer, the management API read at the same tick),
+//!   run alongside it in the same window. That process is this benchmark's own
+//!   executable, started again in that role.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use lapin::{
+    Connection, ConnectionProperties,
+    options::{BasicConsumeOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use spillway_common::{
+    bench::{
+        baseline::{
+            CONFIRM_WINDOW, Row, consume_acked, csv_rows, publish_confirmed, queue_counts,
+            work_queue_channel,
+        },
+        process::{
+            Process, Producer, cpu_time, free_local_addr, generate_csv, release_binary, rss_kib,
+        },
+        results::{Figure, Measure, record, recorded, table},
+    },
+    jobs_config::{JobType, JobsConfig},
+    rabbit_api::RabbitApi,
+    testing::{TestVhost, wait_for},
+    topology::dead_queue_name,
+};
+
+const E2E_ROWS: u64 = 100_000;
+/// The workers' `CONCURRENCY` and `PREFETCH`: what the README recommends for many short
+/// rows, and what the worker benchmark uses.
+const PREFETCH: u16 = 200;
+/// The built-in job type with a no-op handler. The short idle window only lets the
+/// workers drain soon after a run: it starts once the queue is empty, after the timing.
+const E2E_JOBS: &str =
+    "idle_seconds = 5\n\n[job_types.default]\nqueue = \"tasks\"\nsimulate_ms = 0\n";
+const PATIENCE: Duration = Duration::from_secs(300);
+
+const IDLE_WARM_UP: Duration = Duration::from_secs(15);
+const IDLE_WINDOW: Duration = Duration::from_secs(30);
+/// Set in the environment of this executable when it runs as the idle baseline.
+const ROLE: &str = "SPILLWAY_BENCH_ROLE";
+const IDLE_BASELINE: &str = "idle-baseline";
+
+#[tokio::main]
+async fn main() {
+    if std::env::var_os(ROLE).is_some_and(|role| role == IDLE_BASELINE) {
+        return idle_baseline().await;
+    }
+    let idle = idle_scaler().await;
+    let e2e = end_to_end().await;
+    record("system", &[e2e, idle.cpu, idle.memory]);
+    println!("\n{}", table(&recorded()));
+}
+
+// c: end to end
+
+async fn end_to_end() -> Figure {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let jobs_path = dir.path().join("jobs.toml");
+    std::fs::write(&jobs_path, E2E_JOBS).expect("write jobs.toml");
+    let jobs = JobsConfig::load(Some(&jobs_path)).expect("the benchmark's job types");
+    let job = jobs.job_type("default").expect("the default job type");
+    let csv = dir.path().join("rows.csv");
+    generate_csv(&csv, E2E_ROWS);
+    let rows = csv_rows(&csv, "bare", "default");
+
+    // Spillway, broker, broker, Spillway: neither gains from going first.
+    let (mut spillway, mut broker) = (Duration::ZERO, Duration::ZERO);
+    for (run, spillway_turn) in [true, false, false, true].into_iter().enumerate() {
+        if spillway_turn {
+            let run_dir = dir.path().join(format!("run-{run}"));
+            spillway += through_spillway(&jobs_path, job, &csv, &run_dir).await;
+        } else {
+            broker += through_broker(job, &rows).await;
+        }
+    }
+    Figure {
+        key: "c".into(),
+        what: format!("end to end, {E2E_ROWS} rows, local launcher, no-op handler"),
+        spillway: Measure::Throughput {
+            rows: E2E_ROWS,
+            seconds: spillway.as_secs_f64() / 2.0,
+        },
+        baseline: Measure::Throughput {
+            rows: E2E_ROWS,
+            seconds: broker.as_secs_f64() / 2.0,
+        },
+        note: format!(
+            "upload to the release `producer` until every row is acked by the workers the \
+             release `scaler` spawned (local launcher, default job type but `simulate_ms = 0`, \
+             tick {tick} s, workers at CONCURRENCY = PREFETCH = {PREFETCH}), so it includes the \
+             scaler's reaction to the rows; against a bare lapin publisher ({CONFIRM_WINDOW} \
+             confirms in flight) then a bare lapin consumer (prefetch {PREFETCH}) on the same \
+             quorum queue; mean of two runs each (Spillway, broker, broker, Spillway); higher is \
+             better",
+            tick = jobs.tick_seconds
+        ),
+    }
+}
+
+/// Time from the start of the upload until the queue holds no row.
+async fn through_spillway(jobs_path: &Path, job: &JobType, csv: &Path, dir: &Path) -> Duration {
+    let vhost = TestVhost::new("bench-e2e").await;
+    let (_connection, channel) = work_queue_channel(&vhost.amqp_url, job).await;
+    let mut scaler = Scaler::start(
+        &vhost,
+        Some(jobs_path),
+        dir,
+        &[
+            ("CONCURRENCY", PREFETCH.to_string()),
+            ("PREFETCH", PREFETCH.to_string()),
+            // Workers left behind by a failed run stop once their vhost is gone.
+            ("BROKER_GIVE_UP_SECONDS", "30".into()),
+        ],
+    )
+    .await;
+    let producer = Producer::start(&vhost.amqp_url, Some(jobs_path)).await;
+
+    let started = Instant::now();
+    let upload = producer.upload(csv);
+    tokio::pin!(upload);
+    let (mut answered, mut first_worker) = (None, None);
+    loop {
+        tokio::select! {
+            (elapsed, answer) = &mut upload, if answered.is_none() => {
+                assert_eq!(answer["rows"].as_u64(), Some(E2E_ROWS), "{answer}");
+                answered = Some(elapsed);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+        if first_worker.is_none() && scaler.spawned() > 0 {
+            first_worker = Some(started.elapsed());
+        }
+        // Every row is in the queue once the producer has answered; none left ready
+        // then means every row has been delivered.
+        if answered.is_some()
+            && queue_counts(&channel, &job.queue)
+                .await
+                .drained_by_consumers()
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the rows were not consumed within {PATIENCE:?}"
+        );
+        scaler.process.assert_running();
+    }
+    let elapsed = started.elapsed();
+    let spawned_by_then = scaler.spawned();
+
+    // The rows still in the workers' hands when the last was delivered are no-ops
+    // settled within milliseconds; the management API confirms every one was acked and
+    // none was dead-lettered. Its figures are sampled every few seconds: one taken while
+    // workers are attached is from after the upload.
+    let settled = || async {
+        let queue = vhost.api.queue_stats(&job.queue).await;
+        let dead = vhost.api.queue_stats(&dead_queue_name(&job.queue)).await;
+        matches!((queue, dead), (Ok(q), Ok(d))
+            if q.consumers > 0 && q.ready + q.unacked + d.ready + d.unacked == 0)
+    };
+    wait_for(
+        "every row acked, none dead-lettered",
+        Duration::from_secs(60),
+        settled,
+    )
+    .await;
+    let spawned = scaler.drained().await;
+    let status = scaler.process.terminate();
+    assert!(status.success(), "the scaler stops cleanly: {status}");
+    println!(
+        "spillway end to end: {E2E_ROWS} rows in {:.2} s (upload answered after {:.2} s, first \
+         worker spawned after {:.2} s; {spawned_by_then} workers spawned by the end, {spawned} \
+         in all)",
+        elapsed.as_secs_f64(),
+        answered.expect("answered").as_secs_f64(),
+        first_worker.unwrap_or(elapsed).as_secs_f64(),
+    );
+    elapsed
+}
+
+/// The broker's own time for the same messages: publish them all with confirms, then
+/// take and ack them all.
+async fn through_broker(job: &JobType, rows: &[Row]) -> Duration {
+    let vhost = TestVhost::new("bench-broker").await;
+    let (_connection, channel) = work_queue_channel(&vhost.amqp_url, job).await;
+    let publish = publish_confirmed(&channel, &job.queue, rows).await;
+    let consume = consume_acked(&vhost.amqp_url, &job.queue, rows.len() as u64, PREFETCH).await;
+    println!(
+        "bare lapin: {} rows published in {:.2} s, consumed in {:.2} s",
+        rows.len(),
+        publish.as_secs_f64(),
+        consume.as_secs_f64()
+    );
+    publish + consume
+}
+
+// d: idle
+
+struct Idle {
+    cpu: Figure,
+    memory: Figure,
+}
+
+async fn idle_scaler() -> Idle {
+    let vhost = TestVhost::new("bench-idle").await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let mut scaler = Scaler::start(&vhost, None, dir.path(), &[]).await;
+    let mut baseline = Process::spawn(
+        Command::new(std::env::current_exe().expect("this executable"))
+            .env(ROLE, IDLE_BASELINE)
+            .env("AMQP_URL", &vhost.amqp_url)
+            .env("RABBITMQ_API_URL", &vhost.api_url)
+            .stdout(Stdio::null()),
+    );
+    wait_for(
+        "the scaler and the baseline to connect",
+        Duration::from_secs(60),
+        || async { vhost.api.connections().await.is_ok_and(|c| c.len() >= 2) },
+    )
+    .await;
+    tokio::time::sleep(IDLE_WARM_UP).await;
+
+    let pids = [scaler.process.pid(), baseline.pid()];
+    let before = pids.map(cpu_time);
+    let started = Instant::now();
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let after = pids.map(cpu_time);
+    let wall = started.elapsed().as_secs_f64();
+    let [scaler_rss, baseline_rss] = pids.map(rss_kib);
+    scaler.process.assert_running();
+    baseline.assert_running();
+    assert_eq!(scaler.spawned(), 0, "an idle scaler spawned a worker");
+    let status = scaler.process.terminate();
+    assert!(status.success(), "the scaler stops cleanly: {status}");
+
+    let [scaler_cpu, baseline_cpu] =
+        [0, 1].map(|i| (after[i] - before[i]).as_secs_f64() / wall * 100.0);
+    println!(
+        "idle for {wall:.1} s: scaler {:?} CPU, {scaler_rss} KiB; baseline {:?} CPU, {baseline_rss} KiB",
+        after[0] - before[0],
+        after[1] - before[1],
+    );
+    let tick = JobsConfig::load(None)
+        .expect("the built-in job types")
+        .tick_seconds;
+    let window = IDLE_WINDOW.as_secs();
+    let baseline_is = format!(
+        "against a minimal process run alongside it in the same window: one lapin connection \
+         with a consumer, and the management-API reads of the scaler's tick (the queue and its \
+         dead queue) every {tick} s"
+    );
+    Idle {
+        cpu: Figure {
+            key: "d1".into(),
+            what: format!("scaler idle CPU, {window} s window"),
+            spillway: Measure::PercentOfCore(scaler_cpu),
+            baseline: Measure::PercentOfCore(baseline_cpu),
+            note: format!(
+                "CPU time of the release `scaler` (local launcher, built-in job type, tick {tick} \
+                 s, no rows, no dashboard open) over {window} s after {} s of warm-up, {baseline_is}; \
+                 lower is better",
+                IDLE_WARM_UP.as_secs()
+            ),
+        },
+        memory: Figure {
+            key: "d2".into(),
+            what: "scaler idle RSS".into(),
+            spillway: Measure::Kib(scaler_rss),
+            baseline: Measure::Kib(baseline_rss),
+            note: format!(
+                "resident memory (VmRSS) of the same idle `scaler` at the end of the window, \
+                 {baseline_is}; lower is better"
+            ),
+        },
+    }
+}
+
+/// The baseline of d: what any idle scaler has to do, and nothing else. It runs until
+/// the benchmark kills it.
+async fn idle_baseline() {
+    let amqp_url = std::env::var("AMQP_URL").expect("AMQP_URL");
+    let api_url = std::env::var("RABBITMQ_API_URL").expect("RABBITMQ_API_URL");
+    let jobs = JobsConfig::load(None).expect("the built-in job types");
+    let api = RabbitApi::new(&api_url, &amqp_url).expect("valid broker URLs");
+    let connection = Connection::connect(&amqp_url, ConnectionProperties::default())
+        .await
+        .expect("connect to the benchmark's vhost");
+    let channel = connection.create_channel().await.expect("a channel");
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("an exclusive queue");
+    let _consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "idle-baseline".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut ticks = tokio::time::interval(jobs.tick());
+    loop {
+        ticks.tick().await;
+        for job in jobs.job_types.values() {
+            // Answers are beside the point: the requests are the cost being measured.
+            let _ = api.queue_stats(&job.queue).await;
+            let _ = api.queue_stats(&dead_queue_name(&job.queue)).await;
+        }
+    }
+}
+
+// the scaler process
+
+/// The release `scaler` on the local launcher, its workers the release `worker`.
+struct Scaler {
+    process: Process,
+    url: String,
+    workers: std::path::PathBuf,
+    http: reqwest::Client,
+}
+
+impl Scaler {
+    /// Starts the scaler with `jobs` (or the built-in job types), its worker registry
+    /// in `dir/workers`, its log in `dir/scaler.log` and `env` added to its
+    /// environment (which its workers inherit), and waits until it is ready.
+    async fn start(
+        vhost: &TestVhost,
+        jobs: Option<&Path>,
+        dir: &Path,
+        env: &[(&str, String)],
+    ) -> Self {
+        std::fs::create_dir_all(dir).expect("the scaler's directory");
+        let addr = free_local_addr();
+        let workers = dir.join("workers");
+        let log = std::fs::File::create(dir.join("scaler.log")).expect("the scaler's log");
+        let mut command = Command::new(release_binary("scaler"));
+        command
+            .env("AMQP_URL", &vhost.amqp_url)
+            .env("RABBITMQ_API_URL", &vhost.api_url)
+            .env("LAUNCHER", "local")
+            .env("WORKER_BIN", release_binary("worker"))
+            .env("WORKER_DIR", &workers)
+            .env("SCALER_LISTEN", addr.to_string())
+            .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log);
+        match jobs {
+            Some(path) => command.env("JOBS_CONFIG", path),
+            None => command.env_remove("JOBS_CONFIG"),
+        };
+        let scaler = Scaler {
+            process: Process::spawn(&mut command),
+            url: format!("http://{addr}"),
+            workers,
+            http: reqwest::Client::new(),
+        };
+        let readyz = format!("{}/readyz", scaler.url);
+        wait_for(
+            "the scaler to be ready",
+            Duration::from_secs(60),
+            || async {
+                scaler
+                    .http
+                    .get(&readyz)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            },
+        )
+        .await;
+        scaler
+    }
+
+    /// Workers the scaler has spawned so far: the local launcher registers each one
+    /// before starting it.
+    fn spawned(&self) -> usize {
+        std::fs::read_dir(&self.workers)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.path().extension().is_some_and(|e| e == "json"))
+            .count()
+    }
+
+    /// Waits until the scaler has drained every worker it spawned (once idle for the idle
+    /// window) and each has exited cleanly; returns how many there were.
+    async fn drained(&self) -> usize {
+        let jobs_url = format!("{}/api/jobs", self.url);
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let jobs: Vec<serde_json::Value> = self
+                .http
+                .get(&jobs_url)
+                .send()
+                .await
+                .expect("the scaler answers")
+                .json()
+                .await
+                .expect("a job list");
+            let statuses: Vec<&str> = jobs.iter().filter_map(|j| j["status"].as_str()).collect();
+            assert!(!statuses.contains(&"failed"), "a worker failed: {jobs:?}");
+            if !statuses.is_empty() && statuses.iter().all(|s| *s == "succeeded") {
+                return statuses.len();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the workers did not drain within {PATIENCE:?}: {statuses:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
