@@ -16,7 +16,7 @@
 //!   executable, started again in that role.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -42,6 +42,10 @@ use spillway_common::{
     testing::{TestVhost, wait_for},
     topology::dead_queue_name,
 };
+
+// The end-to-end tests' helpers, for the local launcher's worker registry.
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 const E2E_ROWS: u64 = 100_000;
 /// The workers' `CONCURRENCY` and `PREFETCH`: what the README recommends for many short
@@ -120,6 +124,8 @@ async fn end_to_end() -> Figure {
 async fn through_spillway(jobs_path: &Path, job: &JobType, csv: &Path, dir: &Path) -> Duration {
     let vhost = TestVhost::new("bench-e2e").await;
     let (_connection, channel) = work_queue_channel(&vhost.amqp_url, job).await;
+    // Dropped after the scaler: no worker outlives a failed run.
+    let _reaper = support::WorkerReaper(dir);
     let mut scaler = Scaler::start(
         &vhost,
         Some(jobs_path),
@@ -127,8 +133,6 @@ async fn through_spillway(jobs_path: &Path, job: &JobType, csv: &Path, dir: &Pat
         &[
             ("CONCURRENCY", PREFETCH.to_string()),
             ("PREFETCH", PREFETCH.to_string()),
-            // Workers left behind by a failed run stop once their vhost is gone.
-            ("BROKER_GIVE_UP_SECONDS", "30".into()),
         ],
     )
     .await;
@@ -346,7 +350,8 @@ async fn idle_baseline() {
 struct Scaler {
     process: Process,
     url: String,
-    workers: std::path::PathBuf,
+    /// Holds the worker registry, `workers/`.
+    dir: PathBuf,
     http: reqwest::Client,
 }
 
@@ -362,7 +367,6 @@ impl Scaler {
     ) -> Self {
         std::fs::create_dir_all(dir).expect("the scaler's directory");
         let addr = free_local_addr();
-        let workers = dir.join("workers");
         let log = std::fs::File::create(dir.join("scaler.log")).expect("the scaler's log");
         let mut command = Command::new(release_binary("scaler"));
         command
@@ -370,7 +374,7 @@ impl Scaler {
             .env("RABBITMQ_API_URL", &vhost.api_url)
             .env("LAUNCHER", "local")
             .env("WORKER_BIN", release_binary("worker"))
-            .env("WORKER_DIR", &workers)
+            .env("WORKER_DIR", dir.join("workers"))
             .env("SCALER_LISTEN", addr.to_string())
             .env("RUST_LOG", "info")
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -383,7 +387,7 @@ impl Scaler {
         let scaler = Scaler {
             process: Process::spawn(&mut command),
             url: format!("http://{addr}"),
-            workers,
+            dir: dir.to_path_buf(),
             http: reqwest::Client::new(),
         };
         let readyz = format!("{}/readyz", scaler.url);
@@ -403,15 +407,9 @@ impl Scaler {
         scaler
     }
 
-    /// Workers the scaler has spawned so far: the local launcher registers each one
-    /// before starting it.
+    /// Workers the scaler has spawned so far.
     fn spawned(&self) -> usize {
-        std::fs::read_dir(&self.workers)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|entry| entry.path().extension().is_some_and(|e| e == "json"))
-            .count()
+        support::registry(&self.dir).0
     }
 
     /// Waits until the scaler has drained every worker it spawned (once idle for the idle
