@@ -7,7 +7,9 @@
 
 use std::{future::Future, time::Duration};
 
-use crate::rabbit_api::RabbitApi;
+use backon::Retryable;
+
+use crate::{rabbit_api::RabbitApi, retry::broker_backoff};
 
 const DEFAULT_AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const DEFAULT_API: &str = "http://guest:guest@127.0.0.1:15672";
@@ -46,15 +48,18 @@ impl Drop for TestVhost {
     fn drop(&mut self) {
         // Drop cannot await, and may run inside a runtime that is shutting down, so the
         // deletion gets a small runtime of its own on a separate thread, and a client
-        // of its own: pooled connections belong to the runtime that opened them.
+        // of its own: pooled connections belong to the runtime that opened them. A busy
+        // broker can fail the deletion of a vhost whose queues held many messages (500),
+        // so it is retried for a while; deleting is idempotent.
         let (api_url, name) = (self.api_url.clone(), self.name.clone());
         let deleted = std::thread::spawn(move || {
             let api = RabbitApi::for_vhost(&api_url, &name).expect("a valid API URL");
+            let delete = || api.delete_vhost();
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("a runtime for cleanup")
-                .block_on(api.delete_vhost())
+                .block_on(delete.retry(broker_backoff(Duration::from_secs(30))))
         })
         .join();
         if let Ok(Err(error)) = deleted {
