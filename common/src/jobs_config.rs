@@ -6,7 +6,9 @@
 //! file, the built-in configuration has one job type, `default`, on queue `tasks`. The
 //! file is validated at start: an unknown key or a bad value is an error naming it.
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{collections::BTreeMap, ops::RangeInclusive, path::Path, time::Duration};
+
+use crate::topology::dead_queue_name;
 
 use serde::Deserialize;
 
@@ -189,9 +191,10 @@ impl JobsConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if self.tick_seconds == 0 {
-            return Err("tick_seconds must be at least 1".into());
-        }
+        // Bounded both ways: a tick of 10^11 seconds is a scaler that never ticks again,
+        // and an idle window of a year never drains anyone.
+        in_range("tick_seconds", self.tick_seconds, TICK_SECONDS)?;
+        in_range("idle_seconds", self.idle_seconds, IDLE_SECONDS)?;
         if self.job_types.is_empty() {
             return Err("job_types must name at least one job type".into());
         }
@@ -218,6 +221,17 @@ impl JobsConfig {
                 ));
             }
         }
+        // A work queue named like another's dead queue would be declared twice with
+        // different arguments: whichever comes second fails (PRECONDITION_FAILED).
+        for (name, job) in &self.job_types {
+            if let Some(other) = queues.get(dead_queue_name(&job.queue).as_str()) {
+                return Err(format!(
+                    "job_types.{other}.queue: queue {:?} is the dead-letter queue of job type {name:?} (queue {:?}); choose another name",
+                    dead_queue_name(&job.queue),
+                    job.queue
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -238,6 +252,26 @@ impl JobsConfig {
 
     pub fn idle_window(&self) -> Duration {
         Duration::from_secs(self.idle_seconds)
+    }
+}
+
+/// Seconds between scaler ticks: at least one, at most five minutes.
+pub const TICK_SECONDS: RangeInclusive<u64> = 1..=300;
+/// Seconds of idleness before a drain: at least one, at most a day.
+pub const IDLE_SECONDS: RangeInclusive<u64> = 1..=86_400;
+/// Milliseconds per simulated row: at most an hour.
+pub const SIMULATE_MS: RangeInclusive<u64> = 0..=3_600_000;
+
+/// `Ok` when `value` of `key` lies in `range`; otherwise a message naming both.
+fn in_range(key: &str, value: u64, range: RangeInclusive<u64>) -> Result<(), String> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{key}: {value} is out of range ({} to {})",
+            range.start(),
+            range.end()
+        ))
     }
 }
 
@@ -268,6 +302,7 @@ impl JobType {
         if self.queue.starts_with("amq.") {
             return Err("queue: names starting with \"amq.\" are reserved by RabbitMQ".into());
         }
+        in_range("simulate_ms", self.simulate_ms, SIMULATE_MS)?;
         if !(0.0..=1.0).contains(&self.fail_rate) {
             return Err(format!(
                 "fail_rate: {} is not between 0.0 and 1.0",
@@ -381,6 +416,22 @@ mod tests {
                 "[job_types.default]\nqueue = \"t\"\nhandler = \"shell\"\n",
                 "handler",
             ),
+            (
+                "tick_seconds = 100000000000\n[job_types.default]\nqueue = \"t\"\n",
+                "tick_seconds: 100000000000 is out of range (1 to 300)",
+            ),
+            (
+                "idle_seconds = 0\n[job_types.default]\nqueue = \"t\"\n",
+                "idle_seconds: 0 is out of range (1 to 86400)",
+            ),
+            (
+                "idle_seconds = 31536000\n[job_types.default]\nqueue = \"t\"\n",
+                "idle_seconds: 31536000 is out of range",
+            ),
+            (
+                "[job_types.default]\nqueue = \"t\"\nsimulate_ms = 86400000\n",
+                "job_types.default.simulate_ms: 86400000 is out of range",
+            ),
         ];
         for (text, expected) in cases {
             let message = invalid(text);
@@ -389,6 +440,40 @@ mod tests {
                 "{expected:?} not in {message:?}"
             );
         }
+    }
+
+    /// Queue `x` and queue `x.dead` would be declared once as a work queue and once as
+    /// the other's dead-letter queue, with different arguments: refused, naming both.
+    #[test]
+    fn a_queue_named_like_another_job_types_dead_queue_is_refused_naming_both() {
+        let cases = [
+            (
+                "a work queue on another's dead queue",
+                "[job_types.default]\nqueue = \"x\"\n[job_types.b]\nqueue = \"x.dead\"\n",
+                "job_types.b.queue: queue \"x.dead\" is the dead-letter queue of job type \"default\" (queue \"x\")",
+            ),
+            (
+                "the same, the other way round in the file",
+                "[job_types.a]\nqueue = \"tasks.dead\"\n[job_types.default]\nqueue = \"tasks\"\n",
+                "job_types.a.queue: queue \"tasks.dead\" is the dead-letter queue of job type \"default\"",
+            ),
+            (
+                "one queue for two job types",
+                "[job_types.default]\nqueue = \"x\"\n[job_types.b]\nqueue = \"x\"\n",
+                "job_types.default.queue: queue \"x\" is already used by job type \"b\"",
+            ),
+        ];
+        for (name, text, expected) in cases {
+            let message = invalid(text);
+            assert!(message.contains(expected), "{name}: {message:?}");
+        }
+        // `x.dead.dead` is nobody's queue: `x.dead` and `x` alone are fine apart.
+        assert!(
+            JobsConfig::parse(
+                "[job_types.default]\nqueue = \"x.dead\"\n[job_types.b]\nqueue = \"y\"\n"
+            )
+            .is_ok()
+        );
     }
 
     #[test]
