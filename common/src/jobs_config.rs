@@ -71,9 +71,10 @@ pub struct JobType {
     /// Most workers of this type at once, pending ones included.
     #[serde(default = "defaults::max_jobs")]
     pub max_jobs: u32,
-    /// Container image of its workers on Kubernetes.
-    #[serde(default = "defaults::image")]
-    pub image: String,
+    /// Container image of its workers on Kubernetes; without it, the scaler's
+    /// `WORKER_IMAGE` (the worker image the deployment built).
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 mod defaults {
@@ -108,9 +109,6 @@ mod defaults {
     }
     pub fn max_jobs() -> u32 {
         10
-    }
-    pub fn image() -> String {
-        "spillway-worker:latest".into()
     }
 }
 
@@ -149,7 +147,7 @@ impl Default for JobsConfig {
             burst_threshold: defaults::burst_threshold(),
             burst_size: defaults::burst_size(),
             max_jobs: defaults::max_jobs(),
-            image: defaults::image(),
+            image: None,
         };
         JobsConfig {
             tick_seconds: defaults::tick_seconds(),

@@ -62,13 +62,14 @@ pub struct Settings {
         long = "drain-grace-seconds",
         env = "DRAIN_GRACE_SECONDS",
         value_name = "DRAIN_GRACE_SECONDS",
-        default_value_t = 60
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
     )]
     pub drain_grace_seconds: u64,
 
     /// Seconds after which a worker's last report no longer counts (it is then "unknown", never idle).
     #[arg(long = "report-stale-seconds", env = "REPORT_STALE_SECONDS", value_name = "REPORT_STALE_SECONDS",
-          default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+          default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3_600))]
     pub report_stale_seconds: u64,
 
     /// Kubernetes launcher: namespace of the worker Jobs (default: the scaler's own).
@@ -120,7 +121,8 @@ pub struct Settings {
         long = "worker-ttl-seconds",
         env = "WORKER_TTL_SECONDS",
         value_name = "WORKER_TTL_SECONDS",
-        default_value_t = 300
+        default_value_t = 300,
+        value_parser = clap::value_parser!(i32).range(0..=604_800)
     )]
     pub worker_ttl_seconds: i32,
 
@@ -129,9 +131,46 @@ pub struct Settings {
         long = "worker-stop-grace-seconds",
         env = "WORKER_STOP_GRACE_SECONDS",
         value_name = "WORKER_STOP_GRACE_SECONDS",
-        default_value_t = 600
+        default_value_t = 600,
+        value_parser = clap::value_parser!(i64).range(1..=86_400)
     )]
     pub worker_stop_grace_seconds: i64,
+
+    /// Kubernetes launcher: the worker image of job types without an `image` of their own
+    /// (the deployment sets the one it built).
+    #[arg(
+        long = "worker-image",
+        env = "WORKER_IMAGE",
+        value_name = "WORKER_IMAGE",
+        default_value = "spillway-worker:dev"
+    )]
+    pub worker_image: String,
+
+    /// Kubernetes launcher: the workers' imagePullPolicy.
+    #[arg(
+        long = "worker-image-pull-policy",
+        env = "WORKER_IMAGE_PULL_POLICY",
+        value_name = "WORKER_IMAGE_PULL_POLICY",
+        value_enum,
+        default_value_t = PullPolicy::IfNotPresent
+    )]
+    pub worker_image_pull_policy: PullPolicy,
+
+    /// Kubernetes launcher: size limit of the worker's writable /tmp (an emptyDir).
+    #[arg(
+        long = "worker-tmp-size-limit",
+        env = "WORKER_TMP_SIZE_LIMIT",
+        value_name = "WORKER_TMP_SIZE_LIMIT",
+        default_value = "256Mi"
+    )]
+    pub worker_tmp_size_limit: String,
+
+    /// Seconds a worker may stay pending (unscheduled, pulling its image) before it is
+    /// deleted and reported as unable to start.
+    #[arg(long = "worker-start-timeout-seconds", env = "WORKER_START_TIMEOUT_SECONDS",
+          value_name = "WORKER_START_TIMEOUT_SECONDS", default_value_t = 180,
+          value_parser = clap::value_parser!(u64).range(10..=86400))]
+    pub worker_start_timeout_seconds: u64,
 
     /// Kubernetes launcher: worker CPU request.
     #[arg(
@@ -179,6 +218,28 @@ pub struct Settings {
     pub log: LogSettings,
 }
 
+/// A container's `imagePullPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "PascalCase")]
+pub enum PullPolicy {
+    /// Pull only when the node does not have the image (images built in the cluster).
+    IfNotPresent,
+    /// Pull every time (a moving tag from a registry).
+    Always,
+    /// Never pull: the image must be on the node (minikube and kind builds).
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Always => "Always",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LauncherKind {
     /// Workers as processes on this machine.
@@ -204,8 +265,12 @@ impl Settings {
             images: jobs
                 .job_types
                 .iter()
-                .map(|(name, job)| (name.clone(), job.image.clone()))
+                .map(|(name, job)| {
+                    let image = job.image.as_ref().unwrap_or(&self.worker_image);
+                    (name.clone(), image.clone())
+                })
                 .collect(),
+            image_pull_policy: self.worker_image_pull_policy.as_str().into(),
             secret_name: self.worker_secret.clone(),
             secret_key: self.worker_secret_key.clone(),
             config_map: self.worker_configmap.clone(),
@@ -216,6 +281,7 @@ impl Settings {
             memory_request: self.worker_memory_request.clone(),
             cpu_limit: self.worker_cpu_limit.clone(),
             memory_limit: self.worker_memory_limit.clone(),
+            tmp_size_limit: self.worker_tmp_size_limit.clone(),
         }
     }
 }

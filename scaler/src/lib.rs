@@ -71,6 +71,9 @@ pub async fn run(
                 .unwrap_or_else(|| client.default_namespace().to_string());
             let (launcher, watch) =
                 KubeLauncher::new(client, &namespace, settings.job_template(&jobs));
+            launcher.check_job_types().await.context(
+                "the worker Jobs would be refused: fix the WORKER_* settings or the job types",
+            )?;
             let watch = tokio::spawn(watch);
             tracing::info!(%namespace, "workers run as Kubernetes Jobs");
             let served = serve_and_tick(launcher, jobs, parts, listener, stop).await;

@@ -38,12 +38,24 @@ pub enum Phase {
     Failed,
     /// Ended while no scaler was watching it, exit status unknown.
     Ended,
+    /// Being stopped: its launcher has been told to stop it and it has not ended yet.
+    /// It still holds its place under `max_jobs`, and is never acted on again.
+    Stopping,
 }
 
 impl Phase {
     pub fn is_active(self) -> bool {
-        matches!(self, Phase::Pending | Phase::Running)
+        matches!(self, Phase::Pending | Phase::Running | Phase::Stopping)
     }
+}
+
+/// Why a pending worker has not started, as its launcher sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    /// The reason and message, e.g. `ImagePullBackOff: Back-off pulling image ...`.
+    pub detail: String,
+    /// It will not clear by waiting (someone must fix the image, Secret or ConfigMap).
+    pub permanent: bool,
 }
 
 /// One worker as observed this tick.
@@ -107,7 +119,7 @@ pub fn decide(
     let workers = active.clone().count() as u32;
     let taking_rows = active
         .clone()
-        .filter(|w| w.drain_requested_at.is_none())
+        .filter(|w| w.drain_requested_at.is_none() && w.phase != Phase::Stopping)
         .count() as u32;
 
     let Some(queue) = observed.queue else {
@@ -154,7 +166,7 @@ pub fn decide(
     // silent about rows it holds.
     let unknown = active
         .clone()
-        .filter(|w| w.phase == Phase::Running && w.in_flight.is_none())
+        .filter(|w| matches!(w.phase, Phase::Running | Phase::Stopping) && w.in_flight.is_none())
         .count();
     let idle = queue.ready == 0 && queue.unacked == 0 && in_hand == 0 && unknown == 0;
     let idle_since = if idle {
@@ -168,7 +180,7 @@ pub fn decide(
     {
         let to_drain: Vec<String> = active
             .clone()
-            .filter(|w| w.drain_requested_at.is_none())
+            .filter(|w| w.drain_requested_at.is_none() && w.phase != Phase::Stopping)
             .map(|w| w.name.clone())
             .collect();
         if !to_drain.is_empty() {
@@ -183,7 +195,7 @@ pub fn decide(
         }
     }
 
-    for worker in active {
+    for worker in active.filter(|w| w.phase != Phase::Stopping) {
         // A pending worker cannot hear a drain request (it has not started listening),
         // and holds nothing: after the grace it is stopped like an idle one.
         let holds_nothing = worker.in_flight == Some(0) || worker.phase == Phase::Pending;
@@ -541,6 +553,35 @@ mod tests {
             early.is_empty(),
             "within the grace nobody is stopped: {early:?}"
         );
+    }
+
+    #[test]
+    fn a_worker_being_stopped_is_not_stopped_again_and_keeps_its_place() {
+        let asked = Instant::now();
+        let now = asked + Duration::from_secs(120);
+        let mut workers = running(9);
+        workers.push(WorkerView {
+            drain_requested_at: Some(asked),
+            ..worker("terminating", Phase::Stopping, Some(0))
+        });
+        let (decisions, _) = decide(&observed(41, 0, workers), &LIMITS, Memory::default(), now);
+        let actions: Vec<_> = decisions.into_iter().map(|d| d.action).collect();
+        assert_eq!(
+            actions,
+            Vec::<Action>::new(),
+            "no second stop, and its place under max_jobs (10) is still taken"
+        );
+
+        let idle = Memory {
+            idle_since: Some(asked),
+        };
+        let (decisions, _) = decide(
+            &observed(0, 0, vec![worker("terminating", Phase::Stopping, Some(0))]),
+            &LIMITS,
+            idle,
+            now,
+        );
+        assert!(decisions.is_empty(), "nor asked to drain: {decisions:?}");
     }
 
     #[test]

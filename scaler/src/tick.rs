@@ -212,6 +212,7 @@ impl<L: Launcher> Scaler<L> {
             (Phase::Succeeded, "succeeded"),
             (Phase::Failed, "failed"),
             (Phase::Ended, "ended"),
+            (Phase::Stopping, "stopping"),
         ] {
             let count = observation
                 .workers
@@ -308,5 +309,6 @@ fn status_of(worker: &WorkerView) -> &'static str {
         Phase::Succeeded => "succeeded",
         Phase::Failed => "failed",
         Phase::Ended => "ended",
+        Phase::Stopping => "stopping",
     }
 }

@@ -181,6 +181,8 @@ impl Launcher for LocalLauncher {
                     job_type: entry.job_type,
                     phase,
                     started_unix: entry.started_unix,
+                    // A process starts at once or fails to spawn: it never waits.
+                    waiting: None,
                 }
             })
             .collect())

@@ -11,7 +11,7 @@ pub mod local;
 
 use std::future::Future;
 
-use crate::policy::Phase;
+use crate::policy::{Phase, Waiting};
 
 /// A worker as its launcher knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +20,8 @@ pub struct LaunchedWorker {
     pub job_type: String,
     pub phase: Phase,
     pub started_unix: u64,
+    /// Why a pending worker has not started yet, when its launcher can tell.
+    pub waiting: Option<Waiting>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,329 @@
+//! The worker Job manifest: what a Spillway worker is on Kubernetes, as a pure
+//! function of the job type, the worker's name and the [`JobTemplate`].
+//!
+//! Kept apart from the launcher's API calls so that the Job can be built, inspected
+//! and written out (for the same schema and Pod Security checks as the deploy
+//! manifests) without a cluster. One Job runs one pod: `backoffLimit: 0` (a failed
+//! worker is the scaler's to replace, not Kubernetes's to retry), a TTL after it
+//! finishes, resources, a non-root read-only container with a size-limited `/tmp`,
+//! the broker URL from a Secret and the job types from a ConfigMap.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        batch::v1::{Job, JobSpec},
+        core::v1::{
+            Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
+            EnvVarSource, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec,
+            ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
+            VolumeMount,
+        },
+    },
+    apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
+};
+
+/// Label every Spillway worker Job carries, and the selector of the watch.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "spillway-scaler");
+pub const NAME_LABEL: (&str, &str) = ("app.kubernetes.io/name", "spillway-worker");
+/// The label the NetworkPolicy admits to RabbitMQ.
+pub const PART_OF: (&str, &str) = ("app.kubernetes.io/part-of", "spillway");
+pub const JOB_TYPE_LABEL: &str = "spillway.dev/job-type";
+pub const WORKER_LABEL: &str = "spillway.dev/worker";
+
+/// Where the job types are mounted in a worker's container.
+const CONFIG_DIR: &str = "/etc/spillway";
+/// The uid and gid the images create for their one user.
+const WORKER_UID: i64 = 10001;
+
+/// Everything a worker Job is made of besides its name and job type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobTemplate {
+    /// Container image per job type: its own `image`, else `WORKER_IMAGE`.
+    pub images: BTreeMap<String, String>,
+    /// `imagePullPolicy`, set explicitly: a `:latest` image would otherwise be pulled
+    /// every time, which fails on clusters whose images are built in place.
+    pub image_pull_policy: String,
+    /// Secret holding the broker URL, and its key.
+    pub secret_name: String,
+    pub secret_key: String,
+    /// ConfigMap holding the job types, and its key.
+    pub config_map: String,
+    pub config_map_key: String,
+    pub ttl_seconds_after_finished: i32,
+    /// Time a deleted worker gets to finish the rows it holds.
+    pub termination_grace_seconds: i64,
+    pub cpu_request: String,
+    pub memory_request: String,
+    pub cpu_limit: String,
+    pub memory_limit: String,
+    /// Size limit of the writable `/tmp` (the root file system is read-only).
+    pub tmp_size_limit: String,
+}
+
+/// A Job asked for a job type the template has no image for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no image for job type {0:?}")]
+pub struct NoImage(pub String);
+
+/// The Job that runs worker `name` on `job_type`.
+pub fn worker_job(t: &JobTemplate, job_type: &str, name: &str) -> Result<Job, NoImage> {
+    let image = t
+        .images
+        .get(job_type)
+        .ok_or_else(|| NoImage(job_type.into()))?;
+    let labels = BTreeMap::from([
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (NAME_LABEL.0.to_string(), NAME_LABEL.1.to_string()),
+        (PART_OF.0.to_string(), PART_OF.1.to_string()),
+        (JOB_TYPE_LABEL.to_string(), job_type.to_string()),
+        (WORKER_LABEL.to_string(), name.to_string()),
+    ]);
+    let container = Container {
+        name: "worker".into(),
+        image: Some(image.clone()),
+        image_pull_policy: Some(t.image_pull_policy.clone()),
+        env: Some(vec![
+            env("WORKER_NAME", name),
+            env("JOB_TYPE", job_type),
+            env("JOBS_CONFIG", &format!("{CONFIG_DIR}/jobs.toml")),
+            env("LOG_FORMAT", "json"),
+            EnvVar {
+                name: "AMQP_URL".into(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: t.secret_name.clone(),
+                        key: t.secret_key.clone(),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
+        ]),
+        resources: Some(ResourceRequirements {
+            requests: Some(quantities(&t.cpu_request, &t.memory_request)),
+            limits: Some(quantities(&t.cpu_limit, &t.memory_limit)),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "jobs-config".into(),
+                mount_path: CONFIG_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".into(),
+                mount_path: "/tmp".into(),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    };
+    let volumes = vec![
+        Volume {
+            name: "jobs-config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: t.config_map.clone(),
+                items: Some(vec![KeyToPath {
+                    key: t.config_map_key.clone(),
+                    path: "jobs.toml".into(),
+                    ..KeyToPath::default()
+                }]),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        // `exec` commands write temporary files; the root file system is read-only.
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity(t.tmp_size_limit.clone())),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    Ok(Job {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(labels.clone()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            ttl_seconds_after_finished: Some(t.ttl_seconds_after_finished),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    automount_service_account_token: Some(false),
+                    termination_grace_period_seconds: Some(t.termination_grace_seconds),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(WORKER_UID),
+                        run_as_group: Some(WORKER_UID),
+                        // The emptyDir is writable by the worker's group.
+                        fs_group: Some(WORKER_UID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    ..PodSpec::default()
+                }),
+            },
+            ..JobSpec::default()
+        }),
+        ..Job::default()
+    })
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn quantities(cpu: &str, memory: &str) -> BTreeMap<String, Quantity> {
+    BTreeMap::from([
+        ("cpu".to_string(), Quantity(cpu.to_string())),
+        ("memory".to_string(), Quantity(memory.to_string())),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn template() -> JobTemplate {
+        JobTemplate {
+            images: BTreeMap::from([("default".into(), "spillway-worker:1.0".into())]),
+            image_pull_policy: "IfNotPresent".into(),
+            secret_name: "spillway-rabbitmq".into(),
+            secret_key: "amqp-url".into(),
+            config_map: "spillway-jobs".into(),
+            config_map_key: "jobs.toml".into(),
+            ttl_seconds_after_finished: 300,
+            termination_grace_seconds: 600,
+            cpu_request: "100m".into(),
+            memory_request: "64Mi".into(),
+            cpu_limit: "1".into(),
+            memory_limit: "256Mi".into(),
+            tmp_size_limit: "64Mi".into(),
+        }
+    }
+
+    #[test]
+    fn a_worker_job_is_labelled_locked_down_and_built_from_the_template() {
+        let job = worker_job(&template(), "default", "spillway-default-1").unwrap();
+        let body = serde_json::to_value(job).unwrap();
+        assert_eq!(body["metadata"]["name"], "spillway-default-1");
+        let labels = &body["metadata"]["labels"];
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "spillway-scaler");
+        assert_eq!(
+            labels["app.kubernetes.io/part-of"], "spillway",
+            "admitted to RabbitMQ by the NetworkPolicy"
+        );
+        assert_eq!(labels["spillway.dev/job-type"], "default");
+        assert_eq!(labels["spillway.dev/worker"], "spillway-default-1");
+        let spec = &body["spec"];
+        assert_eq!(
+            spec["backoffLimit"], 0,
+            "the scaler, not Kubernetes, replaces failed workers"
+        );
+        assert_eq!(spec["ttlSecondsAfterFinished"], 300);
+        let pod = &spec["template"]["spec"];
+        assert_eq!(spec["template"]["metadata"]["labels"], *labels);
+        assert_eq!(pod["restartPolicy"], "Never");
+        assert_eq!(pod["automountServiceAccountToken"], false);
+        assert_eq!(pod["terminationGracePeriodSeconds"], 600);
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(pod["securityContext"]["runAsUser"], 10001);
+        assert_eq!(
+            pod["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+        let container = &pod["containers"][0];
+        assert_eq!(container["image"], "spillway-worker:1.0");
+        assert_eq!(
+            container["imagePullPolicy"], "IfNotPresent",
+            "explicit: an image built in the cluster is never pulled by default"
+        );
+        let security = &container["securityContext"];
+        assert_eq!(security["readOnlyRootFilesystem"], true);
+        assert_eq!(security["allowPrivilegeEscalation"], false);
+        assert_eq!(security["capabilities"]["drop"], json!(["ALL"]));
+        assert_eq!(
+            container["resources"],
+            json!({"requests": {"cpu": "100m", "memory": "64Mi"},
+                   "limits": {"cpu": "1", "memory": "256Mi"}})
+        );
+        let env = container["env"].as_array().unwrap();
+        let var = |name: &str| {
+            env.iter()
+                .find(|v| v["name"] == name)
+                .cloned()
+                .unwrap_or(Value::Null)
+        };
+        assert_eq!(var("WORKER_NAME")["value"], "spillway-default-1");
+        assert_eq!(var("JOB_TYPE")["value"], "default");
+        assert_eq!(var("JOBS_CONFIG")["value"], "/etc/spillway/jobs.toml");
+        assert_eq!(
+            var("AMQP_URL")["valueFrom"]["secretKeyRef"],
+            json!({"name": "spillway-rabbitmq", "key": "amqp-url", "optional": false}),
+            "credentials come from the Secret, never inline"
+        );
+    }
+
+    #[test]
+    fn a_worker_has_a_size_limited_writable_tmp_and_the_job_types_read_only() {
+        let job = worker_job(&template(), "default", "w").unwrap();
+        let body = serde_json::to_value(job).unwrap();
+        let pod = &body["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["volumes"],
+            json!([
+                {"name": "jobs-config", "configMap": {"name": "spillway-jobs",
+                    "items": [{"key": "jobs.toml", "path": "jobs.toml"}]}},
+                {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+            ])
+        );
+        assert_eq!(
+            pod["containers"][0]["volumeMounts"],
+            json!([
+                {"name": "jobs-config", "mountPath": "/etc/spillway", "readOnly": true},
+                {"name": "tmp", "mountPath": "/tmp"},
+            ])
+        );
+    }
+
+    #[test]
+    fn an_unknown_job_type_has_no_job() {
+        assert_eq!(
+            worker_job(&template(), "resize", "w"),
+            Err(NoImage("resize".into()))
+        );
+    }
+}
