@@ -324,7 +324,14 @@ build_images() {
     case "$context" in
         minikube*)
             say "building images inside minikube's Docker"
-            eval "$(minikube -p "$context" docker-env)"
+            local docker_env
+            # `eval "$(...)"` would ignore a failure and build where the cluster cannot see.
+            docker_env=$(minikube -p "$context" docker-env 2>&1) ||
+                die "'minikube -p $context docker-env' failed, so the images cannot be built into
+minikube's runtime. It is only available with the docker runtime: recreate the cluster with
+'minikube delete && minikube start --container-runtime=docker'. minikube said:
+$docker_env"
+            eval "$docker_env"
             for target in producer worker scaler; do
                 docker build --target "$target" -t "spillway-$target:dev" "$ROOT"
             done
@@ -363,6 +370,11 @@ cmd_up() {
     ensure_secret
     say "applying infra/k8s/overlays/minikube"
     kubectl apply -k "$OVERLAY"
+    # The tags stay :dev and the job types' ConfigMap keeps its name (worker Jobs mount
+    # it by name), so an apply alone changes nothing in a running Deployment: restart
+    # both, so the images just built and the job types just applied are what runs.
+    say "restarting the producer and the scaler onto the new images and job types"
+    kubectl -n "$NAMESPACE" rollout restart deployment/producer deployment/scaler
     say "waiting for the rollout"
     kubectl -n "$NAMESPACE" rollout status statefulset/rabbitmq --timeout=300s
     kubectl -n "$NAMESPACE" rollout status deployment/producer --timeout=300s

@@ -2,12 +2,19 @@
 """Checks rendered Kubernetes manifests for what schema validation cannot see.
 
     kubectl kustomize infra/k8s/overlays/minikube | python3 infra/ci/check_manifests.py
+    scaler worker-jobs | python3 infra/ci/check_manifests.py --workloads-only
 
-- The scaler's Role grants exactly: batch/jobs create, get, list, watch, delete;
-  pods and pods/log get, list, watch. No ClusterRole or ClusterRoleBinding exists.
-- No container can run as root: every pod template sets runAsNonRoot and a non-zero
-  runAsUser, and every container forbids privilege escalation.
+- The scaler's Role grants no more than: batch/jobs create, list, watch, delete;
+  pods list; pods/log get. No ClusterRole or ClusterRoleBinding exists.
+- Every pod template meets Pod Security `restricted` (the namespace enforces it):
+  non-root with a non-zero uid, no privilege escalation, all capabilities dropped
+  (NET_BIND_SERVICE the only one added back), a RuntimeDefault or Localhost seccomp
+  profile, only the volume types the profile allows, no host namespaces, ports or
+  paths, nothing privileged.
 - No default RabbitMQ credentials appear anywhere.
+
+With --workloads-only the input holds workloads alone (the worker Jobs the scaler
+builds), so the Role and NetworkPolicy are not expected in it.
 """
 
 import sys
@@ -15,11 +22,17 @@ import sys
 import yaml
 
 ALLOWED = {
-    ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "pods/log"): {"get", "list", "watch"},
+    ("batch", "jobs"): {"create", "list", "watch", "delete"},
+    ("", "pods"): {"list"},
+    ("", "pods/log"): {"get"},
 }
 POD_OWNERS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
+# Pod Security Standards, restricted profile (Kubernetes 1.33).
+RESTRICTED_VOLUMES = {
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+    "persistentVolumeClaim", "projected", "secret",
+}
+RESTRICTED_SECCOMP = {"RuntimeDefault", "Localhost"}
 
 
 def check_role(doc, problems):
@@ -35,18 +48,43 @@ def check_role(doc, problems):
 
 
 def check_pod(owner, spec, problems):
-    security = spec.get("securityContext", {})
-    if security.get("runAsNonRoot") is not True or security.get("runAsUser", 0) == 0:
-        problems.append(f"{owner}: pod may run as root (runAsNonRoot, runAsUser)")
+    pod = spec.get("securityContext", {})
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key):
+            problems.append(f"{owner}: {key} is not allowed under restricted")
+    for volume in spec.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            problems.append(f"{owner}: volume {volume['name']} of type {sorted(kinds)} is not allowed under restricted")
     for container in spec.get("containers", []) + spec.get("initContainers", []):
+        where = f"{owner}/{container['name']}"
         context = container.get("securityContext", {})
-        if context.get("runAsUser") == 0:
-            problems.append(f"{owner}/{container['name']}: runs as root")
+
+        def effective(key):
+            return context.get(key, pod.get(key))
+
+        if effective("runAsNonRoot") is not True:
+            problems.append(f"{where}: runAsNonRoot is not set")
+        if effective("runAsUser") in (None, 0):
+            problems.append(f"{where}: may run as root (runAsUser)")
         if context.get("allowPrivilegeEscalation") is not False:
-            problems.append(f"{owner}/{container['name']}: allows privilege escalation")
+            problems.append(f"{where}: allows privilege escalation")
+        if context.get("privileged"):
+            problems.append(f"{where}: privileged")
+        capabilities = context.get("capabilities", {})
+        if "ALL" not in capabilities.get("drop", []):
+            problems.append(f"{where}: does not drop ALL capabilities")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{where}: adds capabilities {capabilities['add']}")
+        seccomp = (effective("seccompProfile") or {}).get("type")
+        if seccomp not in RESTRICTED_SECCOMP:
+            problems.append(f"{where}: seccompProfile {seccomp!r} is not RuntimeDefault or Localhost")
+        if any(port.get("hostPort") for port in container.get("ports", [])):
+            problems.append(f"{where}: uses a hostPort")
 
 
 def main():
+    workloads_only = "--workloads-only" in sys.argv[1:]
     text = sys.stdin.read()
     problems = []
     if "guest" in text:
@@ -61,13 +99,15 @@ def main():
             check_role(doc, problems)
         elif kind in POD_OWNERS:
             check_pod(f"{kind} {name}", doc["spec"]["template"]["spec"], problems)
-    if "Role" not in kinds or "NetworkPolicy" not in kinds:
+    if not docs:
+        problems.append("no objects to check")
+    if not workloads_only and ("Role" not in kinds or "NetworkPolicy" not in kinds):
         problems.append("expected the scaler's Role and RabbitMQ's NetworkPolicy")
     for problem in problems:
         print(f"manifest check: {problem}", file=sys.stderr)
     if problems:
         sys.exit(1)
-    print(f"manifest check: {len(docs)} objects, Role least-privilege, no root containers")
+    print(f"manifest check: {len(docs)} objects, Role least-privilege, Pod Security restricted")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,16 @@ case "$*" in
     *) exit 0 ;;
 esac
 FAKE
-for tool in docker minikube kind; do
+# minikube: FAKE_DOCKER_ENV=fail makes docker-env fail as on a containerd cluster.
+cat >"$FAKES/minikube" <<'FAKE'
+#!/usr/bin/env bash
+echo "minikube $*" >>"$CALLS"
+if [[ "$*" == *docker-env* && "${FAKE_DOCKER_ENV:-ok}" == fail ]]; then
+    echo "X Exiting due to MK_USAGE: The docker-env command is only compatible with the docker runtime" >&2
+    exit 14
+fi
+FAKE
+for tool in docker kind; do
     # shellcheck disable=SC2016 # $* and $CALLS belong to the fake, expanded when it runs
     printf '#!/usr/bin/env bash\necho "%s $*" >>"$CALLS"\n' "$tool" >"$FAKES/$tool"
 done
@@ -136,10 +145,23 @@ not_called "kind load"
 called "create secret generic spillway-rabbitmq --from-literal=username=spillway"
 grep -q "secret generic.*guest" "$CALLS" && fail "the credentials are guest's"
 called "apply -k $ROOT/infra/k8s/overlays/minikube"
+called "rollout restart deployment/producer deployment/scaler"
 for workload in statefulset/rabbitmq deployment/producer deployment/scaler; do
     called "rollout status $workload"
 done
 printed "Spillway is up"
+# The rollout status waits come after the restart, so they wait for the new pods.
+restart_line=$(grep -n "rollout restart" "$CALLS" | cut -d: -f1)
+status_line=$(grep -n "rollout status deployment/producer" "$CALLS" | cut -d: -f1)
+((restart_line < status_line)) || fail "rollout status before the restart"
+
+CURRENT="up on a minikube without docker-env (containerd) stops at once with what to do"
+FAKE_DOCKER_ENV=fail manage up
+status 1
+printed "--container-runtime=docker"
+printed "only compatible with the docker runtime"
+not_called "docker build"
+not_called "apply -k"
 
 CURRENT="up keeps the credentials of an earlier deploy"
 FAKE_SECRET=present manage up
