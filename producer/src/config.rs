@@ -40,7 +40,7 @@ pub struct Settings {
     /// Seconds an upload's body may send nothing before it is refused with 408, so a
     /// client that stalls cannot hold a connection and a spool file forever.
     #[arg(long = "body-idle-timeout-seconds", env = "BODY_IDLE_TIMEOUT_SECONDS", value_name = "BODY_IDLE_TIMEOUT_SECONDS",
-          default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+          default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3_600))]
     pub body_idle_timeout_seconds: u64,
 
     /// Publisher confirms kept in flight per upload.
@@ -62,7 +62,8 @@ pub struct Settings {
         long = "broker-retry-seconds",
         env = "BROKER_RETRY_SECONDS",
         value_name = "BROKER_RETRY_SECONDS",
-        default_value_t = 10
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(0..=3_600)
     )]
     pub broker_retry_seconds: u64,
 

@@ -1,4 +1,10 @@
 //! The `producer` binary: read settings, start logging, serve until SIGTERM/SIGINT.
+//!
+//! A failure to start (a bad setting, an unreadable job-types file, a port in use) is
+//! printed as one `error: ...` line with its causes, never as a stack trace: it is
+//! meant for the operator who set the value, whatever `RUST_BACKTRACE` says.
+
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
@@ -6,7 +12,17 @@ use spillway_common::{jobs_config::JobsConfig, shutdown, telemetry};
 use spillway_producer::config::Settings;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let settings = Settings::parse();
     settings.validate()?;
     telemetry::init(&settings.log)?;
