@@ -19,6 +19,9 @@ Commands:
   forward           Port-forward producer :8000, dashboard :8080, RabbitMQ UI :15672
                     (Ctrl-C stops them; 'forward stop' stops ones left in the background).
   status            Pods, worker Jobs and services in the spillway namespace.
+  e2e-cluster [N]   End-to-end test against the deployed Spillway ('up' first): upload N
+                    rows (default 500), wait for every row, check every worker Job ended
+                    Complete and the workers drained.
   logs <component>  Logs of producer, scaler, rabbitmq, or a worker Job by name.
   clean             Delete the worker Jobs.
   scale N           Set max_jobs of the default job type to N in the cluster (the
@@ -423,6 +426,72 @@ URLS
     wait
 }
 
+# A JSON field from stdin: json_field EXPRESSION, evaluated with the document as `d`.
+json_field() {
+    python3 -c 'import json, sys; d = json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"
+}
+
+# The end-to-end test against the deployed Spillway: upload rows, wait until every row
+# is processed and the workers have drained, and check every worker Job ended Complete.
+cmd_e2e_cluster() {
+    local rows=${1:-500}
+    [[ "$rows" =~ ^[1-9][0-9]*$ ]] || die "e2e-cluster takes a row count: ./manage.sh e2e-cluster 500"
+    ensure_cluster
+    kubectl -n "$NAMESPACE" get deployment/producer deployment/scaler >/dev/null 2>&1 ||
+        die "Spillway is not deployed in this cluster: run './manage.sh up' first"
+    local work producer_port=${E2E_PRODUCER_PORT:-18000} scaler_port=${E2E_SCALER_PORT:-18080}
+    work=$(mktemp -d)
+    kubectl -n "$NAMESPACE" port-forward svc/producer "$producer_port:8000" >"$work/producer.log" 2>&1 &
+    local forward_producer=$!
+    kubectl -n "$NAMESPACE" port-forward svc/scaler "$scaler_port:8080" >"$work/scaler.log" 2>&1 &
+    local forward_scaler=$!
+    # shellcheck disable=SC2064 # the pids and directory are fixed now
+    trap "kill $forward_producer $forward_scaler 2>/dev/null; rm -rf '$work'" EXIT
+    local producer="http://127.0.0.1:$producer_port" scaler="http://127.0.0.1:$scaler_port"
+    wait_until 60 "the port-forwards to answer" \
+        curl -fsS --max-time 3 -o /dev/null "$producer/healthz"
+    wait_until 60 "the scaler to be ready" curl -fsS --max-time 3 -o /dev/null "$scaler/readyz"
+
+    python3 "$ROOT/data/generate_data.py" --rows "$rows" --out "$work/data.csv" >/dev/null
+    local answer batch_id
+    answer=$(curl -sS --fail-with-body -F "file=@$work/data.csv" "$producer/upload") ||
+        die "the upload failed: $answer"
+    batch_id=$(json_field 'd["batch_id"]' <<<"$answer")
+    say "uploaded $rows rows as batch $batch_id; waiting for every row"
+    wait_until "${E2E_TIMEOUT_SECONDS:-900}" "all $rows rows of batch $batch_id processed" \
+        batch_settled "$scaler" "$batch_id" "$rows"
+    say "every row is processed; waiting for the idle window and the workers' drain"
+    wait_until 300 "the workers to drain (no active worker Job)" no_active_worker_jobs
+    local jobs
+    jobs=$(kubectl -n "$NAMESPACE" get jobs -l app.kubernetes.io/managed-by=spillway-scaler \
+        -o jsonpath='{range .items[*]}{.metadata.name}={.status.conditions[?(@.status=="True")].type}{"\n"}{end}')
+    [[ -n "$jobs" ]] || die "no worker Job is left to check (they are deleted WORKER_TTL_SECONDS after finishing)"
+    local bad
+    bad=$(grep -v '=.*Complete' <<<"$jobs" || true)
+    [[ -z "$bad" ]] || die "worker Jobs that did not end Complete:
+$bad"
+    say "e2e-cluster passed: $rows rows uploaded and processed, $(wc -l <<<"$jobs") worker Jobs all Complete, workers drained"
+}
+
+# True when the scaler has seen every row of the batch settled (processed or
+# dead-lettered) and the job type's queue is empty with nothing unacknowledged.
+batch_settled() { # scaler URL, batch id, rows
+    local batches stats
+    batches=$(curl -fsS --max-time 5 "$1/api/batches") || return 1
+    stats=$(curl -fsS --max-time 5 "$1/api/stats") || return 1
+    local settled idle
+    settled=$(json_field "next((b['processed'] + b['dead_lettered'] for b in (d['batches'] if isinstance(d, dict) else d) if b['batch_id'] == '$2'), 0)" <<<"$batches")
+    idle=$(json_field "d['totals']['ready'] == 0 and d['totals']['unacked'] == 0" <<<"$stats")
+    ((settled >= $3)) && [[ "$idle" == True ]]
+}
+
+no_active_worker_jobs() {
+    local active
+    active=$(kubectl -n "$NAMESPACE" get jobs -l app.kubernetes.io/managed-by=spillway-scaler \
+        -o jsonpath='{range .items[*]}{.status.active}{end}') || return 1
+    [[ -z "${active//0/}" ]]
+}
+
 cmd_status() {
     ensure_cluster
     kubectl -n "$NAMESPACE" get pods,jobs,services
@@ -482,6 +551,7 @@ main() {
         down) cmd_down ;;
         forward) cmd_forward "$@" ;;
         status) cmd_status ;;
+        e2e-cluster) cmd_e2e_cluster "$@" ;;
         logs) cmd_logs "$@" ;;
         clean) cmd_clean ;;
         scale) cmd_scale "$@" ;;

@@ -18,6 +18,19 @@ FAKES="$WORK/bin"
 mkdir -p "$FAKES"
 export CALLS="$WORK/calls" SPILLWAY_STATE_DIR="$WORK/state"
 
+# curl, for e2e-cluster: the producer and scaler behind the port-forwards, the batch
+# settled with FAKE_PROCESSED rows.
+cat >"$FAKES/curl" <<'FAKE'
+#!/usr/bin/env bash
+echo "curl $*" >>"$CALLS"
+case "$*" in
+    */upload*) echo '{"batch_id":"b-1","job_type":"default","queue":"tasks","rows":20}' ;;
+    */api/batches*) echo "[{\"batch_id\":\"b-1\",\"processed\":${FAKE_PROCESSED:-20},\"dead_lettered\":0}]" ;;
+    */api/stats*) echo '{"totals":{"ready":0,"unacked":0}}' ;;
+    *) echo ok ;;
+esac
+FAKE
+
 # kubectl: FAKE_CLUSTER=down makes the cluster unreachable, FAKE_CONTEXT names the
 # context, FAKE_JOBS_TOML is the spillway-jobs ConfigMap's jobs.toml (absent: no
 # ConfigMap), FAKE_SECRET=present makes the credentials Secret exist.
@@ -32,6 +45,9 @@ case "$*" in
     *"create configmap"*"--dry-run=client -o jsonpath={.data}"*)
         python3 -c 'import json, sys; print(json.dumps({"jobs.toml": sys.stdin.read()}), end="")' ;;
     *port-forward*) trap 'kill $! 2>/dev/null; exit 0' TERM; sleep 600 & wait ;;
+    *"get deployment/producer deployment/scaler"*) [[ "${FAKE_DEPLOYED:-yes}" == yes ]] ;;
+    *"get jobs"*"{.status.active}"*) ;;
+    *"get jobs"*"conditions"*) printf '%b' "${FAKE_JOB_CONDITIONS:-}" ;;
     *) exit 0 ;;
 esac
 FAKE
@@ -126,7 +142,7 @@ status 1
 printed "deploy first with './manage.sh up'"
 
 CURRENT="an unreachable cluster says how to get one"
-for command in up down status clean "logs scaler" forward "scale 3"; do
+for command in up down status clean "logs scaler" forward "scale 3" e2e-cluster; do
     # shellcheck disable=SC2086 # the command and its argument are two words
     FAKE_CLUSTER=down manage $command
     status 1
@@ -181,6 +197,27 @@ FAKE_CONTEXT=prod-eu manage up
 status 1
 printed "is neither minikube nor kind"
 not_called "apply -k"
+
+CURRENT="e2e-cluster uploads, waits for every row and finds every worker Job Complete"
+FAKE_JOB_CONDITIONS='spillway-default-1=SuccessCriteriaMet Complete\nspillway-default-2=SuccessCriteriaMet Complete\n' \
+    manage e2e-cluster 20
+status 0
+called "port-forward svc/producer 18000:8000"
+called "port-forward svc/scaler 18080:8080"
+called "http://127.0.0.1:18000/upload"
+printed "e2e-cluster passed: 20 rows uploaded and processed, 2 worker Jobs all Complete"
+
+CURRENT="e2e-cluster fails on a worker Job that did not end Complete"
+FAKE_JOB_CONDITIONS='spillway-default-1=SuccessCriteriaMet Complete\nspillway-default-2=FailureTarget Failed\n' \
+    manage e2e-cluster 20
+status 1
+printed "did not end Complete"
+printed "spillway-default-2=FailureTarget Failed"
+
+CURRENT="e2e-cluster needs a deployed Spillway"
+FAKE_DEPLOYED=no manage e2e-cluster
+status 1
+printed "run './manage.sh up' first"
 
 CURRENT="logs needs a component"
 manage logs
