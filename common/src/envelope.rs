@@ -4,6 +4,10 @@
 //! fields, so a worker never needs to see another message to make sense of one. The
 //! AMQP `message_id` is `{batch_id}:{line}`, unique per row, so a consumer that sees a
 //! row twice (at-least-once delivery) can tell.
+//!
+//! Parsing alone does not make a message a row a worker may run: [`RowMessage::check`]
+//! also requires the worker's own job type and one field per header, which a message
+//! published by hand (or by a buggy client) need not have.
 
 use lapin::BasicProperties;
 use serde::{Deserialize, Serialize};
@@ -28,9 +32,45 @@ pub struct RowMessage {
     pub fields: Vec<String>,
 }
 
+/// Why a message that parses as a row is still not a row for this worker.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotARow {
+    #[error("it is of job type {found:?}, but this worker runs job type {expected:?}")]
+    OtherJobType { expected: String, found: String },
+    #[error("{} but {}", count(*headers, "header"), count(*fields, "field"))]
+    FieldCount { headers: usize, fields: usize },
+}
+
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 impl RowMessage {
     pub fn message_id(&self) -> String {
         message_id(&self.batch_id, self.line)
+    }
+
+    /// Whether this is a row a worker of `job_type` may run: one of its own job type
+    /// (a handler must never run another type's rows), with one field per header, as
+    /// the producer guarantees for every row it publishes.
+    pub fn check(&self, job_type: &str) -> Result<(), NotARow> {
+        if self.job_type != job_type {
+            return Err(NotARow::OtherJobType {
+                expected: job_type.to_string(),
+                found: self.job_type.clone(),
+            });
+        }
+        if self.headers.len() != self.fields.len() {
+            return Err(NotARow::FieldCount {
+                headers: self.headers.len(),
+                fields: self.fields.len(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -87,6 +127,49 @@ mod tests {
             }
         );
         assert_eq!(owned.message_id(), "b1:3");
+    }
+
+    #[test]
+    fn a_row_is_checked_for_its_job_type_and_one_field_per_header() {
+        let row = |job_type: &str, headers: &[&str], fields: &[&str]| RowMessage {
+            batch_id: "b1".into(),
+            job_type: job_type.into(),
+            line: 2,
+            row: 1,
+            headers: headers.iter().map(|h| h.to_string()).collect(),
+            fields: fields.iter().map(|f| f.to_string()).collect(),
+        };
+        let cases: [(&str, RowMessage, Result<(), &str>); 5] = [
+            (
+                "a row of the worker's job type",
+                row("default", &["a", "b"], &["1", "2"]),
+                Ok(()),
+            ),
+            (
+                "another job type's row",
+                row("resize", &["a"], &["1"]),
+                Err(r#"it is of job type "resize", but this worker runs job type "default""#),
+            ),
+            (
+                "more headers than fields",
+                row("default", &["a", "b"], &["1"]),
+                Err("2 headers but 1 field"),
+            ),
+            (
+                "fewer headers than fields",
+                row("default", &["a"], &["1", "2", "3"]),
+                Err("1 header but 3 fields"),
+            ),
+            (
+                "headers but no fields",
+                row("default", &["a", "b"], &[]),
+                Err("2 headers but 0 fields"),
+            ),
+        ];
+        for (name, row, expected) in cases {
+            let checked = row.check("default").map_err(|e| e.to_string());
+            assert_eq!(checked, expected.map_err(String::from), "{name}");
+        }
     }
 
     #[test]

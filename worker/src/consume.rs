@@ -3,10 +3,12 @@
 //! Rows run as tasks, at most `CONCURRENCY` at a time, with `PREFETCH` unacked rows
 //! allowed by the broker. Every delivery is settled in one function, [`settle`]: ack
 //! when the handler succeeded; on failure, return it to the queue (the quorum queue
-//! counts deliveries) or, on its last allowed attempt or when it is not a row message
-//! at all, publish it to `<queue>.dead` with the reason and then ack it. A row is never
-//! dropped and never loops forever; should the worker die mid-row, the broker delivers
-//! the row again, and its own delivery limit dead-letters a row that kills workers.
+//! counts deliveries) or, on its last allowed attempt or when it is not a row for this
+//! worker at all (not a row message, another job type's row, or fields that do not
+//! match its headers), publish it to `<queue>.dead` with the reason and then ack it.
+//! A row is never dropped and never loops forever; should the worker die mid-row, the
+//! broker delivers the row again, and its own delivery limit dead-letters a row that
+//! kills workers.
 //!
 //! A lost connection is re-established with backoff for up to
 //! `BROKER_GIVE_UP_SECONDS`; rows in hand at that moment are redelivered by the broker.
@@ -85,6 +87,8 @@ enum Failure {
 
 /// What a row task needs to settle its delivery.
 struct Settler {
+    /// The job type whose rows this worker runs; any other is not a row for it.
+    job_type: String,
     publisher: Channel,
     queue: String,
     worker: String,
@@ -177,6 +181,7 @@ impl Worker {
             .map_err(setup)?;
 
         let settler = Arc::new(Settler {
+            job_type: self.job_type.clone(),
             publisher: publisher.clone(),
             queue: self.queue.clone(),
             worker: self.name.clone(),
@@ -302,7 +307,14 @@ async fn report_every(interval: Duration, progress: Arc<Progress>, channel: Chan
 
 /// Handles one delivery and settles it.
 async fn process(delivery: Delivery, handler: &Handler, settler: &Settler) {
-    let (batch_id, outcome) = match serde_json::from_slice::<RowMessage>(&delivery.data) {
+    let row = serde_json::from_slice::<RowMessage>(&delivery.data)
+        .map_err(|e| e.to_string())
+        .and_then(|row| {
+            row.check(&settler.job_type)
+                .map(|()| row)
+                .map_err(|e| e.to_string())
+        });
+    let (batch_id, outcome) = match row {
         Ok(row) => {
             // A handler that panics fails its row like any other failure: the row is
             // still settled, never left unacked.
@@ -313,9 +325,13 @@ async fn process(delivery: Delivery, handler: &Handler, settler: &Settler) {
             tracing::debug!(batch_id = %row.batch_id, line = row.line, ok = result.is_ok(), "row handled");
             (Some(row.batch_id), result.map_err(Failure::Handler))
         }
-        Err(e) => (
+        // Not counted under the batch it names: that batch may not be this job
+        // type's, or not exist at all.
+        Err(why) => (
             None,
-            Err(Failure::Poison(format!("not a Spillway row message: {e}"))),
+            Err(Failure::Poison(format!(
+                "not a Spillway row message: {why}"
+            ))),
         ),
     };
     if let Err(error) = settle(&delivery, batch_id.as_deref(), outcome, settler).await {

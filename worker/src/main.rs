@@ -1,13 +1,29 @@
 //! The `worker` binary: read settings, start logging, consume until drained.
 //! Exits 0 after a drain (SIGTERM or a request from the scaler), so a Kubernetes Job
-//! that is drained ends `Succeeded`; non-zero when the broker stays unreachable.
+//! that is drained ends `Succeeded`; non-zero when the settings are wrong or the broker
+//! stays unreachable, with the reason as one `error: ...` line on stderr.
+
+use std::process::ExitCode;
 
 use clap::Parser;
 use spillway_common::{jobs_config::JobsConfig, shutdown, telemetry};
 use spillway_worker::config::Settings;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // The message and its causes only, even with RUST_BACKTRACE set: these are
+            // an operator's to fix (a setting, the broker), and a stack trace of the
+            // worker's own code would bury what to change.
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let settings = Settings::parse();
     settings.broker.validate()?;
     telemetry::init(&settings.log)?;

@@ -1,6 +1,8 @@
 //! The worker binary against a real RabbitMQ: every row processed and acked, rows of a
-//! killed worker processed by another, a failing row dead-lettered with its reason, a
-//! clean exit on SIGTERM and on a drain request, and recovery from a closed connection.
+//! killed worker processed by another, a failing row dead-lettered with its reason,
+//! messages that are not this worker's rows dead-lettered at once, a huge output line
+//! logged capped in bounded memory, a clean exit on SIGTERM and on a drain request,
+//! recovery from a closed connection, and configuration errors said plainly.
 
 mod support;
 
@@ -9,11 +11,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Connection, ConnectionProperties,
-    options::{
-        BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueBindOptions,
-        QueueDeclareOptions,
-    },
-    types::{AMQPValue, FieldTable},
+    options::{BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
 };
 use spillway_common::{
     envelope::RowMessage,
@@ -157,28 +156,153 @@ async fn a_row_that_always_fails_ends_in_the_dead_queue_with_its_reason() {
     assert_eq!(rig.ready(QUEUE).await, 0, "the failing row does not loop");
     assert!(!rig.counts("record").contains_key(&3));
 
-    let connection = Connection::connect(&rig.vhost.amqp_url, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let message = channel
-        .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-        .expect("the dead row");
-    let row: RowMessage = serde_json::from_slice(&message.delivery.data).unwrap();
+    let dead = rig.dead_letters().await;
+    let [letter] = &dead[..] else {
+        panic!("one dead row: {dead:?}")
+    };
+    let row: RowMessage = serde_json::from_slice(&letter.body).unwrap();
     assert_eq!(row.line, 3);
-    let headers = message.delivery.properties.headers().clone().unwrap();
-    let header = |key: &str| headers.inner().get(key).cloned();
-    match header("x-spillway-error") {
-        Some(AMQPValue::LongString(reason)) => {
-            assert!(reason.to_string().contains("exit status: 7"), "{reason}")
-        }
-        other => panic!("no reason header: {other:?}"),
-    }
+    assert!(letter.reason.contains("exit status: 7"), "{letter:?}");
+    assert_eq!(letter.attempts, 3);
+}
+
+#[tokio::test]
+async fn messages_that_are_not_this_workers_rows_are_dead_lettered_at_once() {
+    let rig = Rig::new("notrows", 5, RECORDING).await;
+    let not_rows = [
+        (
+            RowMessage {
+                job_type: "resize".into(),
+                ..rig.row(2)
+            },
+            r#"it is of job type "resize", but this worker runs job type "default""#,
+        ),
+        (
+            RowMessage {
+                headers: vec!["n".into(), "m".into()],
+                ..rig.row(3)
+            },
+            "2 headers but 1 field",
+        ),
+        (
+            RowMessage {
+                fields: vec!["1".into(), "2".into(), "3".into()],
+                ..rig.row(4)
+            },
+            "1 header but 3 fields",
+        ),
+    ];
+    let mut messages: Vec<RowMessage> = not_rows.iter().map(|(row, _)| row.clone()).collect();
+    // The good row goes last, so once it is recorded the others have been taken.
+    messages.push(rig.row(1));
+    rig.publish(&messages).await;
+    let mut worker = rig.start_worker("notrows-1", &[]);
+    rig.wait_recorded("record", 1, &mut worker).await;
+    worker.signal("TERM");
+    assert!(worker.wait_exit().await.success(), "{}", worker.log_text());
+
     assert_eq!(
-        header("x-spillway-attempts"),
-        Some(AMQPValue::LongLongInt(3))
+        rig.counts("record").into_iter().collect::<Vec<_>>(),
+        [(1, 1)],
+        "only the good row ran its command"
+    );
+    assert_eq!(rig.ready(QUEUE).await, 0, "nothing went back to the queue");
+    let mut dead = rig.dead_letters().await;
+    dead.sort_by_key(|letter| {
+        serde_json::from_slice::<RowMessage>(&letter.body)
+            .unwrap()
+            .line
+    });
+    assert_eq!(dead.len(), not_rows.len(), "{dead:?}");
+    for (letter, (row, why)) in dead.iter().zip(&not_rows) {
+        assert_eq!(
+            letter.body,
+            serde_json::to_vec(row).unwrap(),
+            "the message as sent"
+        );
+        assert_eq!(
+            letter.reason,
+            format!("not a Spillway row message: {why}"),
+            "line {}",
+            row.line
+        );
+        assert_eq!(
+            letter.attempts, 1,
+            "line {}: at once, never retried",
+            row.line
+        );
+    }
+}
+
+/// One output line of 64 MiB, without a newline.
+const HUGE_LINE_BYTES: u64 = 64 * 1024 * 1024;
+/// How much of an output line is logged (`handler::exec`).
+const LOGGED_LINE_BYTES: u64 = 16 * 1024;
+
+#[tokio::test]
+async fn a_huge_output_line_is_logged_capped_and_the_worker_stays_small() {
+    // Row 1 prints nothing, to measure the worker at rest; row 2 prints the line.
+    let script = format!(
+        r#"[ "$SPILLWAY_LINE" = 1 ] || head -c {HUGE_LINE_BYTES} /dev/zero | tr '\0' x; {RECORDING}"#
+    );
+    let rig = Rig::new("hugeline", 5, &script).await;
+    let env = [
+        ("CONCURRENCY", "1"),
+        ("RUST_LOG", "info,spillway_worker=debug"),
+    ];
+    rig.publish(&[rig.row(1)]).await;
+    let mut worker = rig.start_worker("huge-1", &env);
+    worker.wait_logged("row handled", 1).await;
+    let at_rest = worker.peak_rss_bytes();
+    rig.publish(&[rig.row(2)]).await;
+    worker.wait_logged("row handled", 2).await;
+    let after = worker.peak_rss_bytes();
+    worker.signal("TERM");
+    assert!(worker.wait_exit().await.success(), "{}", worker.log_text());
+    assert_eq!(
+        rig.counts("record").into_keys().collect::<Vec<_>>(),
+        [1, 2],
+        "both rows ran to their end"
+    );
+    assert_eq!(rig.ready(QUEUE).await, 0, "the rows were acked");
+    let dead = rig.dead_letters().await;
+    assert!(dead.is_empty(), "the rows are done, not dead: {dead:?}");
+
+    // The worker holds one capped line and one read buffer per stream, whatever the
+    // line's size: its peak may not grow by more than a small fraction of the line.
+    let grew = after.saturating_sub(at_rest);
+    assert!(
+        grew < HUGE_LINE_BYTES / 8,
+        "the worker's peak RSS grew by {} MiB (from {} MiB) for a {} MiB line",
+        grew >> 20,
+        at_rest >> 20,
+        HUGE_LINE_BYTES >> 20
+    );
+    let log = worker.log_text();
+    let logged: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("xxxxxxxx"))
+        .collect();
+    let [line] = logged[..] else {
+        panic!(
+            "the output logged as one line, not {}: {:.2000}",
+            logged.len(),
+            logged.join("\n")
+        )
+    };
+    let kept = line.bytes().filter(|&b| b == b'x').count() as u64;
+    assert!(
+        (LOGGED_LINE_BYTES..LOGGED_LINE_BYTES + 100).contains(&kept),
+        "{kept} bytes of the line logged, not about {LOGGED_LINE_BYTES}"
+    );
+    let note = format!(
+        "… {} more bytes dropped",
+        HUGE_LINE_BYTES - LOGGED_LINE_BYTES
+    );
+    assert!(
+        line.contains(&note),
+        "no {note:?} in {:.300}",
+        &line[line.len().saturating_sub(300)..]
     );
 }
 
@@ -300,4 +424,39 @@ async fn a_worker_that_cannot_reach_the_broker_gives_up_with_a_clear_error() {
         "gave up in time: {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn a_configuration_error_prints_its_message_alone_even_with_rust_backtrace_set() {
+    for (key, value, message) in [
+        (
+            "JOB_TYPE",
+            "no-such-type",
+            r#"unknown job type "no-such-type"; known job types: default"#,
+        ),
+        (
+            "AMQP_URL",
+            "http://not-amqp",
+            "AMQP_URL is not a valid AMQP URL",
+        ),
+        ("RUST_LOG", "[[", r#"RUST_LOG "[[" is not a valid filter"#),
+    ] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker"))
+            .env_remove("JOBS_CONFIG")
+            .env("RUST_BACKTRACE", "1")
+            .env(key, value)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{key}={value}: exits non-zero");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(message),
+            "{key}={value}: says {message:?}: {stderr}"
+        );
+        assert!(
+            !stderr.to_lowercase().contains("backtrace"),
+            "{key}={value}: the message alone, no stack trace: {stderr}"
+        );
+    }
 }

@@ -1,6 +1,6 @@
 //! Worker processes against their own vhost on the real broker: publishing rows,
 //! starting `worker` binaries with an `exec` handler that records what it did, and
-//! reading the records back.
+//! reading the records and the dead-lettered rows back.
 
 use std::{
     collections::BTreeMap,
@@ -12,13 +12,13 @@ use std::{
 
 use lapin::{
     Connection, ConnectionProperties,
-    options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
-    types::FieldTable,
+    options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
 };
 use spillway_common::{
     envelope::{RowMessage, row_properties},
     testing::{TestVhost, wait_for},
-    topology,
+    topology::{self, dead_queue_name},
 };
 
 pub const QUEUE: &str = "rows";
@@ -30,6 +30,16 @@ pub struct Rig {
     pub dir: tempfile::TempDir,
     pub batch_id: String,
     delivery_limit: u32,
+}
+
+/// A row taken from the dead queue, with what the worker said about it.
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub body: Vec<u8>,
+    /// `x-spillway-error`.
+    pub reason: String,
+    /// `x-spillway-attempts`.
+    pub attempts: i64,
 }
 
 /// A running worker process, killed (with its commands) if the test ends early.
@@ -69,8 +79,26 @@ impl Rig {
             .expect("test connects to its vhost")
     }
 
+    /// A well-formed row of this rig's batch at `line`.
+    pub fn row(&self, line: u64) -> RowMessage {
+        RowMessage {
+            batch_id: self.batch_id.clone(),
+            job_type: "default".into(),
+            line,
+            row: line,
+            headers: vec!["n".into()],
+            fields: vec![line.to_string()],
+        }
+    }
+
     /// Publishes rows with lines 1..=rows, confirmed.
     pub async fn publish_rows(&self, rows: u64) {
+        let rows: Vec<RowMessage> = (1..=rows).map(|line| self.row(line)).collect();
+        self.publish(&rows).await;
+    }
+
+    /// Publishes `rows` as they are, valid or not, confirmed.
+    pub async fn publish(&self, rows: &[RowMessage]) {
         let connection = self.connection().await;
         let channel = connection.create_channel().await.unwrap();
         topology::declare_work_queue(&channel, QUEUE, self.delivery_limit)
@@ -80,27 +108,47 @@ impl Rig {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .unwrap();
-        for line in 1..=rows {
-            let row = RowMessage {
-                batch_id: self.batch_id.clone(),
-                job_type: "default".into(),
-                line,
-                row: line,
-                headers: vec!["n".into()],
-                fields: vec![line.to_string()],
-            };
+        for row in rows {
             let confirm = channel
                 .basic_publish(
                     "".into(),
                     QUEUE.into(),
                     BasicPublishOptions::default(),
-                    &serde_json::to_vec(&row).unwrap(),
+                    &serde_json::to_vec(row).unwrap(),
                     row_properties(&row.message_id()),
                 )
                 .await
                 .unwrap();
             assert!(confirm.await.unwrap().is_ack());
         }
+    }
+
+    /// Takes every message out of the work queue's dead queue.
+    pub async fn dead_letters(&self) -> Vec<DeadLetter> {
+        let connection = self.connection().await;
+        let channel = connection.create_channel().await.unwrap();
+        let dead = dead_queue_name(QUEUE);
+        let mut letters = Vec::new();
+        while let Some(message) = channel
+            .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let headers = message.delivery.properties.headers().clone();
+            let header = |key: &str| headers.as_ref().and_then(|h| h.inner().get(key).cloned());
+            letters.push(DeadLetter {
+                reason: match header("x-spillway-error") {
+                    Some(AMQPValue::LongString(reason)) => reason.to_string(),
+                    other => panic!("a dead letter without its reason: {other:?}"),
+                },
+                attempts: match header("x-spillway-attempts") {
+                    Some(AMQPValue::LongLongInt(attempts)) => attempts,
+                    other => panic!("a dead letter without its attempts: {other:?}"),
+                },
+                body: message.delivery.data,
+            });
+        }
+        letters
     }
 
     /// Ready messages in `queue` (needs no management-API delay).
@@ -181,15 +229,46 @@ impl Rig {
 }
 
 impl WorkerProcess {
+    /// Sends `signal` to the worker and to every command it runs (each command has a
+    /// process group of its own), as stopping a machine or a pod would.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args(["-s", signal, "--", &format!("-{}", self.child.id())])
-            .status()
-            .unwrap();
-        assert!(
-            status.success(),
-            "kill -{signal} the worker's process group"
-        );
+        let groups = self.groups();
+        for group in &groups {
+            let status = Command::new("kill")
+                .args(["-s", signal, "--", &format!("-{group}")])
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            // A command may have ended since the groups were listed; the worker may not.
+            assert!(
+                status.success() || *group != groups[0],
+                "kill -{signal} the worker's process group"
+            );
+        }
+    }
+
+    /// The worker's process group and its commands' groups: the worker's children.
+    fn groups(&self) -> Vec<u32> {
+        let worker = self.child.id();
+        let mut groups = vec![worker];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // After the name in parentheses: state, parent pid, process group.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.split_whitespace().take(3).collect())
+                .unwrap_or_default();
+            if let [_, parent, group] = fields[..]
+                && parent == worker.to_string()
+                && group == pid.to_string()
+            {
+                groups.push(pid);
+            }
+        }
+        groups
     }
 
     pub async fn wait_exit(&mut self) -> ExitStatus {
@@ -206,9 +285,31 @@ impl WorkerProcess {
         self.child.id()
     }
 
+    /// The most memory the worker has held resident so far (`VmHWM`), in bytes.
+    pub fn peak_rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the worker is running");
+        let kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().strip_suffix("kB"))
+            .and_then(|kib| kib.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no VmHWM in /proc/<pid>/status:\n{status}"));
+        kib * 1024
+    }
+
     /// The exit status, if the worker has exited.
     pub fn child_exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().unwrap()
+    }
+
+    /// Waits until `text` appears at least `times` times in the worker's log.
+    pub async fn wait_logged(&self, text: &str, times: usize) {
+        let what = format!("{times} × {text:?} in the log of worker {}", self.name);
+        wait_for(&what, PATIENCE, || {
+            std::future::ready(self.log_text().matches(text).count() >= times)
+        })
+        .await;
     }
 
     pub fn log_text(&self) -> String {
@@ -219,9 +320,12 @@ impl WorkerProcess {
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
-            let _ = Command::new("kill")
-                .args(["-s", "KILL", "--", &format!("-{}", self.child.id())])
-                .status();
+            for group in self.groups() {
+                let _ = Command::new("kill")
+                    .args(["-s", "KILL", "--", &format!("-{group}")])
+                    .stderr(Stdio::null())
+                    .status();
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
