@@ -175,15 +175,26 @@ impl RabbitApi {
         let vhost = encode_segment(&self.vhost);
         self.send(Method::PUT, &format!("/api/vhosts/{vhost}"), None)
             .await?;
-        let permissions = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
-        let user = encode_segment(&self.user);
-        self.send(
-            Method::PUT,
-            &format!("/api/permissions/{vhost}/{user}"),
-            Some(permissions),
-        )
-        .await?;
-        Ok(())
+        self.set_permissions(".*", ".*", ".*").await
+    }
+
+    /// Sets this client's user's permissions on its vhost: each a regular expression
+    /// of the resource names it may configure, write to and read from.
+    pub async fn set_permissions(
+        &self,
+        configure: &str,
+        write: &str,
+        read: &str,
+    ) -> Result<(), ApiError> {
+        let permissions = serde_json::json!({"configure": configure, "write": write, "read": read});
+        let path = format!(
+            "/api/permissions/{}/{}",
+            encode_segment(&self.vhost),
+            encode_segment(&self.user)
+        );
+        self.send(Method::PUT, &path, Some(permissions))
+            .await
+            .map(drop)
     }
 
     /// Deletes this client's vhost and everything in it.

@@ -2,9 +2,12 @@
 //! in, drain requests out.
 //!
 //! One task keeps a connection open (reconnecting with backoff for as long as the
-//! scaler runs), consumes every worker's reports from the events exchange into
-//! [`Reports`], and lends its channel for drain requests. While it is disconnected,
-//! reports age and become stale, which the policy treats as "unknown": never idle.
+//! scaler runs) and consumes every worker's reports from the events exchange into
+//! [`Reports`]. Drain requests go out on a channel of their own in confirm mode, so a
+//! request the broker refuses (`ACCESS_REFUSED` closes the channel) is a failure the
+//! caller sees, not a request believed sent; a closed one is reopened for the next.
+//! While it is disconnected, reports age and become stale, which the policy treats
+//! as "unknown": never idle.
 
 use std::{
     collections::HashMap,
@@ -15,8 +18,11 @@ use std::{
 use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::{
-    BasicProperties, Channel,
-    options::{BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions},
+    BasicProperties, Channel, Connection,
+    options::{
+        BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    },
     types::FieldTable,
 };
 use spillway_common::{
@@ -71,18 +77,28 @@ pub struct DrainError {
 
 pub struct Bus {
     pub reports: Arc<Reports>,
+    /// When the latest batch announcement of each job type arrived.
+    batches: Mutex<HashMap<String, Instant>>,
     board: Arc<Board>,
     /// Work queues (name, delivery limit) declared on every connection, so the
     /// management API always has them to report on.
     queues: Vec<(String, u32)>,
     channel: Mutex<Option<Channel>>,
+    /// The open connection, for (re)opening the drain channel.
+    connection: Mutex<Option<Arc<Connection>>>,
+    /// Drain requests' channel, in confirm mode; opened on first use.
+    control: tokio::sync::Mutex<Option<Channel>>,
 }
+
+/// Longest wait for the broker to confirm a drain request.
+const DRAIN_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Bus {
     /// A bus that also tells `board` about reports and published batches.
     pub fn new(board: Arc<Board>, jobs: &JobsConfig) -> Arc<Self> {
         Arc::new(Bus {
             reports: Arc::new(Reports::default()),
+            batches: Mutex::new(HashMap::new()),
             board,
             queues: jobs
                 .job_types
@@ -90,6 +106,8 @@ impl Bus {
                 .map(|job| (job.queue.clone(), job.delivery_limit))
                 .collect(),
             channel: Mutex::new(None),
+            connection: Mutex::new(None),
+            control: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -101,37 +119,73 @@ impl Bus {
             .is_some_and(|c| c.status().connected())
     }
 
+    /// When the producer's latest announcement of a batch of `job_type` arrived: rows
+    /// the management API may not count yet.
+    pub fn last_batch_published(&self, job_type: &str) -> Option<Instant> {
+        self.batches
+            .lock()
+            .expect("batches lock")
+            .get(job_type)
+            .copied()
+    }
+
     /// Asks `worker` to finish what it holds and exit.
     pub async fn drain(&self, worker: &str) -> Result<(), DrainError> {
         let failed = |reason: String| DrainError {
             worker: worker.to_string(),
             reason,
         };
-        let channel = self
-            .channel
-            .lock()
-            .expect("channel lock")
-            .clone()
-            .ok_or_else(|| failed("not connected to RabbitMQ".into()))?;
-        channel
-            .basic_publish(
-                CONTROL_EXCHANGE.into(),
-                drain_routing_key(worker).as_str().into(),
-                BasicPublishOptions::default(),
-                b"drain",
-                BasicProperties::default(),
-            )
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        Ok(())
+        let mut control = self.control.lock().await;
+        let channel = match control.as_ref() {
+            Some(channel) if channel.status().connected() => channel.clone(),
+            _ => {
+                let connection = self
+                    .connection
+                    .lock()
+                    .expect("connection lock")
+                    .clone()
+                    .ok_or_else(|| failed("not connected to RabbitMQ".into()))?;
+                let channel = connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| failed(format!("cannot open a channel: {e}")))?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .map_err(|e| failed(format!("cannot enable publisher confirms: {e}")))?;
+                control.insert(channel).clone()
+            }
+        };
+        let published = async {
+            channel
+                .basic_publish(
+                    CONTROL_EXCHANGE.into(),
+                    drain_routing_key(worker).as_str().into(),
+                    BasicPublishOptions::default(),
+                    b"drain",
+                    BasicProperties::default(),
+                )
+                .await?
+                .await
+        };
+        let outcome = match tokio::time::timeout(DRAIN_CONFIRM_TIMEOUT, published).await {
+            Ok(Ok(confirmation)) if confirmation.is_ack() => return Ok(()),
+            Ok(Ok(_)) => "the broker did not accept it (nack)".to_string(),
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("no confirmation within {DRAIN_CONFIRM_TIMEOUT:?}"),
+        };
+        // The channel may be closed (a refusal closes it) or wedged: start afresh.
+        *control = None;
+        Err(failed(outcome))
     }
 
     /// Keeps the connection and the report consumer up until `stop`.
     pub async fn run(self: Arc<Self>, amqp_url: String, stop: CancellationToken) {
         loop {
             let session = async {
-                let connection =
-                    retry::connect(&amqp_url, "spillway-scaler", Duration::from_secs(30)).await?;
+                let connection = Arc::new(
+                    retry::connect(&amqp_url, "spillway-scaler", Duration::from_secs(30)).await?,
+                );
                 let channel = connection.create_channel().await?;
                 for (queue, delivery_limit) in &self.queues {
                     topology::declare_work_queue(&channel, queue, *delivery_limit)
@@ -140,6 +194,7 @@ impl Bus {
                 }
                 let reports = subscribe(&channel).await?;
                 *self.channel.lock().expect("channel lock") = Some(channel);
+                *self.connection.lock().expect("connection lock") = Some(connection);
                 tracing::info!("listening to worker reports");
                 self.consume(reports).await;
                 anyhow::Ok(())
@@ -148,6 +203,8 @@ impl Bus {
                 _ = stop.cancelled() => return,
                 ended = session => {
                     *self.channel.lock().expect("channel lock") = None;
+                    *self.connection.lock().expect("connection lock") = None;
+                    *self.control.lock().await = None;
                     match ended {
                         Ok(()) => tracing::warn!("lost the RabbitMQ connection; reconnecting"),
                         Err(error) => tracing::warn!(%error, "cannot reach RabbitMQ; retrying"),
@@ -165,7 +222,13 @@ impl Bus {
         while let Some(Ok(delivery)) = events.next().await {
             if delivery.routing_key.as_str().starts_with("batch.") {
                 match serde_json::from_slice::<BatchPublished>(&delivery.data) {
-                    Ok(batch) => self.board.record_batch(batch),
+                    Ok(batch) => {
+                        self.batches
+                            .lock()
+                            .expect("batches lock")
+                            .insert(batch.job_type.clone(), Instant::now());
+                        self.board.record_batch(batch);
+                    }
                     Err(error) => tracing::warn!(%error, "ignoring a malformed batch announcement"),
                 }
                 continue;

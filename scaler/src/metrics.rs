@@ -30,6 +30,7 @@ pub struct Metrics {
     pub workers: Family<PhaseLabels, Gauge>,
     pub decisions: Family<ActionLabels, Counter>,
     pub observe_failures: Family<JobLabels, Counter>,
+    pub drain_failures: Family<JobLabels, Counter>,
     pub ticks: Counter,
 }
 
@@ -42,6 +43,7 @@ impl Metrics {
             workers: Family::default(),
             decisions: Family::default(),
             observe_failures: Family::default(),
+            drain_failures: Family::default(),
             ticks: Counter::default(),
         };
         let mut registry = metrics.registry;
@@ -65,6 +67,11 @@ impl Metrics {
             "observe_failures",
             "Ticks whose queue numbers could not be read",
             metrics.observe_failures.clone(),
+        );
+        registry.register(
+            "drain_failures",
+            "Drain requests the broker did not confirm (refused, or no connection); each is tried again next tick",
+            metrics.drain_failures.clone(),
         );
         registry.register("ticks", "Scaler ticks", metrics.ticks.clone());
         Metrics {

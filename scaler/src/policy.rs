@@ -9,13 +9,18 @@
 //!    `min(burst_size, max_jobs - workers)`. Pending (unscheduled) workers count, so a
 //!    full cluster cannot make the scaler spawn without bound.
 //! 3. Drain only after ready, unacked and every worker's work in hand have been zero
-//!    for the whole idle window; any activity restarts the window. Missing or stale
-//!    data is never taken as idle.
+//!    for the whole idle window; any activity restarts the window. Activity includes
+//!    what the queue figures may not show yet (the management API lags by seconds): a
+//!    worker whose counters moved since the previous observation, and a batch announced
+//!    since then. Missing or stale data is never taken as idle.
 //! 4. A worker asked to drain that is still there after the grace period is stopped
 //!    only if it reports nothing in hand (or never started: still pending); a busy
 //!    worker is never stopped.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 /// Limits of one job type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +73,19 @@ pub struct WorkerView {
     /// Rows in hand according to its latest fresh report; `None` when it has not
     /// reported recently enough to know.
     pub in_flight: Option<u64>,
+    /// Its counters according to its latest fresh report; `None` as for `in_flight`.
+    pub progress: Option<Progress>,
+}
+
+/// A worker's counters of settled rows, from one report. Compared only with the same
+/// worker's earlier counters, never with the scaler's clock: a change is activity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub processed: u64,
+    pub failed: u64,
+    pub dead_lettered: u64,
+    /// When it last started or finished a row, by its own clock.
+    pub last_activity_unix: u64,
 }
 
 /// The queue as the management API last sampled it.
@@ -83,13 +101,20 @@ pub struct Observation {
     /// `None` when the read failed or is stale: never taken as idle.
     pub queue: Option<QueueDepth>,
     pub workers: Vec<WorkerView>,
+    /// When the producer last announced a confirmed batch of this job type, as the
+    /// scaler heard it; the batch's rows may not be in the queue figures yet.
+    pub last_batch_published: Option<Instant>,
 }
 
 /// What the policy remembers between ticks of one job type.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Memory {
     /// Since when everything has been idle, if it is.
     pub idle_since: Option<Instant>,
+    /// Each worker's counters as last observed (workers still observed only).
+    pub progress: BTreeMap<String, Progress>,
+    /// The batch announcement already taken into account.
+    pub last_batch_published: Option<Instant>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,9 +147,35 @@ pub fn decide(
         .filter(|w| w.drain_requested_at.is_none() && w.phase != Phase::Stopping)
         .count() as u32;
 
+    // Activity the queue figures may not show yet, each compared with the previous
+    // observation: counters that moved mean rows were settled (fast rows leave
+    // nothing in hand at the moment of a report), and a new announcement means rows
+    // were published. A worker seen for the first time is news too.
+    let moved = observed
+        .workers
+        .iter()
+        .filter(|w| w.progress.is_some() && memory.progress.get(&w.name) != w.progress.as_ref())
+        .count();
+    let announced = observed.last_batch_published.is_some()
+        && observed.last_batch_published != memory.last_batch_published;
+    let mut progress = memory.progress;
+    progress.retain(|name, _| observed.workers.iter().any(|w| &w.name == name));
+    for worker in &observed.workers {
+        if let Some(counters) = worker.progress {
+            progress.insert(worker.name.clone(), counters);
+        }
+    }
+    let remember = |idle_since| Memory {
+        idle_since,
+        progress,
+        last_batch_published: observed
+            .last_batch_published
+            .or(memory.last_batch_published),
+    };
+
     let Some(queue) = observed.queue else {
         // Without numbers there is nothing safe to do, and the idle window restarts.
-        return (decisions, Memory { idle_since: None });
+        return (decisions, remember(None));
     };
 
     let room = limits.max_jobs.saturating_sub(workers);
@@ -168,7 +219,12 @@ pub fn decide(
         .clone()
         .filter(|w| matches!(w.phase, Phase::Running | Phase::Stopping) && w.in_flight.is_none())
         .count();
-    let idle = queue.ready == 0 && queue.unacked == 0 && in_hand == 0 && unknown == 0;
+    let idle = queue.ready == 0
+        && queue.unacked == 0
+        && in_hand == 0
+        && unknown == 0
+        && moved == 0
+        && !announced;
     let idle_since = if idle {
         memory.idle_since.or(Some(now))
     } else {
@@ -187,7 +243,7 @@ pub fn decide(
             decisions.push(Decision {
                 action: Action::Drain(to_drain),
                 reason: format!(
-                    "queue, unacked and work in hand at zero for {}s (idle window {}s)",
+                    "queue, unacked and work in hand at zero, no row settled and no batch announced, for {}s (idle window {}s)",
                     now.duration_since(since).as_secs(),
                     limits.idle_window.as_secs()
                 ),
@@ -214,7 +270,7 @@ pub fn decide(
         }
     }
 
-    (decisions, Memory { idle_since })
+    (decisions, remember(idle_since))
 }
 
 #[cfg(test)]
@@ -236,6 +292,7 @@ mod tests {
             phase,
             drain_requested_at: None,
             in_flight,
+            progress: None,
         }
     }
 
@@ -249,6 +306,7 @@ mod tests {
         Observation {
             queue: Some(QueueDepth { ready, unacked }),
             workers,
+            last_batch_published: None,
         }
     }
 
@@ -373,9 +431,11 @@ mod tests {
         let blind = Observation {
             queue: None,
             workers: running(2),
+            last_batch_published: None,
         };
         let memory = Memory {
             idle_since: Some(start),
+            ..Memory::default()
         };
         let (decisions, memory) = decide(&blind, &LIMITS, memory, start + Duration::from_secs(600));
         assert_eq!(decisions, vec![]);
@@ -445,6 +505,174 @@ mod tests {
         }
     }
 
+    fn counted(processed: u64, failed: u64, last_activity_unix: u64) -> Progress {
+        Progress {
+            processed,
+            failed,
+            dead_lettered: 0,
+            last_activity_unix,
+        }
+    }
+
+    /// Two idle workers (nothing in hand) with the given counters now.
+    fn reporting(w0: Progress, w1: Progress) -> Vec<WorkerView> {
+        let mut workers = running(2);
+        workers[0].progress = Some(w0);
+        workers[1].progress = Some(w1);
+        workers
+    }
+
+    /// Issue 15: the management API's figures lag by seconds and fast rows leave
+    /// nothing in hand at the moment of a report, so a busy worker looked idle and was
+    /// drained while its `processed` count climbed. Each row: the queue reads zero and
+    /// every report shows nothing in hand, the window began 30 s ago (its full length),
+    /// and the previous observation saw w0 at 1,001 processed, 2 failed, active at
+    /// unix 100, w1 at 50, 0, 90, and the batch announced at `announced_before`.
+    #[test]
+    fn activity_the_queue_figures_do_not_show_yet_restarts_the_idle_window() {
+        let start = Instant::now();
+        let now = start + Duration::from_secs(30);
+        let (w0, w1) = (counted(1_001, 2, 100), counted(50, 0, 90));
+        let announced_before = start - Duration::from_secs(100);
+        let memory = Memory {
+            idle_since: Some(start),
+            progress: BTreeMap::from([("w0".into(), w0), ("w1".into(), w1)]),
+            last_batch_published: Some(announced_before),
+        };
+        let with_batch = |workers: Vec<WorkerView>, at: Option<Instant>| Observation {
+            last_batch_published: at,
+            ..observed(0, 0, workers)
+        };
+        // name, observation now, drain expected
+        let cases: Vec<(&str, Observation, bool)> = vec![
+            (
+                "nothing moved for the whole window: drain",
+                with_batch(reporting(w0, w1), Some(announced_before)),
+                true,
+            ),
+            (
+                "processed climbed 1,001 -> 1,317 while in hand read 0 at every report: no drain",
+                with_batch(
+                    reporting(counted(1_317, 2, 100), w1),
+                    Some(announced_before),
+                ),
+                false,
+            ),
+            (
+                "failed moved (the row went back to the queue, which still reads 0): no drain",
+                with_batch(reporting(w0, counted(50, 1, 90)), Some(announced_before)),
+                false,
+            ),
+            (
+                "last activity moved (a row started and ended between two reports): no drain",
+                with_batch(
+                    reporting(counted(1_001, 2, 131), w1),
+                    Some(announced_before),
+                ),
+                false,
+            ),
+            (
+                "a row dead-lettered since the last observation: no drain",
+                with_batch(
+                    reporting(
+                        Progress {
+                            dead_lettered: 1,
+                            ..w0
+                        },
+                        w1,
+                    ),
+                    Some(announced_before),
+                ),
+                false,
+            ),
+            (
+                "a worker reporting for the first time: its counters are news, no drain",
+                with_batch(
+                    {
+                        let mut workers = reporting(w0, w1);
+                        workers.push(WorkerView {
+                            progress: Some(counted(7, 0, 120)),
+                            ..worker("w-new", Phase::Running, Some(0))
+                        });
+                        workers
+                    },
+                    Some(announced_before),
+                ),
+                false,
+            ),
+            (
+                "a batch announced since the last observation, its rows not yet in the figures: no drain",
+                with_batch(reporting(w0, w1), Some(now - Duration::from_secs(1))),
+                false,
+            ),
+            (
+                "a worker gone silent keeps its last counters: no news, drain",
+                with_batch(
+                    {
+                        let mut workers = reporting(w0, w1);
+                        workers[1].progress = None;
+                        workers[1].phase = Phase::Succeeded;
+                        workers
+                    },
+                    Some(announced_before),
+                ),
+                true,
+            ),
+        ];
+        for (name, observation, drain_expected) in cases {
+            let (decisions, next) = decide(&observation, &LIMITS, memory.clone(), now);
+            let drained = decisions
+                .iter()
+                .any(|d| matches!(d.action, Action::Drain(_)));
+            assert_eq!(drained, drain_expected, "{name}: {decisions:?}");
+            assert_eq!(
+                next.idle_since.is_some(),
+                drain_expected,
+                "{name}: activity restarts the window"
+            );
+        }
+    }
+
+    /// After activity the drain waits a whole window again, and the counters seen are
+    /// remembered: the same counters next tick are not activity.
+    #[test]
+    fn after_rows_are_settled_the_drain_waits_a_whole_window_from_the_next_idle_tick() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let quiet = counted(10, 0, 5);
+        // name, seconds since start, w0's counters, drain expected
+        let steps: Vec<(&str, u64, Progress, bool)> = vec![
+            ("first sight of w0 is news", 0, quiet, false),
+            ("idle starts", 1, quiet, false),
+            ("29 s idle", 30, quiet, false),
+            ("w0 settled a row", 31, counted(11, 0, 36), false),
+            (
+                "idle again: the window starts over",
+                32,
+                counted(11, 0, 36),
+                false,
+            ),
+            (
+                "30 s after w0's row, 29 s idle",
+                61,
+                counted(11, 0, 36),
+                false,
+            ),
+            ("30 s idle -> drain", 62, counted(11, 0, 36), true),
+        ];
+        let mut memory = Memory::default();
+        for (name, second, w0, drain_expected) in steps {
+            let mut workers = running(1);
+            workers[0].progress = Some(w0);
+            let (decisions, next) = decide(&observed(0, 0, workers), &LIMITS, memory, at(second));
+            memory = next;
+            let drained = decisions
+                .iter()
+                .any(|d| matches!(d.action, Action::Drain(_)));
+            assert_eq!(drained, drain_expected, "{name}: {decisions:?}");
+        }
+    }
+
     #[test]
     fn job_types_are_decided_apart_one_idle_window_drains_only_its_own_workers() {
         let start = Instant::now();
@@ -452,8 +680,9 @@ mod tests {
         // Job type A has been idle for 30 s; job type B has work in hand.
         let idle_a = Memory {
             idle_since: Some(start),
+            ..Memory::default()
         };
-        let (a, _) = decide(&observed(0, 0, running(1)), &LIMITS, idle_a, now);
+        let (a, _) = decide(&observed(0, 0, running(1)), &LIMITS, idle_a.clone(), now);
         let (b, b_memory) = decide(&observed(0, 2, running(1)), &LIMITS, idle_a, now);
         assert_eq!(a[0].action, Action::Drain(vec!["w0".into()]));
         assert!(b.is_empty(), "B's unacked rows keep its worker: {b:?}");
@@ -467,6 +696,7 @@ mod tests {
         workers.push(worker("unschedulable", Phase::Pending, None));
         let idle = Memory {
             idle_since: Some(start),
+            ..Memory::default()
         };
         let (decisions, _) = decide(
             &observed(0, 0, workers.clone()),
@@ -506,6 +736,7 @@ mod tests {
         workers[0].drain_requested_at = Some(start);
         let memory = Memory {
             idle_since: Some(start),
+            ..Memory::default()
         };
         let (decisions, _) = decide(
             &observed(0, 0, workers),
@@ -574,6 +805,7 @@ mod tests {
 
         let idle = Memory {
             idle_since: Some(asked),
+            ..Memory::default()
         };
         let (decisions, _) = decide(
             &observed(0, 0, vec![worker("terminating", Phase::Stopping, Some(0))]),

@@ -23,7 +23,10 @@ use crate::{
     bus::Bus,
     launcher::{LaunchedWorker, Launcher, worker_name},
     metrics::{ActionLabels, JobLabels, Metrics, PhaseLabels},
-    policy::{self, Action, Decision, Limits, Memory, Observation, Phase, QueueDepth, WorkerView},
+    policy::{
+        self, Action, Decision, Limits, Memory, Observation, Phase, Progress, QueueDepth,
+        WorkerView,
+    },
 };
 
 pub struct Scaler<L> {
@@ -105,6 +108,7 @@ impl<L: Launcher> Scaler<L> {
                     .filter(|w| w.job_type == job_type)
                     .map(|w| self.view(w, now))
                     .collect(),
+                last_batch_published: self.bus.last_batch_published(&job_type),
             };
             self.record_gauges(&job_type, &observation);
             let dead = self
@@ -146,7 +150,7 @@ impl<L: Launcher> Scaler<L> {
                 idle_window: self.jobs.idle_window(),
                 drain_grace: self.drain_grace,
             };
-            let memory = self.memory.get(&job_type).copied().unwrap_or_default();
+            let memory = self.memory.remove(&job_type).unwrap_or_default();
             let (decisions, memory) = policy::decide(&observation, &limits, memory, now);
             self.memory.insert(job_type.clone(), memory);
             for decision in decisions {
@@ -188,7 +192,13 @@ impl<L: Launcher> Scaler<L> {
             name: worker.name.clone(),
             phase: worker.phase,
             drain_requested_at: self.drains.get(&worker.name).copied(),
-            in_flight: fresh.map(|(report, _)| report.in_flight),
+            in_flight: fresh.as_ref().map(|(report, _)| report.in_flight),
+            progress: fresh.map(|(report, _)| Progress {
+                processed: report.processed,
+                failed: report.failed,
+                dead_lettered: report.dead_lettered,
+                last_activity_unix: report.last_activity_unix,
+            }),
         }
     }
 
@@ -277,7 +287,13 @@ impl<L: Launcher> Scaler<L> {
                             drained.push(name);
                         }
                         Err(error) => {
-                            tracing::warn!(job_type, %error, "drain request not sent; trying again next tick")
+                            self.metrics
+                                .drain_failures
+                                .get_or_create(&JobLabels {
+                                    job_type: job_type.into(),
+                                })
+                                .inc();
+                            tracing::warn!(job_type, %error, "drain request not confirmed; trying again next tick");
                         }
                     }
                 }

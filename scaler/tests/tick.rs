@@ -1,0 +1,368 @@
+//! The tick against a real broker, with a launcher that only records what it is told
+//! and workers that are reports published by the test: what the scaler hears on the
+//! bus (worker counters, batch announcements) keeps busy workers from being drained,
+//! and a drain request the broker refuses is counted as a failure, not as a drain.
+//!
+//! `tick` takes *now* as an argument, so the idle window is walked with instants the
+//! test chooses instead of waiting for it; reports are kept fresh for the whole walk.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties, options::BasicPublishOptions,
+};
+use prometheus_client::metrics::{counter::Counter, family::Family};
+use spillway_common::{
+    events::{
+        BatchPublished, EVENTS_EXCHANGE, WorkerReport, WorkerState, batch_routing_key,
+        report_routing_key,
+    },
+    jobs_config::JobsConfig,
+    rabbit_api::RabbitApi,
+    testing::{TestVhost, wait_for},
+};
+use spillway_scaler::{
+    board::Board,
+    bus::Bus,
+    launcher::{LaunchedWorker, Launcher, LauncherError},
+    metrics::{ActionLabels, JobLabels, Metrics},
+    policy::Phase,
+    tick::{Parts, Scaler},
+};
+use tokio_util::sync::CancellationToken;
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A launcher that runs nothing: it lists the workers it was given or asked to spawn.
+#[derive(Default)]
+struct Recorder {
+    workers: Mutex<Vec<LaunchedWorker>>,
+    /// Each spawn: job type and when it was asked for.
+    spawns: Mutex<Vec<(String, Instant)>>,
+}
+
+impl Recorder {
+    fn with_running(job_type: &str, names: &[&str]) -> Self {
+        let recorder = Recorder::default();
+        for name in names {
+            recorder.add(job_type, name, Phase::Running);
+        }
+        recorder
+    }
+
+    fn add(&self, job_type: &str, name: &str, phase: Phase) {
+        self.workers.lock().unwrap().push(LaunchedWorker {
+            name: name.into(),
+            job_type: job_type.into(),
+            phase,
+            started_unix: 1,
+            waiting: None,
+        });
+    }
+}
+
+impl Launcher for Recorder {
+    async fn workers(&self) -> Result<Vec<LaunchedWorker>, LauncherError> {
+        Ok(self.workers.lock().unwrap().clone())
+    }
+
+    async fn spawn(&self, job_type: &str, name: &str) -> Result<(), LauncherError> {
+        self.spawns
+            .lock()
+            .unwrap()
+            .push((job_type.into(), Instant::now()));
+        self.add(job_type, name, Phase::Pending);
+        Ok(())
+    }
+
+    async fn stop(&self, _name: &str) -> Result<(), LauncherError> {
+        Ok(())
+    }
+
+    async fn logs(&self, name: &str, _tail_lines: Option<u32>) -> Result<String, LauncherError> {
+        Err(LauncherError::NoSuchWorker(name.into()))
+    }
+}
+
+/// A scaler on its own vhost, its bus connected, and a channel to publish as the
+/// workers and the producer would.
+struct Harness {
+    /// Held for the test's length: dropping it deletes the vhost.
+    _vhost: TestVhost,
+    scaler: Scaler<Recorder>,
+    publisher: Channel,
+    _connection: Connection,
+    stop: CancellationToken,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+const ONE_JOB_TYPE: &str = r#"
+idle_seconds = 30
+[job_types.default]
+queue = "tasks"
+"#;
+
+impl Harness {
+    async fn start(label: &str, jobs: &str, launcher: Recorder) -> Self {
+        let vhost = TestVhost::new(label).await;
+        Self::on(vhost, jobs, launcher, |vhost| vhost.api.clone()).await
+    }
+
+    /// A harness on `vhost` whose scaler reads the management API through `api`.
+    async fn on(
+        vhost: TestVhost,
+        jobs: &str,
+        launcher: Recorder,
+        api: impl FnOnce(&TestVhost) -> RabbitApi,
+    ) -> Self {
+        let path = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(path.path(), jobs).unwrap();
+        let jobs = JobsConfig::load(Some(path.path())).unwrap();
+        let board = Arc::new(Board::new());
+        let bus = Bus::new(Arc::clone(&board), &jobs);
+        let stop = CancellationToken::new();
+        tokio::spawn(Arc::clone(&bus).run(vhost.amqp_url.clone(), stop.clone()));
+        wait_for("the bus to connect", PATIENCE, || {
+            std::future::ready(bus.connected())
+        })
+        .await;
+        // The bus declares the work queues; the management API has figures for them
+        // only once it has sampled them.
+        for job in jobs.job_types.values() {
+            wait_for(
+                &format!("figures for queue {}", job.queue),
+                PATIENCE,
+                || async { vhost.api.queue_stats(&job.queue).await.is_ok() },
+            )
+            .await;
+        }
+        let parts = Parts {
+            api: api(&vhost),
+            bus,
+            board,
+            metrics: Arc::new(Metrics::new()),
+            drain_grace: Duration::from_secs(60),
+            // The test walks *now* far ahead of the clock: reports must stay fresh.
+            report_stale_after: Duration::from_secs(3600),
+        };
+        let scaler = Scaler::new(jobs, Arc::new(launcher), parts);
+        let connection = Connection::connect(&vhost.amqp_url, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let publisher = connection.create_channel().await.unwrap();
+        Harness {
+            _vhost: vhost,
+            scaler,
+            publisher,
+            _connection: connection,
+            stop,
+        }
+    }
+
+    async fn publish(&self, routing_key: &str, body: &serde_json::Value) {
+        self.publisher
+            .basic_publish(
+                EVENTS_EXCHANGE.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                &serde_json::to_vec(body).unwrap(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Publishes a report of `worker` (nothing in hand) and waits until the bus has it.
+    async fn report(&self, worker: &str, processed: u64) {
+        let report = WorkerReport {
+            worker: worker.into(),
+            job_type: "default".into(),
+            queue: "tasks".into(),
+            state: WorkerState::Running,
+            processed,
+            failed: 0,
+            dead_lettered: 0,
+            in_flight: 0,
+            started_unix: 1,
+            last_activity_unix: 1,
+            sent_unix: 1,
+            batches: Default::default(),
+        };
+        self.publish(
+            &report_routing_key("default", worker),
+            &serde_json::to_value(&report).unwrap(),
+        )
+        .await;
+        let reports = &self.scaler.bus.reports;
+        wait_for(
+            &format!("the bus to hear {worker} at {processed} processed"),
+            PATIENCE,
+            || {
+                std::future::ready(
+                    reports
+                        .get(worker)
+                        .is_some_and(|(r, _)| r.processed == processed),
+                )
+            },
+        )
+        .await;
+    }
+
+    /// Publishes a batch announcement as the producer does, and waits for the bus.
+    async fn announce_batch(&self) {
+        let before = self.scaler.bus.last_batch_published("default");
+        let batch = BatchPublished {
+            batch_id: "b1".into(),
+            job_type: "default".into(),
+            queue: "tasks".into(),
+            rows: 5_000,
+            published_unix: 1,
+        };
+        self.publish(
+            &batch_routing_key("default"),
+            &serde_json::to_value(&batch).unwrap(),
+        )
+        .await;
+        let bus = &self.scaler.bus;
+        wait_for("the bus to hear the batch", PATIENCE, || {
+            std::future::ready(bus.last_batch_published("default") != before)
+        })
+        .await;
+    }
+
+    fn decisions(&self, action: &'static str) -> u64 {
+        self.scaler
+            .metrics
+            .decisions
+            .get_or_create(&ActionLabels {
+                job_type: "default".into(),
+                action,
+            })
+            .get()
+    }
+}
+
+/// The count of `job_type` in a per-job-type counter.
+fn count(family: &Family<JobLabels, Counter>, job_type: &str) -> u64 {
+    family
+        .get_or_create(&JobLabels {
+            job_type: job_type.into(),
+        })
+        .get()
+}
+
+/// Issue 15: with fast rows a worker's reports show nothing in hand and the queue
+/// figures lag at zero, so the scaler drained a worker whose `processed` was climbing.
+#[tokio::test]
+async fn a_worker_whose_counts_move_between_ticks_is_not_drained() {
+    let mut h = Harness::start(
+        "tick-moving",
+        ONE_JOB_TYPE,
+        Recorder::with_running("default", &["w0"]),
+    )
+    .await;
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    h.report("w0", 1_001).await;
+    h.scaler.tick(at(0)).await;
+    h.scaler.tick(at(1)).await; // idle from here, as far as the figures tell
+    h.report("w0", 1_317).await;
+    h.scaler.tick(at(30)).await;
+    h.scaler.tick(at(31)).await;
+    assert_eq!(
+        h.decisions("drain"),
+        0,
+        "30 s after the window began, but w0 settled rows within it"
+    );
+    h.scaler.tick(at(61)).await;
+    assert_eq!(
+        h.decisions("drain"),
+        1,
+        "30 s after w0's counters last moved"
+    );
+}
+
+/// A batch announced is rows on their way: the window restarts though the queue
+/// figures do not show them yet.
+#[tokio::test]
+async fn a_batch_announced_restarts_the_idle_window() {
+    let mut h = Harness::start(
+        "tick-batch",
+        ONE_JOB_TYPE,
+        Recorder::with_running("default", &["w0"]),
+    )
+    .await;
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    h.report("w0", 0).await;
+    h.scaler.tick(at(0)).await;
+    h.scaler.tick(at(1)).await;
+    h.announce_batch().await;
+    h.scaler.tick(at(30)).await;
+    h.scaler.tick(at(31)).await;
+    assert_eq!(
+        h.decisions("drain"),
+        0,
+        "a batch was announced within the window"
+    );
+    h.scaler.tick(at(60)).await;
+    h.scaler.tick(at(61)).await;
+    assert_eq!(
+        h.decisions("drain"),
+        1,
+        "30 s after the announcement was seen"
+    );
+}
+
+/// A drain request the broker refuses (here: no write permission on the control
+/// exchange, which closes the channel with ACCESS_REFUSED) is logged and counted as a
+/// failure and tried again, never counted or shown as a drain.
+#[tokio::test]
+async fn a_refused_drain_request_is_counted_as_a_failure_not_as_a_drain() {
+    let vhost = TestVhost::new("tick-refused").await;
+    vhost
+        .api
+        .set_permissions(".*", "^(?!spillway\\.control$).*", ".*")
+        .await
+        .unwrap();
+    let mut h = Harness::on(
+        vhost,
+        ONE_JOB_TYPE,
+        Recorder::with_running("default", &["w0"]),
+        |vhost| vhost.api.clone(),
+    )
+    .await;
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    h.report("w0", 0).await;
+    h.scaler.tick(at(0)).await;
+    h.scaler.tick(at(1)).await;
+    h.scaler.tick(at(31)).await;
+    let metrics = Arc::clone(&h.scaler.metrics);
+    let failures = &metrics.drain_failures;
+    assert_eq!(count(failures, "default"), 1, "the refusal is counted");
+    assert_eq!(h.decisions("drain"), 0, "and not counted as a drain");
+    assert!(
+        h.scaler.board.events().iter().all(|e| e.action != "drain"),
+        "nor shown as one: {:?}",
+        h.scaler.board.events()
+    );
+    h.scaler.tick(at(32)).await;
+    assert_eq!(
+        count(failures, "default"),
+        2,
+        "tried again on a fresh channel, refused again"
+    );
+    assert!(
+        h.scaler.bus.connected(),
+        "the report consumer is unaffected"
+    );
+}
