@@ -3,10 +3,12 @@
 //! AMQP alone cannot see unacknowledged messages (`queue.declare-ok` counts only ready
 //! ones), so queue depth, unacked counts and consumers come from here. Its figures are
 //! refreshed by the broker every few seconds (`collect_statistics_interval`), so a
-//! caller must not read one zero as "idle". Tests also use it to create and delete a
-//! vhost of their own.
+//! caller must not read one zero as "idle". Each read of a queue is bounded by the
+//! client's read timeout, so a management API that holds one request delays its
+//! caller by that much and no more. Tests also use it to create and delete a vhost of
+//! their own.
 
-use std::str::FromStr;
+use std::{str::FromStr, time::Duration};
 
 use lapin::uri::AMQPUri;
 use reqwest::{Method, StatusCode, Url};
@@ -32,6 +34,8 @@ pub enum ApiError {
     BadAmqpUrl(String),
     #[error("RabbitMQ management API unreachable at {url}: {source}")]
     Unreachable { url: String, source: reqwest::Error },
+    #[error("RabbitMQ management API gave no answer to {what} within {after:?} (timeout)")]
+    Timeout { what: String, after: Duration },
     #[error("RabbitMQ management API answered {status} for {method} {path}: {body}")]
     Status {
         method: Method,
@@ -55,7 +59,12 @@ pub struct RabbitApi {
     user: String,
     password: String,
     vhost: String,
+    /// Longest wait for one whole read (request and answer).
+    read_timeout: Duration,
 }
+
+/// What a read may take unless [`RabbitApi::with_read_timeout`] says otherwise.
+const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Deserialize)]
 struct QueueBody {
@@ -101,7 +110,7 @@ impl RabbitApi {
         let _ = base.set_username("");
         let _ = base.set_password(None);
         let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(10))
+            .timeout(DEFAULT_READ_TIMEOUT)
             .build()
             .map_err(|source| ApiError::Unreachable {
                 url: api_url.into(),
@@ -113,15 +122,32 @@ impl RabbitApi {
             user,
             password,
             vhost: vhost.to_string(),
+            read_timeout: DEFAULT_READ_TIMEOUT,
         })
+    }
+
+    /// The same client, each queue read bounded by `timeout` (answer body included).
+    pub fn with_read_timeout(mut self, timeout: Duration) -> Self {
+        self.read_timeout = timeout;
+        self
     }
 
     pub fn vhost(&self) -> &str {
         &self.vhost
     }
 
-    /// Depth, unacked count, consumers and cumulative counts of `queue`.
+    /// Depth, unacked count, consumers and cumulative counts of `queue`, or
+    /// [`ApiError::Timeout`] when the whole read takes longer than the read timeout.
     pub async fn queue_stats(&self, queue: &str) -> Result<QueueStats, ApiError> {
+        tokio::time::timeout(self.read_timeout, self.read_queue_stats(queue))
+            .await
+            .map_err(|_| ApiError::Timeout {
+                what: format!("a read of queue {queue:?}"),
+                after: self.read_timeout,
+            })?
+    }
+
+    async fn read_queue_stats(&self, queue: &str) -> Result<QueueStats, ApiError> {
         let path = format!(
             "/api/queues/{}/{}",
             encode_segment(&self.vhost),
@@ -228,13 +254,19 @@ impl RabbitApi {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|source| ApiError::Unreachable {
-                url: self.base.to_string(),
-                source,
-            })?;
+        let response = request.send().await.map_err(|source| {
+            if source.is_timeout() {
+                ApiError::Timeout {
+                    what: format!("{method} {path}"),
+                    after: DEFAULT_READ_TIMEOUT,
+                }
+            } else {
+                ApiError::Unreachable {
+                    url: self.base.to_string(),
+                    source,
+                }
+            }
+        })?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);

@@ -52,7 +52,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let board = Arc::new(Board::new());
     let parts = Parts {
-        api: RabbitApi::new(&settings.rabbitmq_api_url, &settings.broker.amqp_url)?,
+        api: RabbitApi::new(&settings.rabbitmq_api_url, &settings.broker.amqp_url)?
+            .with_read_timeout(tick::read_timeout(jobs.tick())),
         bus: Bus::new(Arc::clone(&board), &jobs),
         board,
         metrics: Arc::new(Metrics::new()),

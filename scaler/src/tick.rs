@@ -4,6 +4,11 @@
 //! depth (management API) and its workers' latest reports, asks the pure policy what
 //! to do, and does it through the launcher or the bus. A failed read is passed on as
 //! "unknown", which the policy never takes for idle.
+//!
+//! Every job type's queue and dead queue are read at once, each read bounded by
+//! [`read_timeout`], and each job type is decided as soon as its own figures are in:
+//! a management API that holds the reads of one queue delays that job type only, and
+//! the tick by at most one read timeout.
 
 use std::{
     collections::HashMap,
@@ -11,10 +16,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::{StreamExt, stream::FuturesUnordered};
 use spillway_common::{
     events::{WorkerState, unix_now},
-    jobs_config::{JobType, JobsConfig},
-    rabbit_api::{QueueStats, RabbitApi},
+    jobs_config::JobsConfig,
+    rabbit_api::{ApiError, QueueStats, RabbitApi},
     topology::dead_queue_name,
 };
 
@@ -88,16 +94,25 @@ impl<L: Launcher> Scaler<L> {
         self.bus.reports.retain(active);
         self.drains.retain(|name, _| active(name));
 
-        let job_types: Vec<(String, JobType)> = self
+        let mut reads: FuturesUnordered<_> = self
             .jobs
             .job_types
             .iter()
-            .map(|(name, job)| (name.clone(), job.clone()))
+            .map(|(job_type, job)| {
+                let api = self.api.clone();
+                let (job_type, job) = (job_type.clone(), job.clone());
+                async move {
+                    let dead_queue = dead_queue_name(&job.queue);
+                    let (queue, dead) =
+                        tokio::join!(api.queue_stats(&job.queue), api.queue_stats(&dead_queue));
+                    (job_type, job, queue, dead)
+                }
+            })
             .collect();
-        let mut board_rows = Vec::with_capacity(job_types.len());
+        let mut board_rows = Vec::with_capacity(reads.len());
         let mut listings = Vec::with_capacity(workers.len());
-        for (job_type, job) in job_types {
-            let stats = self.queue_stats(&job_type, &job.queue).await;
+        while let Some((job_type, job, queue, dead)) = reads.next().await {
+            let stats = self.queue_stats(&job_type, queue);
             let observation = Observation {
                 queue: stats.map(|s| QueueDepth {
                     ready: s.ready,
@@ -111,11 +126,7 @@ impl<L: Launcher> Scaler<L> {
                 last_batch_published: self.bus.last_batch_published(&job_type),
             };
             self.record_gauges(&job_type, &observation);
-            let dead = self
-                .api
-                .queue_stats(&dead_queue_name(&job.queue))
-                .await
-                .map(|s| s.ready + s.unacked);
+            let dead = dead.map(|s| s.ready + s.unacked);
             board_rows.push(JobTypeStats {
                 job_type: job_type.clone(),
                 queue: job.queue.clone(),
@@ -157,13 +168,20 @@ impl<L: Launcher> Scaler<L> {
                 self.act(&job_type, decision, now).await;
             }
         }
+        // By job type name, as job types are listed everywhere, whichever read ended first.
+        board_rows.sort_by(|a, b| a.job_type.cmp(&b.job_type));
         self.board.record_tick(board_rows, listings);
     }
 
-    async fn queue_stats(&self, job_type: &str, queue: &str) -> Option<QueueStats> {
+    /// The figures of a read, or `None` (logged and counted) when it failed.
+    fn queue_stats(
+        &self,
+        job_type: &str,
+        read: Result<QueueStats, ApiError>,
+    ) -> Option<QueueStats> {
         // The bus declares every work queue, so a missing queue, like missing figures,
         // is something unknown: never read as an empty queue.
-        match self.api.queue_stats(queue).await {
+        match read {
             Ok(stats) => Some(stats),
             Err(error) => {
                 tracing::warn!(job_type, %error, "cannot read queue depth; not scaling this job type this tick");
@@ -314,6 +332,12 @@ impl<L: Launcher> Scaler<L> {
             },
         }
     }
+}
+
+/// How long one management-API read may take: at most 3 s, and never longer than a
+/// tick, so a held read delays the next tick by no more than one tick.
+pub fn read_timeout(tick: Duration) -> Duration {
+    tick.min(Duration::from_secs(3))
 }
 
 /// The job table's word for a worker's state.

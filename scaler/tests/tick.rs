@@ -1,15 +1,22 @@
 //! The tick against a real broker, with a launcher that only records what it is told
 //! and workers that are reports published by the test: what the scaler hears on the
 //! bus (worker counters, batch announcements) keeps busy workers from being drained,
-//! and a drain request the broker refuses is counted as a failure, not as a drain.
+//! a drain request the broker refuses is counted as a failure, not as a drain, and a
+//! management API that holds the reads of one queue delays only that job type.
 //!
 //! `tick` takes *now* as an argument, so the idle window is walked with instants the
 //! test chooses instead of waiting for it; reports are kept fresh for the whole walk.
 
 use std::{
-    sync::{Arc, Mutex},
+    future::IntoFuture,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
+
+use axum::{Router, extract::Request, http::header, response::IntoResponse};
 
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, options::BasicPublishOptions,
@@ -53,6 +60,10 @@ impl Recorder {
         recorder
     }
 
+    fn spawns(&self) -> Vec<(String, Instant)> {
+        self.spawns.lock().unwrap().clone()
+    }
+
     fn add(&self, job_type: &str, name: &str, phase: Phase) {
         self.workers.lock().unwrap().push(LaunchedWorker {
             name: name.into(),
@@ -91,7 +102,7 @@ impl Launcher for Recorder {
 /// workers and the producer would.
 struct Harness {
     /// Held for the test's length: dropping it deletes the vhost.
-    _vhost: TestVhost,
+    vhost: TestVhost,
     scaler: Scaler<Recorder>,
     publisher: Channel,
     _connection: Connection,
@@ -159,12 +170,26 @@ impl Harness {
             .unwrap();
         let publisher = connection.create_channel().await.unwrap();
         Harness {
-            _vhost: vhost,
+            vhost,
             scaler,
             publisher,
             _connection: connection,
             stop,
         }
+    }
+
+    /// Publishes one row's worth of bytes straight to `queue`.
+    async fn put_row(&self, queue: &str) {
+        self.publisher
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                b"{}",
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
     }
 
     async fn publish(&self, routing_key: &str, body: &serde_json::Value) {
@@ -364,5 +389,141 @@ async fn a_refused_drain_request_is_counted_as_a_failure_not_as_a_drain() {
     assert!(
         h.scaler.bus.connected(),
         "the report consumer is unaffected"
+    );
+}
+
+/// A stand-in for the management API: it passes every request on to the real one,
+/// except that requests whose path ends with one of `held` wait until the test ends.
+struct HoldingProxy {
+    /// `RABBITMQ_API_URL` through the proxy, with the real one's credentials.
+    url: String,
+    /// Requests held so far.
+    held: Arc<AtomicUsize>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl HoldingProxy {
+    async fn start(upstream: &str, held: &'static [&'static str]) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut url = reqwest::Url::parse(upstream).unwrap();
+        url.set_port(Some(listener.local_addr().unwrap().port()))
+            .unwrap();
+        let mut bare = reqwest::Url::parse(upstream).unwrap();
+        bare.set_username("").unwrap();
+        bare.set_password(None).unwrap();
+        let stop = CancellationToken::new();
+        let count = Arc::new(AtomicUsize::new(0));
+        let (until, counted, http) = (stop.clone(), Arc::clone(&count), reqwest::Client::new());
+        let proxy = move |request: Request| {
+            let (until, counted, http) = (until.clone(), Arc::clone(&counted), http.clone());
+            let upstream = bare.as_str().trim_end_matches('/').to_string();
+            async move {
+                let path = request.uri().path().to_string();
+                if held.iter().any(|h| path.ends_with(h)) {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    until.cancelled().await;
+                }
+                let target = format!(
+                    "{upstream}{}",
+                    request.uri().path_and_query().map_or("/", |p| p.as_str())
+                );
+                let mut forward = http.request(request.method().clone(), target);
+                for (name, value) in request.headers() {
+                    if name != header::HOST {
+                        forward = forward.header(name, value);
+                    }
+                }
+                let body = axum::body::to_bytes(request.into_body(), usize::MAX)
+                    .await
+                    .unwrap();
+                let answer = forward.body(body).send().await.unwrap();
+                let status = answer.status();
+                let headers = answer.headers().clone();
+                (status, headers, answer.bytes().await.unwrap()).into_response()
+            }
+        };
+        let server = axum::serve(listener, Router::new().fallback(proxy))
+            .with_graceful_shutdown(stop.clone().cancelled_owned());
+        tokio::spawn(server.into_future());
+        HoldingProxy {
+            url: url.to_string(),
+            held: count,
+            _stop: stop.drop_guard(),
+        }
+    }
+}
+
+/// Issue 15: with the management API holding the reads of one queue, ticks took ~20 s
+/// (that queue's read and its dead queue's, 10 s each, one after the other) and an
+/// unrelated job type with rows ready waited as long for its first worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_whose_reads_are_held_delays_only_its_own_job_type() {
+    const READ_TIMEOUT: Duration = Duration::from_secs(1);
+    let vhost = TestVhost::new("tick-held").await;
+    let proxy = HoldingProxy::start(&vhost.api_url, &["/held-queue", "/held-queue.dead"]).await;
+    let through_proxy = RabbitApi::for_vhost(&proxy.url, &vhost.name)
+        .unwrap()
+        .with_read_timeout(READ_TIMEOUT);
+    let jobs = r#"
+[job_types.default]
+queue = "tasks"
+[job_types.held]
+queue = "held-queue"
+"#;
+    let mut h = Harness::on(vhost, jobs, Recorder::default(), move |_| through_proxy).await;
+    h.put_row("tasks").await;
+    wait_for("the management API to count the row", PATIENCE, || async {
+        h.vhost
+            .api
+            .queue_stats("tasks")
+            .await
+            .is_ok_and(|q| q.ready == 1)
+    })
+    .await;
+
+    let started = Instant::now();
+    tokio::time::timeout(
+        READ_TIMEOUT + Duration::from_secs(4),
+        h.scaler.tick(started),
+    )
+    .await
+    .expect("the tick ends about one read timeout after it starts, held reads or not");
+    let took = started.elapsed();
+
+    let spawns = h.scaler.launcher.spawns();
+    assert_eq!(spawns.len(), 1, "one worker for the row: {spawns:?}");
+    let (job_type, at) = &spawns[0];
+    assert_eq!(job_type, "default");
+    assert!(
+        at.duration_since(started) < READ_TIMEOUT,
+        "default's worker was spawned {:?} into the tick: it waited for the held reads",
+        at.duration_since(started)
+    );
+    assert_eq!(
+        proxy.held.load(Ordering::SeqCst),
+        2,
+        "the held queue and its dead queue were both asked for"
+    );
+    assert!(
+        took < READ_TIMEOUT * 2,
+        "the tick took {took:?}: the held queue's two reads ran one after the other"
+    );
+    assert_eq!(count(&h.scaler.metrics.observe_failures, "held"), 1);
+    assert_eq!(count(&h.scaler.metrics.observe_failures, "default"), 0);
+    let stats = h.scaler.board.stats();
+    let row = |name: &str| {
+        stats
+            .job_types
+            .iter()
+            .find(|j| j.job_type == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!((row("default").ready, row("held").ready), (Some(1), None));
+
+    let error = h.scaler.api.queue_stats("held-queue").await.unwrap_err();
+    assert!(
+        error.to_string().contains("(timeout)") && !error.to_string().contains("unreachable"),
+        "{error}"
     );
 }
