@@ -20,7 +20,7 @@ use axum::{
 use serde_json::json;
 use tera::{Context, Tera};
 
-use crate::board::{BatchView, Board, JobView, ScalingEvent, StatsView};
+use crate::board::{BatchesView, Board, JobView, ScalingEvent, StatsView};
 
 const TEMPLATE: &str = "index.html";
 
@@ -108,7 +108,7 @@ pub async fn jobs(State(state): State<DashboardState>) -> Json<Vec<JobView>> {
     Json(state.board.jobs())
 }
 
-pub async fn batches(State(state): State<DashboardState>) -> Json<Vec<BatchView>> {
+pub async fn batches(State(state): State<DashboardState>) -> Json<BatchesView> {
     Json(state.board.batches())
 }
 
@@ -203,6 +203,10 @@ mod tests {
                 || html.contains("&lt;script&gt;alert(1)&lt;/script&gt;")
         );
         assert!(!html.contains("<b>batch</b>"));
+        assert!(
+            html.contains(r#"<p id="batches-not-shown" class="empty" hidden>0 older batches"#),
+            "no batch forgotten: the note is there for the script, hidden"
+        );
         assert!(
             html.contains(r#"id="card-ready">41<"#),
             "cards carry the numbers"

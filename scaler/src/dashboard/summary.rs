@@ -140,7 +140,8 @@ pub fn render(board: &Board, color: bool) -> String {
         );
     }
 
-    let batches = board.batches();
+    let view = board.batches();
+    let batches = &view.batches;
     let _ = writeln!(
         out,
         "\n{}",
@@ -173,6 +174,19 @@ pub fn render(board: &Board, color: bool) -> String {
             batch.processed,
             batch.failed,
             batch.dead_lettered
+        );
+    }
+    if view.not_shown > 0 {
+        let _ = writeln!(
+            out,
+            "{}",
+            style.paint(
+                DIM,
+                &format!(
+                    "({} older batches not shown: finished ones are forgotten first)",
+                    view.not_shown
+                )
+            )
         );
     }
 
