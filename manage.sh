@@ -148,8 +148,9 @@ ensure_ci_tools() {
     fi
 }
 
-# Renders both kustomizations, validates them against the Kubernetes schemas, checks
-# the scaler's Role and that nothing runs as root, and lints the Dockerfile.
+# Renders both kustomizations and the scaler's worker Jobs, validates them against the
+# Kubernetes schemas, checks the scaler's Role and Pod Security restricted, and lints
+# the Dockerfile.
 check_deploy() {
     ensure_renderer
     ensure_ci_tools
@@ -164,6 +165,12 @@ check_deploy() {
             die "$kustomization does not validate against Kubernetes $KUBERNETES_VERSION"
         "$CI_VENV/bin/python" "$ROOT/infra/ci/check_manifests.py" <"$rendered/$name.yaml"
     done
+    # The worker Jobs are built by the scaler, not kustomize: the same checks on them.
+    JOBS_CONFIG="$ROOT/infra/k8s/base/jobs.toml" cargo run --locked -q -p spillway-scaler --bin scaler -- \
+        worker-jobs >"$rendered/worker-jobs.yaml" || die "the scaler cannot print its worker Jobs"
+    "$CI_VENV/bin/kubernetes-validate" --quiet --strict -k "$KUBERNETES_VERSION" "$rendered/worker-jobs.yaml" ||
+        die "the scaler's worker Jobs do not validate against Kubernetes $KUBERNETES_VERSION"
+    "$CI_VENV/bin/python" "$ROOT/infra/ci/check_manifests.py" --workloads-only <"$rendered/worker-jobs.yaml"
     "$CI_VENV/bin/hadolint" "$ROOT/Dockerfile" || die "hadolint found problems in the Dockerfile"
 }
 

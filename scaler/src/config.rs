@@ -17,6 +17,9 @@ use crate::launcher::kube::JobTemplate;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "scaler", version)]
 pub struct Settings {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address of the scaler's HTTP endpoints (/healthz, /readyz, /metrics).
     #[arg(
         long = "listen",
@@ -216,6 +219,14 @@ pub struct Settings {
 
     #[command(flatten)]
     pub log: LogSettings,
+}
+
+/// What the binary does besides scaling (its default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Print the worker Job the Kubernetes launcher would create for each job type, as
+    /// YAML documents (JSON), from the same settings: for review and schema checks.
+    WorkerJobs,
 }
 
 /// A container's `imagePullPolicy`.

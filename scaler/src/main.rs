@@ -9,7 +9,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use spillway_common::{jobs_config::JobsConfig, shutdown, telemetry};
-use spillway_scaler::config::Settings;
+use spillway_scaler::{
+    config::{Command, Settings},
+    launcher::{kube::worker_job, worker_name},
+};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -24,6 +27,10 @@ async fn main() -> ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let settings = Settings::parse();
+    if let Some(Command::WorkerJobs) = settings.command {
+        let jobs = JobsConfig::load(settings.jobs.jobs_config.as_deref())?;
+        return print_worker_jobs(&settings, &jobs);
+    }
     settings.broker.validate()?;
     telemetry::init(&settings.log)?;
     let jobs = JobsConfig::load(settings.jobs.jobs_config.as_deref())?;
@@ -33,4 +40,13 @@ async fn run() -> anyhow::Result<()> {
     tracing::info!(listen = %settings.listen, launcher = ?settings.launcher(), "scaler starting");
     let stop = shutdown::on_signal()?;
     spillway_scaler::run(settings, jobs, listener, stop).await
+}
+
+fn print_worker_jobs(settings: &Settings, jobs: &JobsConfig) -> anyhow::Result<()> {
+    let template = settings.job_template(jobs);
+    for job_type in jobs.job_types.keys() {
+        let job = worker_job(&template, job_type, &worker_name(job_type))?;
+        println!("---\n{}", serde_json::to_string_pretty(&job)?);
+    }
+    Ok(())
 }
