@@ -59,6 +59,7 @@ pub async fn run(
         metrics: Arc::new(Metrics::new()),
         drain_grace: Duration::from_secs(settings.drain_grace_seconds),
         report_stale_after: Duration::from_secs(settings.report_stale_seconds),
+        start_timeout: Duration::from_secs(settings.worker_start_timeout_seconds),
     };
     tokio::spawn(Arc::clone(&parts.bus).run(settings.broker.amqp_url.clone(), stop.clone()));
     match settings.launcher() {

@@ -16,6 +16,16 @@
 //! 4. A worker asked to drain that is still there after the grace period is stopped
 //!    only if it reports nothing in hand (or never started: still pending); a busy
 //!    worker is never stopped.
+//! 5. A worker that cannot start (its launcher says it never will, e.g. an image that
+//!    cannot be pulled, or it is still pending after `start_timeout`) is stopped with
+//!    the launcher's reason and no longer counted; spawning for its job type then
+//!    pauses, doubling with each failure in a row (10 s up to 5 min), so a broken image
+//!    is not retried every tick. A worker that runs ends the pause.
+//!
+//! Workers of no configured job type (orphans: a job type removed from the file, or a
+//! Job without the label) are asked to drain at once, and stopped after the grace only
+//! if they hold nothing, by [`decide_orphans`]: nobody spawns for them, so nothing
+//! waits on them, and draining loses nothing (rows not taken stay in their queue).
 
 use std::{
     collections::BTreeMap,
@@ -31,7 +41,14 @@ pub struct Limits {
     pub max_jobs: u32,
     pub idle_window: Duration,
     pub drain_grace: Duration,
+    /// How long a worker may stay pending before it is taken as unable to start.
+    pub start_timeout: Duration,
 }
+
+/// The first pause of spawning after a worker could not start, doubled with each
+/// further failure in a row up to [`START_BACKOFF_MAX`].
+pub const START_BACKOFF: Duration = Duration::from_secs(10);
+pub const START_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 /// Where a worker is in its life, as its launcher sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +92,10 @@ pub struct WorkerView {
     pub in_flight: Option<u64>,
     /// Its counters according to its latest fresh report; `None` as for `in_flight`.
     pub progress: Option<Progress>,
+    /// How long since its launcher started it.
+    pub age: Duration,
+    /// Why it has not started yet, when pending and its launcher can tell.
+    pub waiting: Option<Waiting>,
 }
 
 /// A worker's counters of settled rows, from one report. Compared only with the same
@@ -115,6 +136,9 @@ pub struct Memory {
     pub progress: BTreeMap<String, Progress>,
     /// The batch announcement already taken into account.
     pub last_batch_published: Option<Instant>,
+    /// Workers in a row that could not start, and until when spawning pauses for it.
+    pub start_failures: u32,
+    pub spawn_paused_until: Option<Instant>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,12 +164,43 @@ pub fn decide(
     now: Instant,
 ) -> (Vec<Decision>, Memory) {
     let mut decisions = Vec::new();
-    let active = observed.workers.iter().filter(|w| w.phase.is_active());
+    let stuck: Vec<(&WorkerView, String)> = observed
+        .workers
+        .iter()
+        .filter_map(|w| Some((w, cannot_start(w, limits)?)))
+        .collect();
+    let is_stuck = |w: &WorkerView| stuck.iter().any(|(s, _)| s.name == w.name);
+    let active = observed
+        .workers
+        .iter()
+        .filter(|w| w.phase.is_active() && !is_stuck(w));
     let workers = active.clone().count() as u32;
     let taking_rows = active
         .clone()
         .filter(|w| w.drain_requested_at.is_none() && w.phase != Phase::Stopping)
         .count() as u32;
+
+    let (start_failures, spawn_paused_until) = if !stuck.is_empty() {
+        let failures = memory.start_failures.saturating_add(1);
+        let pause = START_BACKOFF
+            .saturating_mul(1 << (failures - 1).min(16))
+            .min(START_BACKOFF_MAX);
+        (failures, Some(now + pause))
+    } else if observed.workers.iter().any(|w| w.phase == Phase::Running) {
+        (0, None)
+    } else {
+        (memory.start_failures, memory.spawn_paused_until)
+    };
+    for (worker, why) in &stuck {
+        decisions.push(Decision {
+            action: Action::Stop(worker.name.clone()),
+            reason: format!(
+                "{why}; spawning for this job type pauses {}s ({start_failures} start failure(s) in a row)",
+                spawn_paused_until.map_or(0, |until| until.duration_since(now).as_secs())
+            ),
+        });
+    }
+    let spawning_paused = spawn_paused_until.is_some_and(|until| now < until);
 
     // Activity the queue figures may not show yet, each compared with the previous
     // observation: counters that moved mean rows were settled (fast rows leave
@@ -171,6 +226,8 @@ pub fn decide(
         last_batch_published: observed
             .last_batch_published
             .or(memory.last_batch_published),
+        start_failures,
+        spawn_paused_until,
     };
 
     let Some(queue) = observed.queue else {
@@ -205,6 +262,7 @@ pub fn decide(
     };
     if let Some((count, reason)) = spawn
         && count > 0
+        && !spawning_paused
     {
         decisions.push(Decision {
             action: Action::Spawn(count),
@@ -273,6 +331,67 @@ pub fn decide(
     (decisions, remember(idle_since))
 }
 
+/// Decides what to do with workers of no configured job type (`why` says which).
+pub fn decide_orphans(
+    workers: &[WorkerView],
+    why: &str,
+    drain_grace: Duration,
+    now: Instant,
+) -> Vec<Decision> {
+    let mut decisions = Vec::new();
+    let active = workers
+        .iter()
+        .filter(|w| w.phase.is_active() && w.phase != Phase::Stopping);
+    let to_drain: Vec<String> = active
+        .clone()
+        .filter(|w| w.drain_requested_at.is_none())
+        .map(|w| w.name.clone())
+        .collect();
+    if !to_drain.is_empty() {
+        decisions.push(Decision {
+            action: Action::Drain(to_drain),
+            reason: format!("{why}: nothing will be spawned for it, so its workers drain"),
+        });
+    }
+    for worker in active {
+        let holds_nothing = worker.in_flight == Some(0) || worker.phase == Phase::Pending;
+        if let Some(asked) = worker.drain_requested_at
+            && now.duration_since(asked) >= drain_grace
+            && holds_nothing
+        {
+            decisions.push(Decision {
+                action: Action::Stop(worker.name.clone()),
+                reason: format!(
+                    "{why}; asked to drain {}s ago (grace {}s) and holds nothing",
+                    now.duration_since(asked).as_secs(),
+                    drain_grace.as_secs()
+                ),
+            });
+        }
+    }
+    decisions
+}
+
+/// Why a pending worker will not start, if it will not: its launcher says so, or it
+/// has been pending longer than the start timeout.
+fn cannot_start(worker: &WorkerView, limits: &Limits) -> Option<String> {
+    if worker.phase != Phase::Pending {
+        return None;
+    }
+    match &worker.waiting {
+        Some(waiting) if waiting.permanent => Some(format!("cannot start: {}", waiting.detail)),
+        waiting if worker.age >= limits.start_timeout => Some(format!(
+            "still pending after {}s (start timeout {}s): {}",
+            worker.age.as_secs(),
+            limits.start_timeout.as_secs(),
+            waiting
+                .as_ref()
+                .map_or("its launcher gives no reason", |w| w.detail.as_str())
+        )),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +403,7 @@ mod tests {
         max_jobs: 10,
         idle_window: Duration::from_secs(30),
         drain_grace: Duration::from_secs(60),
+        start_timeout: Duration::from_secs(180),
     };
 
     fn worker(name: &str, phase: Phase, in_flight: Option<u64>) -> WorkerView {
@@ -293,6 +413,8 @@ mod tests {
             drain_requested_at: None,
             in_flight,
             progress: None,
+            age: Duration::from_secs(5),
+            waiting: None,
         }
     }
 
@@ -538,6 +660,7 @@ mod tests {
             idle_since: Some(start),
             progress: BTreeMap::from([("w0".into(), w0), ("w1".into(), w1)]),
             last_batch_published: Some(announced_before),
+            ..Memory::default()
         };
         let with_batch = |workers: Vec<WorkerView>, at: Option<Instant>| Observation {
             last_batch_published: at,
@@ -814,6 +937,210 @@ mod tests {
             now,
         );
         assert!(decisions.is_empty(), "nor asked to drain: {decisions:?}");
+    }
+
+    fn waiting(detail: &str, permanent: bool) -> Option<Waiting> {
+        Some(Waiting {
+            detail: detail.into(),
+            permanent,
+        })
+    }
+
+    /// Pending workers by how long and why: name, age, waiting, expected stop.
+    #[test]
+    fn a_pending_worker_is_stopped_only_when_it_cannot_start() {
+        let cases = [
+            ("just created, no reason yet", 5, None, false),
+            (
+                "pulling its image",
+                60,
+                waiting("ContainerCreating", false),
+                false,
+            ),
+            (
+                "no capacity, within the timeout",
+                179,
+                waiting("Unschedulable: 0/1 nodes", false),
+                false,
+            ),
+            (
+                "no capacity past the timeout",
+                180,
+                waiting("Unschedulable: 0/1 nodes", false),
+                true,
+            ),
+            ("never got a pod, past the timeout", 200, None, true),
+            (
+                "an image that cannot be pulled: at once",
+                8,
+                waiting("ImagePullBackOff: nope:1", true),
+                true,
+            ),
+            (
+                "a missing Secret key: at once",
+                8,
+                waiting("CreateContainerConfigError: no key", true),
+                true,
+            ),
+        ];
+        for (name, age, waits, stopped) in cases {
+            let pending = WorkerView {
+                age: Duration::from_secs(age),
+                waiting: waits,
+                ..worker("w", Phase::Pending, None)
+            };
+            let actions = actions(&observed(5, 0, vec![pending]));
+            assert_eq!(
+                actions.contains(&Action::Stop("w".into())),
+                stopped,
+                "{name}: {actions:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_worker_that_can_never_start_neither_blocks_its_queue_nor_is_replaced_every_tick() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let stuck = |name: &str| WorkerView {
+            waiting: waiting("ImagePullBackOff: Back-off pulling image \"nope:1\"", true),
+            ..worker(name, Phase::Pending, None)
+        };
+        // 15 ready (below threshold 20) and the one worker stuck: before the fix it held
+        // its place and counted as taking rows, so nothing more ever happened.
+        let (decisions, memory) = decide(
+            &observed(15, 0, vec![stuck("a")]),
+            &LIMITS,
+            Memory::default(),
+            at(0),
+        );
+        assert_eq!(decisions.len(), 1, "{decisions:?}");
+        assert_eq!(decisions[0].action, Action::Stop("a".into()));
+        assert_eq!(
+            decisions[0].reason,
+            "cannot start: ImagePullBackOff: Back-off pulling image \"nope:1\"; \
+             spawning for this job type pauses 10s (1 start failure(s) in a row)"
+        );
+
+        // Being deleted it holds its place, and within the pause nothing is spawned.
+        let stopping = WorkerView {
+            phase: Phase::Stopping,
+            ..stuck("a")
+        };
+        let (decisions, memory) = decide(&observed(15, 0, vec![stopping]), &LIMITS, memory, at(5));
+        assert!(decisions.is_empty(), "paused: {decisions:?}");
+
+        // After the pause, the stranded rows get a worker again.
+        let (decisions, memory) = decide(&observed(15, 0, vec![]), &LIMITS, memory, at(10));
+        assert_eq!(decisions[0].action, Action::Spawn(1));
+
+        // It cannot start either: the pause doubles.
+        let (decisions, memory) =
+            decide(&observed(15, 0, vec![stuck("b")]), &LIMITS, memory, at(20));
+        assert!(
+            decisions[0]
+                .reason
+                .ends_with("pauses 20s (2 start failure(s) in a row)"),
+            "{}",
+            decisions[0].reason
+        );
+        let (decisions, memory) = decide(&observed(15, 0, vec![]), &LIMITS, memory, at(39));
+        assert!(decisions.is_empty(), "still paused: {decisions:?}");
+
+        // A worker that runs shows the job type can start workers: the count resets.
+        let (_, memory) = decide(&observed(15, 0, running(1)), &LIMITS, memory, at(40));
+        assert_eq!(
+            (memory.start_failures, memory.spawn_paused_until),
+            (0, None)
+        );
+    }
+
+    #[test]
+    fn the_pause_after_start_failures_stops_doubling_at_five_minutes() {
+        let now = Instant::now();
+        let memory = Memory {
+            start_failures: 30,
+            ..Memory::default()
+        };
+        let stuck = WorkerView {
+            waiting: waiting("ErrImageNeverPull", true),
+            ..worker("w", Phase::Pending, None)
+        };
+        let (_, memory) = decide(&observed(0, 0, vec![stuck]), &LIMITS, memory, now);
+        assert_eq!(memory.spawn_paused_until, Some(now + START_BACKOFF_MAX));
+    }
+
+    #[test]
+    fn orphans_are_drained_at_once_and_stopped_only_holding_nothing() {
+        let asked = Instant::now();
+        let grace = Duration::from_secs(60);
+        let draining = |name: &str, in_flight| WorkerView {
+            drain_requested_at: Some(asked),
+            ..worker(name, Phase::Running, in_flight)
+        };
+        let cases = [
+            (
+                "new orphans: drained, a busy one too (it finishes its rows first)",
+                vec![
+                    worker("idle", Phase::Running, Some(0)),
+                    worker("busy", Phase::Running, Some(3)),
+                ],
+                10,
+                vec![Action::Drain(vec!["idle".into(), "busy".into()])],
+            ),
+            (
+                "asked, within the grace: nothing",
+                vec![draining("idle", Some(0))],
+                10,
+                vec![],
+            ),
+            (
+                "asked, past the grace, idle: stopped",
+                vec![draining("idle", Some(0))],
+                61,
+                vec![Action::Stop("idle".into())],
+            ),
+            (
+                "asked, past the grace, busy: never stopped",
+                vec![draining("busy", Some(2))],
+                61,
+                vec![],
+            ),
+            (
+                "asked, past the grace, silent: never stopped",
+                vec![draining("silent", None)],
+                61,
+                vec![],
+            ),
+            (
+                "being stopped: left alone",
+                vec![worker("going", Phase::Stopping, Some(0))],
+                61,
+                vec![],
+            ),
+            (
+                "finished: left alone",
+                vec![worker("done", Phase::Succeeded, None)],
+                61,
+                vec![],
+            ),
+        ];
+        for (name, workers, seconds, expected) in cases {
+            let decisions = decide_orphans(
+                &workers,
+                "job type \"retired\" is not configured",
+                grace,
+                asked + Duration::from_secs(seconds),
+            );
+            let actions: Vec<Action> = decisions.iter().map(|d| d.action.clone()).collect();
+            assert_eq!(actions, expected, "{name}");
+            assert!(
+                decisions.iter().all(|d| d
+                    .reason
+                    .starts_with("job type \"retired\" is not configured")),
+                "{name}: {decisions:?}"
+            );
+        }
     }
 
     #[test]

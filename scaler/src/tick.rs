@@ -11,7 +11,7 @@
 //! the tick by at most one read timeout.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -45,6 +45,8 @@ pub struct Scaler<L> {
     pub drain_grace: Duration,
     /// A report older than this says nothing about the worker's hands.
     pub report_stale_after: Duration,
+    /// How long a worker may stay pending before it is taken as unable to start.
+    pub start_timeout: Duration,
     memory: HashMap<String, Memory>,
     /// When each worker was asked to drain (or first seen draining).
     drains: HashMap<String, Instant>,
@@ -59,6 +61,8 @@ pub struct Parts {
     pub drain_grace: Duration,
     /// A report older than this says nothing about the worker's hands.
     pub report_stale_after: Duration,
+    /// How long a worker may stay pending before it is taken as unable to start.
+    pub start_timeout: Duration,
 }
 
 impl<L: Launcher> Scaler<L> {
@@ -72,6 +76,7 @@ impl<L: Launcher> Scaler<L> {
             board: parts.board,
             drain_grace: parts.drain_grace,
             report_stale_after: parts.report_stale_after,
+            start_timeout: parts.start_timeout,
             memory: HashMap::new(),
             drains: HashMap::new(),
         }
@@ -160,6 +165,7 @@ impl<L: Launcher> Scaler<L> {
                 max_jobs: job.max_jobs,
                 idle_window: self.jobs.idle_window(),
                 drain_grace: self.drain_grace,
+                start_timeout: self.start_timeout,
             };
             let memory = self.memory.remove(&job_type).unwrap_or_default();
             let (decisions, memory) = policy::decide(&observation, &limits, memory, now);
@@ -168,9 +174,47 @@ impl<L: Launcher> Scaler<L> {
                 self.act(&job_type, decision, now).await;
             }
         }
+        self.orphans(&workers, &mut listings, now).await;
         // By job type name, as job types are listed everywhere, whichever read ended first.
         board_rows.sort_by(|a, b| a.job_type.cmp(&b.job_type));
         self.board.record_tick(board_rows, listings);
+    }
+
+    /// Workers of no configured job type: listed, drained, stopped once idle.
+    async fn orphans(
+        &mut self,
+        workers: &[LaunchedWorker],
+        listings: &mut Vec<JobListing>,
+        now: Instant,
+    ) {
+        let mut by_label: BTreeMap<&str, Vec<&LaunchedWorker>> = BTreeMap::new();
+        for worker in workers {
+            if !self.jobs.job_types.contains_key(&worker.job_type) {
+                by_label.entry(&worker.job_type).or_default().push(worker);
+            }
+        }
+        for (label, launched) in by_label {
+            let views: Vec<WorkerView> = launched.iter().map(|w| self.view(w, now)).collect();
+            listings.extend(
+                views
+                    .iter()
+                    .zip(&launched)
+                    .map(|(view, launched)| JobListing {
+                        name: view.name.clone(),
+                        job_type: label.to_string(),
+                        status: status_of(view),
+                        started_unix: launched.started_unix,
+                    }),
+            );
+            let why = if label.is_empty() {
+                "a worker without a job type".to_string()
+            } else {
+                format!("job type {label:?} is not configured")
+            };
+            for decision in policy::decide_orphans(&views, &why, self.drain_grace, now) {
+                self.act(label, decision, now).await;
+            }
+        }
     }
 
     /// The figures of a read, or `None` (logged and counted) when it failed.
@@ -217,6 +261,8 @@ impl<L: Launcher> Scaler<L> {
                 dead_lettered: report.dead_lettered,
                 last_activity_unix: report.last_activity_unix,
             }),
+            age: Duration::from_secs(unix_now().saturating_sub(worker.started_unix)),
+            waiting: worker.waiting.clone(),
         }
     }
 

@@ -69,7 +69,8 @@ impl Recorder {
             name: name.into(),
             job_type: job_type.into(),
             phase,
-            started_unix: 1,
+            // Started now: a pending worker is not past its start timeout.
+            started_unix: spillway_common::events::unix_now(),
             waiting: None,
         });
     }
@@ -163,6 +164,7 @@ impl Harness {
             drain_grace: Duration::from_secs(60),
             // The test walks *now* far ahead of the clock: reports must stay fresh.
             report_stale_after: Duration::from_secs(3600),
+            start_timeout: Duration::from_secs(180),
         };
         let scaler = Scaler::new(jobs, Arc::new(launcher), parts);
         let connection = Connection::connect(&vhost.amqp_url, ConnectionProperties::default())
@@ -312,6 +314,46 @@ async fn a_worker_whose_counts_move_between_ticks_is_not_drained() {
         h.decisions("drain"),
         1,
         "30 s after w0's counters last moved"
+    );
+}
+
+/// Issue 16: a worker of a job type no longer in the file (or with no job-type label)
+/// was watched but never shown, drained or stopped.
+#[tokio::test]
+async fn workers_of_no_configured_job_type_are_listed_and_drained() {
+    let recorder = Recorder::with_running("retired", &["old-1"]);
+    recorder.add("", "unlabelled-1", Phase::Running);
+    let mut h = Harness::start("tick-orphans", ONE_JOB_TYPE, recorder).await;
+    h.scaler.tick(Instant::now()).await;
+    let listed: Vec<(String, String)> = h
+        .scaler
+        .board
+        .jobs()
+        .into_iter()
+        .map(|job| (job.name, job.job_type))
+        .collect();
+    for expected in [("old-1", "retired"), ("unlabelled-1", "")] {
+        assert!(
+            listed.contains(&(expected.0.into(), expected.1.into())),
+            "{expected:?} in {listed:?}"
+        );
+    }
+    let metrics = Arc::clone(&h.scaler.metrics);
+    let drains = |job_type: &str| {
+        metrics
+            .decisions
+            .get_or_create(&ActionLabels {
+                job_type: job_type.into(),
+                action: "drain",
+            })
+            .get()
+    };
+    assert_eq!((drains("retired"), drains("")), (1, 1));
+    h.scaler.tick(Instant::now()).await;
+    assert_eq!(
+        (drains("retired"), drains("")),
+        (1, 1),
+        "asked once, not every tick"
     );
 }
 
