@@ -13,12 +13,22 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use serde::Serialize;
-use spillway_common::events::{BatchCounts, BatchPublished, WorkerReport, unix_now};
+use spillway_common::{
+    events::{BatchCounts, BatchPublished, WorkerReport, unix_now},
+    jobs_config::JobType,
+    rabbit_api::QueueStats,
+};
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+
+use crate::{
+    launcher::LaunchedWorker,
+    policy::{Observation, Phase, WorkerView},
+    reports::Reports,
+};
 
 const HISTORY: usize = 360;
 const EVENTS: usize = 200;
@@ -50,6 +60,33 @@ pub struct JobTypeStats {
     pub max_jobs: u32,
 }
 
+impl JobTypeStats {
+    /// The row of one job type's observation: queue figures (`None` where the read
+    /// failed), rows in its dead queue, and its active workers.
+    pub fn observed(
+        job_type: &str,
+        job: &JobType,
+        stats: Option<QueueStats>,
+        dead_lettered: Option<u64>,
+        observation: &Observation,
+    ) -> Self {
+        JobTypeStats {
+            job_type: job_type.into(),
+            queue: job.queue.clone(),
+            ready: stats.map(|s| s.ready),
+            unacked: stats.map(|s| s.unacked),
+            consumed_total: stats.map(|s| s.acked_total),
+            dead_lettered,
+            workers_active: observation
+                .workers
+                .iter()
+                .filter(|w| w.phase.is_active())
+                .count() as u64,
+            max_jobs: job.max_jobs,
+        }
+    }
+}
+
 /// A point of the chart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Sample {
@@ -76,6 +113,35 @@ pub struct JobListing {
     pub job_type: String,
     pub status: &'static str,
     pub started_unix: u64,
+}
+
+impl JobListing {
+    /// The listings of workers of `job_type`: each view beside its launcher's record.
+    pub fn of(job_type: &str, views: &[WorkerView], launched: &[&LaunchedWorker]) -> Vec<Self> {
+        views
+            .iter()
+            .zip(launched)
+            .map(|(view, launched)| JobListing {
+                name: view.name.clone(),
+                job_type: job_type.into(),
+                status: status_of(view),
+                started_unix: launched.started_unix,
+            })
+            .collect()
+    }
+}
+
+/// The job table's word for a worker's state.
+fn status_of(worker: &WorkerView) -> &'static str {
+    match worker.phase {
+        Phase::Running if worker.drain_requested_at.is_some() => "draining",
+        Phase::Pending => "pending",
+        Phase::Running => "running",
+        Phase::Succeeded => "succeeded",
+        Phase::Failed => "failed",
+        Phase::Ended => "ended",
+        Phase::Stopping => "stopping",
+    }
 }
 
 /// A row of the job table.
@@ -144,15 +210,6 @@ pub struct Totals {
     pub max_jobs: u64,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-struct WorkerCounts {
-    processed: u64,
-    failed: u64,
-    dead_lettered: u64,
-    in_flight: u64,
-    last_activity_unix: u64,
-}
-
 #[derive(Debug, Default)]
 struct BatchEntry {
     published: Option<BatchPublished>,
@@ -178,7 +235,6 @@ struct State {
     jobs: Vec<JobListing>,
     history: VecDeque<Sample>,
     events: VecDeque<ScalingEvent>,
-    workers: HashMap<String, WorkerCounts>,
     batches: HashMap<String, BatchEntry>,
     /// Batch ids, oldest first.
     batch_order: VecDeque<String>,
@@ -230,19 +286,23 @@ impl State {
 
 pub struct Board {
     state: Mutex<State>,
+    /// Each worker's latest report, owned by [`Reports`]: the job table reads its
+    /// counts from there rather than keeping a copy.
+    reports: Arc<Reports>,
     system: Mutex<Option<System>>,
 }
 
 impl Default for Board {
     fn default() -> Self {
-        Self::new()
+        Self::new(Arc::default())
     }
 }
 
 impl Board {
-    pub fn new() -> Self {
+    pub fn new(reports: Arc<Reports>) -> Self {
         Board {
             state: Mutex::default(),
+            reports,
             system: Mutex::new(System::new().ok()),
         }
     }
@@ -251,18 +311,9 @@ impl Board {
         self.state.lock().expect("board lock")
     }
 
+    /// The progress of the batches a worker's report counts rows of.
     pub fn record_report(&self, report: &WorkerReport) {
         let mut state = self.state();
-        state.workers.insert(
-            report.worker.clone(),
-            WorkerCounts {
-                processed: report.processed,
-                failed: report.failed,
-                dead_lettered: report.dead_lettered,
-                in_flight: report.in_flight,
-                last_activity_unix: report.last_activity_unix,
-            },
-        );
         for (batch_id, counts) in &report.batches {
             let known = state.batches.contains_key(batch_id);
             let recent = counts.last_unix + REPORTED_RECENTLY_SECONDS >= report.sent_unix;
@@ -309,9 +360,6 @@ impl Board {
             state.history.pop_front();
         }
         state.history.push_back(sample);
-        state
-            .workers
-            .retain(|name, _| jobs.iter().any(|j| &j.name == name));
         state.job_types = job_types;
         state.jobs = jobs;
         state.updated_unix = sample.unix;
@@ -347,17 +395,18 @@ impl Board {
             .jobs
             .iter()
             .map(|job| {
-                let counts = state.workers.get(&job.name).copied();
+                let report = self.reports.get(&job.name).map(|(report, _)| report);
+                let report = report.as_ref();
                 JobView {
                     name: job.name.clone(),
                     job_type: job.job_type.clone(),
                     status: job.status,
                     started_unix: job.started_unix,
-                    processed: counts.map_or(0, |c| c.processed),
-                    failed: counts.map_or(0, |c| c.failed),
-                    dead_lettered: counts.map_or(0, |c| c.dead_lettered),
-                    in_flight: counts.map_or(0, |c| c.in_flight),
-                    last_activity_unix: counts.map(|c| c.last_activity_unix),
+                    processed: report.map_or(0, |r| r.processed),
+                    failed: report.map_or(0, |r| r.failed),
+                    dead_lettered: report.map_or(0, |r| r.dead_lettered),
+                    in_flight: report.map_or(0, |r| r.in_flight),
+                    last_activity_unix: report.map(|r| r.last_activity_unix),
                 }
             })
             .collect();
@@ -470,7 +519,7 @@ mod tests {
 
     #[test]
     fn batch_progress_adds_up_every_worker_latest_counts() {
-        let board = Board::new();
+        let board = Board::default();
         board.record_batch(BatchPublished {
             batch_id: "b1".into(),
             job_type: "default".into(),
@@ -491,7 +540,7 @@ mod tests {
 
     #[test]
     fn a_batch_seen_only_in_reports_has_no_progress_yet() {
-        let board = Board::new();
+        let board = Board::default();
         board.record_report(&report("w1", &[("b9", 1, 0)]));
         let b9 = &board.batches().batches[0];
         assert_eq!((b9.rows, b9.progress, b9.processed), (None, None, 1));
@@ -521,7 +570,7 @@ mod tests {
     /// oldest are half done, the 240 others finished.
     #[test]
     fn finished_batches_are_forgotten_first_and_one_in_progress_never() {
-        let board = Board::new();
+        let board = Board::default();
         for n in 0..250 {
             let id = format!("b{n:03}");
             announce(&board, &id, 2);
@@ -547,7 +596,7 @@ mod tests {
     /// producer's announcement, so it showed `null` for job type, rows and progress.
     #[test]
     fn a_report_naming_a_forgotten_batch_does_not_bring_it_back() {
-        let board = Board::new();
+        let board = Board::default();
         for n in 0..=BATCHES {
             let id = format!("b{n:03}");
             announce(&board, &id, 1);
@@ -571,7 +620,7 @@ mod tests {
 
     #[test]
     fn a_batch_first_heard_of_in_a_report_is_added_only_while_it_is_worked_on() {
-        let board = Board::new();
+        let board = Board::default();
         let mut old = report("w1", &[("old", 5, 0), ("current", 1, 0)]);
         old.sent_unix = 1_000;
         old.batches.get_mut("old").unwrap().last_unix = 1_000 - REPORTED_RECENTLY_SECONDS - 1;
@@ -586,7 +635,7 @@ mod tests {
 
     #[test]
     fn batches_in_progress_are_bounded_too_those_never_announced_forgotten_first() {
-        let board = Board::new();
+        let board = Board::default();
         board.record_report(&report("w1", &[("unannounced", 1, 0)]));
         for n in 0..BATCHES_IN_PROGRESS {
             announce(&board, &format!("b{n:04}"), 10);
@@ -602,9 +651,10 @@ mod tests {
     }
 
     #[test]
-    fn the_job_table_carries_counts_until_the_worker_is_forgotten() {
-        let board = Board::new();
-        board.record_report(&report("w1", &[("b1", 3, 0)]));
+    fn the_job_table_carries_the_counts_of_each_workers_latest_report() {
+        let reports = Arc::new(Reports::default());
+        let board = Board::new(Arc::clone(&reports));
+        reports.record(report("w1", &[("b1", 3, 0)]), std::time::Instant::now());
         let listing = |name: &str, started| JobListing {
             name: name.into(),
             job_type: "default".into(),
@@ -626,7 +676,7 @@ mod tests {
 
     #[test]
     fn history_and_events_are_bounded() {
-        let board = Board::new();
+        let board = Board::default();
         for _ in 0..HISTORY + 5 {
             board.record_tick(vec![], vec![]);
         }

@@ -2,15 +2,14 @@
 //! in, drain requests out.
 //!
 //! One task keeps a connection open (reconnecting with backoff for as long as the
-//! scaler runs) and consumes every worker's reports from the events exchange into
-//! [`Reports`]. Drain requests go out on a channel of their own in confirm mode, so a
+//! scaler runs) and consumes every worker's reports and the producer's batch
+//! announcements from the events exchange into [`Reports`] and the board. Drain requests go out on a channel of their own in confirm mode, so a
 //! request the broker refuses (`ACCESS_REFUSED` closes the channel) is a failure the
 //! caller sees, not a request believed sent; a closed one is reopened for the next.
 //! While it is disconnected, reports age and become stale, which the policy treats
 //! as "unknown": never idle.
 
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -34,51 +33,17 @@ use spillway_common::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::board::Board;
-
-/// The latest report of each worker, with when it arrived.
-#[derive(Default)]
-pub struct Reports {
-    latest: Mutex<HashMap<String, (WorkerReport, Instant)>>,
-}
-
-impl Reports {
-    pub fn record(&self, report: WorkerReport, at: Instant) {
-        self.latest
-            .lock()
-            .expect("reports lock")
-            .insert(report.worker.clone(), (report, at));
-    }
-
-    /// The latest report of `worker` and when it arrived.
-    pub fn get(&self, worker: &str) -> Option<(WorkerReport, Instant)> {
-        self.latest
-            .lock()
-            .expect("reports lock")
-            .get(worker)
-            .cloned()
-    }
-
-    /// Forgets workers no longer known to the launcher.
-    pub fn retain(&self, known: impl Fn(&str) -> bool) {
-        self.latest
-            .lock()
-            .expect("reports lock")
-            .retain(|name, _| known(name));
-    }
-}
+use crate::{board::Board, context::DrainRequests, reports::Reports};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot ask worker {worker} to drain: {reason}")]
 pub struct DrainError {
-    worker: String,
-    reason: String,
+    pub worker: String,
+    pub reason: String,
 }
 
 pub struct Bus {
-    pub reports: Arc<Reports>,
-    /// When the latest batch announcement of each job type arrived.
-    batches: Mutex<HashMap<String, Instant>>,
+    reports: Arc<Reports>,
     board: Arc<Board>,
     /// Work queues (name, delivery limit) declared on every connection, so the
     /// management API always has them to report on.
@@ -94,11 +59,10 @@ pub struct Bus {
 const DRAIN_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Bus {
-    /// A bus that also tells `board` about reports and published batches.
-    pub fn new(board: Arc<Board>, jobs: &JobsConfig) -> Arc<Self> {
+    /// A bus that records what it hears in `reports`, and batch progress on `board`.
+    pub fn new(reports: Arc<Reports>, board: Arc<Board>, jobs: &JobsConfig) -> Arc<Self> {
         Arc::new(Bus {
-            reports: Arc::new(Reports::default()),
-            batches: Mutex::new(HashMap::new()),
+            reports,
             board,
             queues: jobs
                 .job_types
@@ -119,18 +83,8 @@ impl Bus {
             .is_some_and(|c| c.status().connected())
     }
 
-    /// When the producer's latest announcement of a batch of `job_type` arrived: rows
-    /// the management API may not count yet.
-    pub fn last_batch_published(&self, job_type: &str) -> Option<Instant> {
-        self.batches
-            .lock()
-            .expect("batches lock")
-            .get(job_type)
-            .copied()
-    }
-
     /// Asks `worker` to finish what it holds and exit.
-    pub async fn drain(&self, worker: &str) -> Result<(), DrainError> {
+    async fn request_drain(&self, worker: &str) -> Result<(), DrainError> {
         let failed = |reason: String| DrainError {
             worker: worker.to_string(),
             reason,
@@ -223,10 +177,7 @@ impl Bus {
             if delivery.routing_key.as_str().starts_with("batch.") {
                 match serde_json::from_slice::<BatchPublished>(&delivery.data) {
                     Ok(batch) => {
-                        self.batches
-                            .lock()
-                            .expect("batches lock")
-                            .insert(batch.job_type.clone(), Instant::now());
+                        self.reports.record_batch(&batch.job_type, Instant::now());
                         self.board.record_batch(batch);
                     }
                     Err(error) => tracing::warn!(%error, "ignoring a malformed batch announcement"),
@@ -281,4 +232,13 @@ async fn subscribe(channel: &Channel) -> Result<lapin::Consumer, lapin::Error> {
             FieldTable::default(),
         )
         .await
+}
+
+impl DrainRequests for Bus {
+    fn drain(
+        &self,
+        worker: &str,
+    ) -> impl std::future::Future<Output = Result<(), DrainError>> + Send {
+        self.request_drain(worker)
+    }
 }

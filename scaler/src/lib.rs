@@ -6,9 +6,13 @@
 //! - [`config`]: the scaler's settings, from the environment.
 //! - [`policy`]: the scaling rules, a pure function with table tests.
 //! - [`tick`]: observe -> decide -> act, once per tick.
+//! - [`context`]: what a tick observes and acts through, each side effect behind a
+//!   trait: [`launcher::Launcher`], [`context::QueueFigures`], [`context::DrainRequests`].
 //! - [`launcher`]: where workers run, behind one trait: [`launcher::local`] (processes)
 //!   and [`launcher::kube`] (Kubernetes Jobs).
 //! - [`bus`]: worker reports in, drain requests out, over RabbitMQ.
+//! - [`reports`]: each worker's latest report and each job type's latest batch
+//!   announcement, as heard on the bus.
 //! - [`board`]: what the dashboard shows, kept bounded.
 //! - [`dashboard`]: the HTML page and its JSON API.
 //! - [`http`]: every route, with `/api/jobs/{name}/logs`, `/healthz`, `/readyz`, `/metrics`.
@@ -17,16 +21,18 @@
 pub mod board;
 pub mod bus;
 pub mod config;
+pub mod context;
 pub mod dashboard;
 pub mod http;
 pub mod launcher;
 pub mod metrics;
 pub mod policy;
+pub mod reports;
 pub mod tick;
 
 use std::{future::IntoFuture, sync::Arc, time::Duration};
 
-use anyhow::Context;
+use anyhow::Context as _;
 use spillway_common::{jobs_config::JobsConfig, rabbit_api::RabbitApi};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -35,12 +41,24 @@ use crate::{
     board::Board,
     bus::Bus,
     config::{LauncherKind, Settings},
+    context::{Context, Timing},
     dashboard::{DashboardState, Page},
     http::HttpState,
     launcher::{Launcher, kube::KubeLauncher, local::LocalLauncher},
     metrics::Metrics,
-    tick::{Parts, Scaler},
+    reports::Reports,
+    tick::Scaler,
 };
+
+/// Everything a scaler is made of besides its launcher.
+struct Parts {
+    queues: Arc<RabbitApi>,
+    bus: Arc<Bus>,
+    reports: Arc<Reports>,
+    board: Arc<Board>,
+    metrics: Arc<Metrics>,
+    timing: Timing,
+}
 
 /// Runs the scaler until `stop`: HTTP endpoints on `listener`, the bus, and the ticks.
 /// Workers are left running when it stops; a restarted scaler finds them again.
@@ -50,16 +68,22 @@ pub async fn run(
     listener: TcpListener,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let board = Arc::new(Board::new());
+    let reports = Arc::new(Reports::default());
+    let board = Arc::new(Board::new(Arc::clone(&reports)));
     let parts = Parts {
-        api: RabbitApi::new(&settings.rabbitmq_api_url, &settings.broker.amqp_url)?
-            .with_read_timeout(tick::read_timeout(jobs.tick())),
-        bus: Bus::new(Arc::clone(&board), &jobs),
+        queues: Arc::new(
+            RabbitApi::new(&settings.rabbitmq_api_url, &settings.broker.amqp_url)?
+                .with_read_timeout(tick::read_timeout(jobs.tick())),
+        ),
+        bus: Bus::new(Arc::clone(&reports), Arc::clone(&board), &jobs),
+        reports,
         board,
         metrics: Arc::new(Metrics::new()),
-        drain_grace: Duration::from_secs(settings.drain_grace_seconds),
-        report_stale_after: Duration::from_secs(settings.report_stale_seconds),
-        start_timeout: Duration::from_secs(settings.worker_start_timeout_seconds),
+        timing: Timing {
+            drain_grace: Duration::from_secs(settings.drain_grace_seconds),
+            report_stale_after: Duration::from_secs(settings.report_stale_seconds),
+            start_timeout: Duration::from_secs(settings.worker_start_timeout_seconds),
+        },
     };
     tokio::spawn(Arc::clone(&parts.bus).run(settings.broker.amqp_url.clone(), stop.clone()));
     match settings.launcher() {
@@ -123,7 +147,18 @@ async fn serve_and_tick<L: Launcher>(
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future(),
     );
-    let mut scaler = Scaler::new(jobs, launcher, parts);
+    let mut scaler = Scaler::new(
+        jobs,
+        Context {
+            launcher,
+            queues: parts.queues,
+            drains: parts.bus,
+            reports: parts.reports,
+            metrics: parts.metrics,
+            board: parts.board,
+            timing: parts.timing,
+        },
+    );
     let mut ticks = tokio::time::interval(scaler.jobs.tick());
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

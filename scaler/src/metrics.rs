@@ -1,5 +1,6 @@
 //! The scaler's Prometheus metrics, served as OpenMetrics text on `/metrics`.
 
+use crate::policy::{Observation, Phase};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -77,6 +78,41 @@ impl Metrics {
         Metrics {
             registry,
             ..metrics
+        }
+    }
+
+    /// The gauges of one job type's observation: queue depth and workers by phase.
+    pub fn record_observation(&self, job_type: &str, observation: &Observation) {
+        let labels = JobLabels {
+            job_type: job_type.into(),
+        };
+        if let Some(queue) = observation.queue {
+            self.queue_ready
+                .get_or_create(&labels)
+                .set(queue.ready as i64);
+            self.queue_unacked
+                .get_or_create(&labels)
+                .set(queue.unacked as i64);
+        }
+        for (phase, name) in [
+            (Phase::Pending, "pending"),
+            (Phase::Running, "running"),
+            (Phase::Succeeded, "succeeded"),
+            (Phase::Failed, "failed"),
+            (Phase::Ended, "ended"),
+            (Phase::Stopping, "stopping"),
+        ] {
+            let count = observation
+                .workers
+                .iter()
+                .filter(|w| w.phase == phase)
+                .count();
+            self.workers
+                .get_or_create(&PhaseLabels {
+                    job_type: job_type.into(),
+                    phase: name,
+                })
+                .set(count as i64);
         }
     }
 

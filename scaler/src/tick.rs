@@ -1,14 +1,18 @@
 //! The tick: observe, decide, act, record. Glue only.
 //!
 //! Each tick reads the launcher's workers once, then for each job type its queue's
-//! depth (management API) and its workers' latest reports, asks the pure policy what
-//! to do, and does it through the launcher or the bus. A failed read is passed on as
-//! "unknown", which the policy never takes for idle.
+//! depth and its workers' latest reports, asks the pure policy what to do, and does
+//! it through the [`Context`]: the launcher, drain requests, the metrics and the
+//! board. A failed read is passed on as "unknown", which the policy never takes for
+//! idle.
 //!
 //! Every job type's queue and dead queue are read at once, each read bounded by
 //! [`read_timeout`], and each job type is decided as soon as its own figures are in:
 //! a management API that holds the reads of one queue delays that job type only, and
 //! the tick by at most one read timeout.
+
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -20,71 +24,41 @@ use futures_util::{StreamExt, stream::FuturesUnordered};
 use spillway_common::{
     events::{WorkerState, unix_now},
     jobs_config::JobsConfig,
-    rabbit_api::{ApiError, QueueStats, RabbitApi},
+    rabbit_api::{ApiError, QueueStats},
     topology::dead_queue_name,
 };
 
 use crate::{
-    board::{Board, JobListing, JobTypeStats, ScalingEvent},
-    bus::Bus,
+    board::{JobListing, JobTypeStats, ScalingEvent},
+    context::{Context, DrainRequests, QueueFigures},
     launcher::{LaunchedWorker, Launcher, worker_name},
-    metrics::{ActionLabels, JobLabels, Metrics, PhaseLabels},
+    metrics::{ActionLabels, JobLabels},
     policy::{
-        self, Action, Decision, Limits, Memory, Observation, Phase, Progress, QueueDepth,
-        WorkerView,
+        self, Action, Decision, Limits, Memory, Observation, Progress, QueueDepth, WorkerView,
     },
 };
 
-pub struct Scaler<L> {
+pub struct Scaler<L, Q, D> {
     pub jobs: JobsConfig,
-    pub launcher: Arc<L>,
-    pub api: RabbitApi,
-    pub bus: Arc<Bus>,
-    pub metrics: Arc<Metrics>,
-    pub board: Arc<Board>,
-    pub drain_grace: Duration,
-    /// A report older than this says nothing about the worker's hands.
-    pub report_stale_after: Duration,
-    /// How long a worker may stay pending before it is taken as unable to start.
-    pub start_timeout: Duration,
+    pub ctx: Context<L, Q, D>,
     memory: HashMap<String, Memory>,
     /// When each worker was asked to drain (or first seen draining).
     drains: HashMap<String, Instant>,
 }
 
-/// What a scaler observes through, acts through and reports to, whatever its launcher.
-pub struct Parts {
-    pub api: RabbitApi,
-    pub bus: Arc<Bus>,
-    pub metrics: Arc<Metrics>,
-    pub board: Arc<Board>,
-    pub drain_grace: Duration,
-    /// A report older than this says nothing about the worker's hands.
-    pub report_stale_after: Duration,
-    /// How long a worker may stay pending before it is taken as unable to start.
-    pub start_timeout: Duration,
-}
-
-impl<L: Launcher> Scaler<L> {
-    pub fn new(jobs: JobsConfig, launcher: Arc<L>, parts: Parts) -> Self {
+impl<L: Launcher, Q: QueueFigures, D: DrainRequests> Scaler<L, Q, D> {
+    pub fn new(jobs: JobsConfig, ctx: Context<L, Q, D>) -> Self {
         Scaler {
             jobs,
-            launcher,
-            api: parts.api,
-            bus: parts.bus,
-            metrics: parts.metrics,
-            board: parts.board,
-            drain_grace: parts.drain_grace,
-            report_stale_after: parts.report_stale_after,
-            start_timeout: parts.start_timeout,
+            ctx,
             memory: HashMap::new(),
             drains: HashMap::new(),
         }
     }
 
     pub async fn tick(&mut self, now: Instant) {
-        self.metrics.ticks.inc();
-        let workers = match self.launcher.workers().await {
+        self.ctx.metrics.ticks.inc();
+        let workers = match self.ctx.launcher.workers().await {
             Ok(workers) => workers,
             Err(error) => {
                 tracing::error!(%error, "cannot list workers; doing nothing this tick");
@@ -96,7 +70,7 @@ impl<L: Launcher> Scaler<L> {
                 .iter()
                 .any(|w| w.name == name && w.phase.is_active())
         };
-        self.bus.reports.retain(active);
+        self.ctx.reports.retain(active);
         self.drains.retain(|name, _| active(name));
 
         let mut reads: FuturesUnordered<_> = self
@@ -104,12 +78,14 @@ impl<L: Launcher> Scaler<L> {
             .job_types
             .iter()
             .map(|(job_type, job)| {
-                let api = self.api.clone();
+                let queues = Arc::clone(&self.ctx.queues);
                 let (job_type, job) = (job_type.clone(), job.clone());
                 async move {
                     let dead_queue = dead_queue_name(&job.queue);
-                    let (queue, dead) =
-                        tokio::join!(api.queue_stats(&job.queue), api.queue_stats(&dead_queue));
+                    let (queue, dead) = tokio::join!(
+                        queues.queue_stats(&job.queue),
+                        queues.queue_stats(&dead_queue)
+                    );
                     (job_type, job, queue, dead)
                 }
             })
@@ -118,54 +94,33 @@ impl<L: Launcher> Scaler<L> {
         let mut listings = Vec::with_capacity(workers.len());
         while let Some((job_type, job, queue, dead)) = reads.next().await {
             let stats = self.queue_stats(&job_type, queue);
+            let launched: Vec<&LaunchedWorker> =
+                workers.iter().filter(|w| w.job_type == job_type).collect();
             let observation = Observation {
                 queue: stats.map(|s| QueueDepth {
                     ready: s.ready,
                     unacked: s.unacked,
                 }),
-                workers: workers
-                    .iter()
-                    .filter(|w| w.job_type == job_type)
-                    .map(|w| self.view(w, now))
-                    .collect(),
-                last_batch_published: self.bus.last_batch_published(&job_type),
+                workers: launched.iter().map(|w| self.view(w, now)).collect(),
+                last_batch_published: self.ctx.reports.last_batch_published(&job_type),
             };
-            self.record_gauges(&job_type, &observation);
-            let dead = dead.map(|s| s.ready + s.unacked);
-            board_rows.push(JobTypeStats {
-                job_type: job_type.clone(),
-                queue: job.queue.clone(),
-                ready: stats.map(|s| s.ready),
-                unacked: stats.map(|s| s.unacked),
-                consumed_total: stats.map(|s| s.acked_total),
-                dead_lettered: dead.ok(),
-                workers_active: observation
-                    .workers
-                    .iter()
-                    .filter(|w| w.phase.is_active())
-                    .count() as u64,
-                max_jobs: job.max_jobs,
-            });
-            listings.extend(
-                observation
-                    .workers
-                    .iter()
-                    .zip(workers.iter().filter(|w| w.job_type == job_type))
-                    .map(|(view, launched)| JobListing {
-                        name: view.name.clone(),
-                        job_type: job_type.clone(),
-                        status: status_of(view),
-                        started_unix: launched.started_unix,
-                    }),
-            );
+            self.ctx.metrics.record_observation(&job_type, &observation);
+            board_rows.push(JobTypeStats::observed(
+                &job_type,
+                &job,
+                stats,
+                dead.ok().map(|s| s.ready + s.unacked),
+                &observation,
+            ));
+            listings.extend(JobListing::of(&job_type, &observation.workers, &launched));
             let limits = Limits {
                 threshold: job.threshold,
                 burst_threshold: job.burst_threshold,
                 burst_size: job.burst_size,
                 max_jobs: job.max_jobs,
                 idle_window: self.jobs.idle_window(),
-                drain_grace: self.drain_grace,
-                start_timeout: self.start_timeout,
+                drain_grace: self.ctx.timing.drain_grace,
+                start_timeout: self.ctx.timing.start_timeout,
             };
             let memory = self.memory.remove(&job_type).unwrap_or_default();
             let (decisions, memory) = policy::decide(&observation, &limits, memory, now);
@@ -177,7 +132,7 @@ impl<L: Launcher> Scaler<L> {
         self.orphans(&workers, &mut listings, now).await;
         // By job type name, as job types are listed everywhere, whichever read ended first.
         board_rows.sort_by(|a, b| a.job_type.cmp(&b.job_type));
-        self.board.record_tick(board_rows, listings);
+        self.ctx.board.record_tick(board_rows, listings);
     }
 
     /// Workers of no configured job type: listed, drained, stopped once idle.
@@ -195,23 +150,14 @@ impl<L: Launcher> Scaler<L> {
         }
         for (label, launched) in by_label {
             let views: Vec<WorkerView> = launched.iter().map(|w| self.view(w, now)).collect();
-            listings.extend(
-                views
-                    .iter()
-                    .zip(&launched)
-                    .map(|(view, launched)| JobListing {
-                        name: view.name.clone(),
-                        job_type: label.to_string(),
-                        status: status_of(view),
-                        started_unix: launched.started_unix,
-                    }),
-            );
+            listings.extend(JobListing::of(label, &views, &launched));
             let why = if label.is_empty() {
                 "a worker without a job type".to_string()
             } else {
                 format!("job type {label:?} is not configured")
             };
-            for decision in policy::decide_orphans(&views, &why, self.drain_grace, now) {
+            let grace = self.ctx.timing.drain_grace;
+            for decision in policy::decide_orphans(&views, &why, grace, now) {
                 self.act(label, decision, now).await;
             }
         }
@@ -229,7 +175,8 @@ impl<L: Launcher> Scaler<L> {
             Ok(stats) => Some(stats),
             Err(error) => {
                 tracing::warn!(job_type, %error, "cannot read queue depth; not scaling this job type this tick");
-                self.metrics
+                self.ctx
+                    .metrics
                     .observe_failures
                     .get_or_create(&JobLabels {
                         job_type: job_type.into(),
@@ -241,15 +188,15 @@ impl<L: Launcher> Scaler<L> {
     }
 
     fn view(&mut self, worker: &LaunchedWorker, now: Instant) -> WorkerView {
-        let report = self.bus.reports.get(&worker.name);
+        let report = self.ctx.reports.get(&worker.name);
         if let Some((report, _)) = &report
             && report.state != WorkerState::Running
         {
             // Draining on its own (SIGTERM) or asked by an earlier scaler.
             self.drains.entry(worker.name.clone()).or_insert(now);
         }
-        let fresh =
-            report.filter(|(_, at)| now.saturating_duration_since(*at) <= self.report_stale_after);
+        let stale_after = self.ctx.timing.report_stale_after;
+        let fresh = report.filter(|(_, at)| now.saturating_duration_since(*at) <= stale_after);
         WorkerView {
             name: worker.name.clone(),
             phase: worker.phase,
@@ -266,47 +213,10 @@ impl<L: Launcher> Scaler<L> {
         }
     }
 
-    fn record_gauges(&self, job_type: &str, observation: &Observation) {
-        let labels = JobLabels {
-            job_type: job_type.into(),
-        };
-        if let Some(queue) = observation.queue {
-            self.metrics
-                .queue_ready
-                .get_or_create(&labels)
-                .set(queue.ready as i64);
-            self.metrics
-                .queue_unacked
-                .get_or_create(&labels)
-                .set(queue.unacked as i64);
-        }
-        for (phase, name) in [
-            (Phase::Pending, "pending"),
-            (Phase::Running, "running"),
-            (Phase::Succeeded, "succeeded"),
-            (Phase::Failed, "failed"),
-            (Phase::Ended, "ended"),
-            (Phase::Stopping, "stopping"),
-        ] {
-            let count = observation
-                .workers
-                .iter()
-                .filter(|w| w.phase == phase)
-                .count();
-            self.metrics
-                .workers
-                .get_or_create(&PhaseLabels {
-                    job_type: job_type.into(),
-                    phase: name,
-                })
-                .set(count as i64);
-        }
-    }
-
     async fn act(&mut self, job_type: &str, decision: Decision, now: Instant) {
         let reason = decision.reason;
         let record = |action: &'static str, workers: Vec<String>| {
-            self.board.record_event(ScalingEvent {
+            self.ctx.board.record_event(ScalingEvent {
                 unix: unix_now(),
                 job_type: job_type.into(),
                 action,
@@ -315,7 +225,8 @@ impl<L: Launcher> Scaler<L> {
             });
         };
         let count = |action: &'static str, n: u64| {
-            self.metrics
+            self.ctx
+                .metrics
                 .decisions
                 .get_or_create(&ActionLabels {
                     job_type: job_type.into(),
@@ -328,7 +239,7 @@ impl<L: Launcher> Scaler<L> {
                 let mut spawned = Vec::new();
                 for _ in 0..n {
                     let name = worker_name(job_type);
-                    match self.launcher.spawn(job_type, &name).await {
+                    match self.ctx.launcher.spawn(job_type, &name).await {
                         Ok(()) => {
                             count("spawn", 1);
                             tracing::info!(job_type, worker = %name, %reason, "spawned a worker");
@@ -344,14 +255,15 @@ impl<L: Launcher> Scaler<L> {
             Action::Drain(names) => {
                 let mut drained = Vec::new();
                 for name in names {
-                    match self.bus.drain(&name).await {
+                    match self.ctx.drains.drain(&name).await {
                         Ok(()) => {
                             count("drain", 1);
                             tracing::info!(job_type, worker = %name, %reason, "asked a worker to drain");
                             drained.push(name);
                         }
                         Err(error) => {
-                            self.metrics
+                            self.ctx
+                                .metrics
                                 .drain_failures
                                 .get_or_create(&JobLabels {
                                     job_type: job_type.into(),
@@ -368,10 +280,10 @@ impl<L: Launcher> Scaler<L> {
                     record("drain", drained);
                 }
             }
-            Action::Stop(name) => match self.launcher.stop(&name).await {
+            Action::Stop(name) => match self.ctx.launcher.stop(&name).await {
                 Ok(()) => {
                     count("stop", 1);
-                    tracing::warn!(job_type, worker = %name, %reason, "stopped a worker that did not drain");
+                    tracing::warn!(job_type, worker = %name, %reason, "stopped a worker");
                     record("stop", vec![name]);
                 }
                 Err(error) => tracing::error!(job_type, %error, "stop failed"),
@@ -384,17 +296,4 @@ impl<L: Launcher> Scaler<L> {
 /// tick, so a held read delays the next tick by no more than one tick.
 pub fn read_timeout(tick: Duration) -> Duration {
     tick.min(Duration::from_secs(3))
-}
-
-/// The job table's word for a worker's state.
-fn status_of(worker: &WorkerView) -> &'static str {
-    match worker.phase {
-        Phase::Running if worker.drain_requested_at.is_some() => "draining",
-        Phase::Pending => "pending",
-        Phase::Running => "running",
-        Phase::Succeeded => "succeeded",
-        Phase::Failed => "failed",
-        Phase::Ended => "ended",
-        Phase::Stopping => "stopping",
-    }
 }

@@ -34,10 +34,12 @@ use spillway_common::{
 use spillway_scaler::{
     board::Board,
     bus::Bus,
+    context::{Context, Timing},
     launcher::{LaunchedWorker, Launcher, LauncherError},
     metrics::{ActionLabels, JobLabels, Metrics},
     policy::Phase,
-    tick::{Parts, Scaler},
+    reports::Reports,
+    tick::Scaler,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -104,7 +106,7 @@ impl Launcher for Recorder {
 struct Harness {
     /// Held for the test's length: dropping it deletes the vhost.
     vhost: TestVhost,
-    scaler: Scaler<Recorder>,
+    scaler: Scaler<Recorder, RabbitApi, Bus>,
     publisher: Channel,
     _connection: Connection,
     stop: CancellationToken,
@@ -138,8 +140,9 @@ impl Harness {
         let path = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(path.path(), jobs).unwrap();
         let jobs = JobsConfig::load(Some(path.path())).unwrap();
-        let board = Arc::new(Board::new());
-        let bus = Bus::new(Arc::clone(&board), &jobs);
+        let reports = Arc::new(Reports::default());
+        let board = Arc::new(Board::new(Arc::clone(&reports)));
+        let bus = Bus::new(Arc::clone(&reports), Arc::clone(&board), &jobs);
         let stop = CancellationToken::new();
         tokio::spawn(Arc::clone(&bus).run(vhost.amqp_url.clone(), stop.clone()));
         wait_for("the bus to connect", PATIENCE, || {
@@ -156,17 +159,21 @@ impl Harness {
             )
             .await;
         }
-        let parts = Parts {
-            api: api(&vhost),
-            bus,
+        let ctx = Context {
+            launcher: Arc::new(launcher),
+            queues: Arc::new(api(&vhost)),
+            drains: bus,
+            reports,
             board,
             metrics: Arc::new(Metrics::new()),
-            drain_grace: Duration::from_secs(60),
-            // The test walks *now* far ahead of the clock: reports must stay fresh.
-            report_stale_after: Duration::from_secs(3600),
-            start_timeout: Duration::from_secs(180),
+            timing: Timing {
+                drain_grace: Duration::from_secs(60),
+                // The test walks *now* far ahead of the clock: reports must stay fresh.
+                report_stale_after: Duration::from_secs(3600),
+                start_timeout: Duration::from_secs(180),
+            },
         };
-        let scaler = Scaler::new(jobs, Arc::new(launcher), parts);
+        let scaler = Scaler::new(jobs, ctx);
         let connection = Connection::connect(&vhost.amqp_url, ConnectionProperties::default())
             .await
             .unwrap();
@@ -228,7 +235,7 @@ impl Harness {
             &serde_json::to_value(&report).unwrap(),
         )
         .await;
-        let reports = &self.scaler.bus.reports;
+        let reports = &self.scaler.ctx.reports;
         wait_for(
             &format!("the bus to hear {worker} at {processed} processed"),
             PATIENCE,
@@ -245,7 +252,7 @@ impl Harness {
 
     /// Publishes a batch announcement as the producer does, and waits for the bus.
     async fn announce_batch(&self) {
-        let before = self.scaler.bus.last_batch_published("default");
+        let before = self.scaler.ctx.reports.last_batch_published("default");
         let batch = BatchPublished {
             batch_id: "b1".into(),
             job_type: "default".into(),
@@ -258,15 +265,16 @@ impl Harness {
             &serde_json::to_value(&batch).unwrap(),
         )
         .await;
-        let bus = &self.scaler.bus;
+        let reports = &self.scaler.ctx.reports;
         wait_for("the bus to hear the batch", PATIENCE, || {
-            std::future::ready(bus.last_batch_published("default") != before)
+            std::future::ready(reports.last_batch_published("default") != before)
         })
         .await;
     }
 
     fn decisions(&self, action: &'static str) -> u64 {
         self.scaler
+            .ctx
             .metrics
             .decisions
             .get_or_create(&ActionLabels {
@@ -327,6 +335,7 @@ async fn workers_of_no_configured_job_type_are_listed_and_drained() {
     h.scaler.tick(Instant::now()).await;
     let listed: Vec<(String, String)> = h
         .scaler
+        .ctx
         .board
         .jobs()
         .into_iter()
@@ -338,7 +347,7 @@ async fn workers_of_no_configured_job_type_are_listed_and_drained() {
             "{expected:?} in {listed:?}"
         );
     }
-    let metrics = Arc::clone(&h.scaler.metrics);
+    let metrics = Arc::clone(&h.scaler.ctx.metrics);
     let drains = |job_type: &str| {
         metrics
             .decisions
@@ -413,14 +422,19 @@ async fn a_refused_drain_request_is_counted_as_a_failure_not_as_a_drain() {
     h.scaler.tick(at(0)).await;
     h.scaler.tick(at(1)).await;
     h.scaler.tick(at(31)).await;
-    let metrics = Arc::clone(&h.scaler.metrics);
+    let metrics = Arc::clone(&h.scaler.ctx.metrics);
     let failures = &metrics.drain_failures;
     assert_eq!(count(failures, "default"), 1, "the refusal is counted");
     assert_eq!(h.decisions("drain"), 0, "and not counted as a drain");
     assert!(
-        h.scaler.board.events().iter().all(|e| e.action != "drain"),
+        h.scaler
+            .ctx
+            .board
+            .events()
+            .iter()
+            .all(|e| e.action != "drain"),
         "nor shown as one: {:?}",
-        h.scaler.board.events()
+        h.scaler.ctx.board.events()
     );
     h.scaler.tick(at(32)).await;
     assert_eq!(
@@ -429,7 +443,7 @@ async fn a_refused_drain_request_is_counted_as_a_failure_not_as_a_drain() {
         "tried again on a fresh channel, refused again"
     );
     assert!(
-        h.scaler.bus.connected(),
+        h.scaler.ctx.drains.connected(),
         "the report consumer is unaffected"
     );
 }
@@ -532,7 +546,7 @@ queue = "held-queue"
     .expect("the tick ends about one read timeout after it starts, held reads or not");
     let took = started.elapsed();
 
-    let spawns = h.scaler.launcher.spawns();
+    let spawns = h.scaler.ctx.launcher.spawns();
     assert_eq!(spawns.len(), 1, "one worker for the row: {spawns:?}");
     let (job_type, at) = &spawns[0];
     assert_eq!(job_type, "default");
@@ -550,9 +564,9 @@ queue = "held-queue"
         took < READ_TIMEOUT * 2,
         "the tick took {took:?}: the held queue's two reads ran one after the other"
     );
-    assert_eq!(count(&h.scaler.metrics.observe_failures, "held"), 1);
-    assert_eq!(count(&h.scaler.metrics.observe_failures, "default"), 0);
-    let stats = h.scaler.board.stats();
+    assert_eq!(count(&h.scaler.ctx.metrics.observe_failures, "held"), 1);
+    assert_eq!(count(&h.scaler.ctx.metrics.observe_failures, "default"), 0);
+    let stats = h.scaler.ctx.board.stats();
     let row = |name: &str| {
         stats
             .job_types
@@ -563,7 +577,13 @@ queue = "held-queue"
     };
     assert_eq!((row("default").ready, row("held").ready), (Some(1), None));
 
-    let error = h.scaler.api.queue_stats("held-queue").await.unwrap_err();
+    let error = h
+        .scaler
+        .ctx
+        .queues
+        .queue_stats("held-queue")
+        .await
+        .unwrap_err();
     assert!(
         error.to_string().contains("(timeout)") && !error.to_string().contains("unreachable"),
         "{error}"

@@ -141,12 +141,18 @@ pub async fn summary(
 mod tests {
     use spillway_common::events::{BatchPublished, WorkerReport, WorkerState};
 
+    use std::sync::Arc;
+
     use super::*;
-    use crate::board::{JobListing, JobTypeStats};
+    use crate::{
+        board::{JobListing, JobTypeStats},
+        reports::Reports,
+    };
 
     #[test]
     fn the_page_renders_the_board_with_every_outside_value_escaped() {
-        let board = Board::new();
+        let reports = Arc::new(Reports::default());
+        let board = Board::new(Arc::clone(&reports));
         board.record_batch(BatchPublished {
             batch_id: "<b>batch</b>".into(),
             job_type: "default".into(),
@@ -154,20 +160,23 @@ mod tests {
             rows: 4,
             published_unix: 1,
         });
-        board.record_report(&WorkerReport {
-            worker: "<script>alert(1)</script>".into(),
-            job_type: "default".into(),
-            queue: "tasks".into(),
-            state: WorkerState::Running,
-            processed: 7,
-            failed: 0,
-            dead_lettered: 0,
-            in_flight: 0,
-            started_unix: 1,
-            last_activity_unix: 1,
-            sent_unix: 1,
-            batches: Default::default(),
-        });
+        reports.record(
+            WorkerReport {
+                worker: "<script>alert(1)</script>".into(),
+                job_type: "default".into(),
+                queue: "tasks".into(),
+                state: WorkerState::Running,
+                processed: 7,
+                failed: 0,
+                dead_lettered: 0,
+                in_flight: 0,
+                started_unix: 1,
+                last_activity_unix: 1,
+                sent_unix: 1,
+                batches: Default::default(),
+            },
+            std::time::Instant::now(),
+        );
         board.record_tick(
             vec![JobTypeStats {
                 job_type: "default".into(),

@@ -213,25 +213,34 @@ pub fn render(board: &Board, color: bool) -> String {
 mod tests {
     use spillway_common::events::{WorkerReport, WorkerState};
 
+    use std::sync::Arc;
+
     use super::*;
-    use crate::board::{JobListing, JobTypeStats};
+    use crate::{
+        board::{JobListing, JobTypeStats},
+        reports::Reports,
+    };
 
     fn board() -> Board {
-        let board = Board::new();
-        board.record_report(&WorkerReport {
-            worker: "w\x1b[2Jevil".into(),
-            job_type: "default".into(),
-            queue: "tasks".into(),
-            state: WorkerState::Running,
-            processed: 12,
-            failed: 1,
-            dead_lettered: 0,
-            in_flight: 2,
-            started_unix: 1,
-            last_activity_unix: 1,
-            sent_unix: 1,
-            batches: Default::default(),
-        });
+        let reports = Arc::new(Reports::default());
+        let board = Board::new(Arc::clone(&reports));
+        reports.record(
+            WorkerReport {
+                worker: "w\x1b[2Jevil".into(),
+                job_type: "default".into(),
+                queue: "tasks".into(),
+                state: WorkerState::Running,
+                processed: 12,
+                failed: 1,
+                dead_lettered: 0,
+                in_flight: 2,
+                started_unix: 1,
+                last_activity_unix: 1,
+                sent_unix: 1,
+                batches: Default::default(),
+            },
+            std::time::Instant::now(),
+        );
         board.record_tick(
             vec![JobTypeStats {
                 job_type: "default".into(),

@@ -1,0 +1,367 @@
+//! The tick against fakes of everything it acts through: each test scripts the
+//! launcher's workers, the queue figures and the reports, ticks with *now* of its
+//! choosing, and checks what was spawned, drained and stopped, and what the metrics
+//! and the board say. No broker, API or cluster: the real ones are in `tests/`.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use spillway_common::{
+    events::{WorkerReport, WorkerState, unix_now},
+    jobs_config::JobsConfig,
+    rabbit_api::{ApiError, QueueStats},
+};
+
+use super::*;
+use crate::{
+    board::Board, bus::DrainError, context::Timing, launcher::LauncherError, metrics::Metrics,
+    policy::Phase, reports::Reports,
+};
+
+#[derive(Default)]
+struct FakeLauncher {
+    workers: Mutex<Vec<LaunchedWorker>>,
+    spawned: Mutex<Vec<String>>,
+    stopped: Mutex<Vec<String>>,
+    cannot_list: AtomicBool,
+    cannot_spawn: AtomicBool,
+}
+
+impl FakeLauncher {
+    fn add(&self, name: &str, phase: Phase) {
+        self.workers.lock().unwrap().push(LaunchedWorker {
+            name: name.into(),
+            job_type: "default".into(),
+            phase,
+            started_unix: unix_now(),
+            waiting: None,
+        });
+    }
+}
+
+impl Launcher for FakeLauncher {
+    async fn workers(&self) -> Result<Vec<LaunchedWorker>, LauncherError> {
+        if self.cannot_list.load(Ordering::SeqCst) {
+            return Err(LauncherError::List("the API server is away".into()));
+        }
+        Ok(self.workers.lock().unwrap().clone())
+    }
+
+    async fn spawn(&self, _job_type: &str, name: &str) -> Result<(), LauncherError> {
+        if self.cannot_spawn.load(Ordering::SeqCst) {
+            return Err(LauncherError::Spawn {
+                name: name.into(),
+                reason: "quota exceeded".into(),
+            });
+        }
+        self.spawned.lock().unwrap().push(name.into());
+        self.add(name, Phase::Pending);
+        Ok(())
+    }
+
+    async fn stop(&self, name: &str) -> Result<(), LauncherError> {
+        self.stopped.lock().unwrap().push(name.into());
+        Ok(())
+    }
+
+    async fn logs(&self, name: &str, _tail_lines: Option<u32>) -> Result<String, LauncherError> {
+        Err(LauncherError::NoSuchWorker(name.into()))
+    }
+}
+
+/// Queue figures by queue name; a queue without figures answers as an unknown one.
+#[derive(Default)]
+struct FakeQueues {
+    figures: Mutex<HashMap<String, QueueStats>>,
+    reads: AtomicUsize,
+}
+
+impl FakeQueues {
+    fn set(&self, queue: &str, ready: u64, unacked: u64) {
+        self.figures.lock().unwrap().insert(
+            queue.into(),
+            QueueStats {
+                ready,
+                unacked,
+                ..QueueStats::default()
+            },
+        );
+    }
+}
+
+impl QueueFigures for FakeQueues {
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats, ApiError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.figures
+            .lock()
+            .unwrap()
+            .get(queue)
+            .copied()
+            .ok_or_else(|| ApiError::NoSuchQueue(queue.into()))
+    }
+}
+
+#[derive(Default)]
+struct FakeDrains {
+    asked: Mutex<Vec<String>>,
+    refuse: AtomicBool,
+}
+
+impl DrainRequests for FakeDrains {
+    async fn drain(&self, worker: &str) -> Result<(), DrainError> {
+        if self.refuse.load(Ordering::SeqCst) {
+            return Err(DrainError {
+                worker: worker.into(),
+                reason: "ACCESS_REFUSED".into(),
+            });
+        }
+        self.asked.lock().unwrap().push(worker.into());
+        Ok(())
+    }
+}
+
+const STALE_AFTER: Duration = Duration::from_secs(15);
+
+/// A scaler over fakes, job type `default` on queue `tasks` (threshold 20, burst 40
+/// by 5, max 10, idle window 30 s), drain grace 60 s, reports stale after 15 s.
+struct Fixture {
+    scaler: Scaler<FakeLauncher, FakeQueues, FakeDrains>,
+    launcher: Arc<FakeLauncher>,
+    queues: Arc<FakeQueues>,
+    drains: Arc<FakeDrains>,
+    reports: Arc<Reports>,
+    t0: Instant,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let (launcher, queues, drains) =
+            (Arc::default(), Arc::<FakeQueues>::default(), Arc::default());
+        queues.set("tasks", 0, 0);
+        queues.set("tasks.dead", 0, 0);
+        let reports = Arc::new(Reports::default());
+        let ctx = Context {
+            launcher: Arc::clone(&launcher),
+            queues: Arc::clone(&queues),
+            drains: Arc::clone(&drains),
+            reports: Arc::clone(&reports),
+            metrics: Arc::new(Metrics::new()),
+            board: Arc::new(Board::new(Arc::clone(&reports))),
+            timing: Timing {
+                drain_grace: Duration::from_secs(60),
+                report_stale_after: STALE_AFTER,
+                start_timeout: Duration::from_secs(180),
+            },
+        };
+        Fixture {
+            scaler: Scaler::new(JobsConfig::default(), ctx),
+            launcher,
+            queues,
+            drains,
+            reports,
+            t0: Instant::now(),
+        }
+    }
+
+    fn at(&self, seconds: u64) -> Instant {
+        self.t0 + Duration::from_secs(seconds)
+    }
+
+    /// A report from `worker` with `in_flight` rows in hand, arrived `seconds` in.
+    fn report(&self, worker: &str, in_flight: u64, seconds: u64) {
+        let report = WorkerReport {
+            worker: worker.into(),
+            job_type: "default".into(),
+            queue: "tasks".into(),
+            state: WorkerState::Running,
+            processed: 0,
+            failed: 0,
+            dead_lettered: 0,
+            in_flight,
+            started_unix: 1,
+            last_activity_unix: 1,
+            sent_unix: 1,
+            batches: Default::default(),
+        };
+        self.reports.record(report, self.at(seconds));
+    }
+
+    fn decisions(&self, action: &'static str) -> u64 {
+        self.scaler
+            .ctx
+            .metrics
+            .decisions
+            .get_or_create(&ActionLabels {
+                job_type: "default".into(),
+                action,
+            })
+            .get()
+    }
+
+    fn spawned(&self) -> usize {
+        self.launcher.spawned.lock().unwrap().len()
+    }
+
+    fn drained(&self) -> Vec<String> {
+        self.drains.asked.lock().unwrap().clone()
+    }
+
+    fn stopped(&self) -> Vec<String> {
+        self.launcher.stopped.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test]
+async fn rows_ready_and_no_worker_spawn_one_and_record_it() {
+    let mut f = Fixture::new();
+    f.queues.set("tasks", 5, 0);
+    f.scaler.tick(f.at(0)).await;
+    assert_eq!((f.spawned(), f.decisions("spawn")), (1, 1));
+    let events = f.scaler.ctx.board.events();
+    assert_eq!(events[0].action, "spawn");
+    assert_eq!(events[0].reason, "5 ready and no worker taking rows");
+    f.scaler.tick(f.at(1)).await;
+    assert_eq!(f.spawned(), 1, "the pending worker takes the rows");
+    assert_eq!(f.scaler.ctx.board.jobs()[0].status, "pending");
+}
+
+#[tokio::test]
+async fn a_burst_stops_at_max_jobs_with_workers_already_running_after_a_restart() {
+    let mut f = Fixture::new();
+    for n in 0..8 {
+        f.launcher.add(&format!("w{n}"), Phase::Running);
+        f.report(&format!("w{n}"), 1, 0);
+    }
+    f.queues.set("tasks", 500, 8);
+    f.scaler.tick(f.at(0)).await;
+    assert_eq!(f.spawned(), 2, "10 at most, the 8 found running included");
+    f.scaler.tick(f.at(5)).await;
+    assert_eq!(f.spawned(), 2, "no more once at the cap");
+    assert!(f.drained().is_empty() && f.stopped().is_empty());
+}
+
+#[tokio::test]
+async fn idle_for_the_window_drains_then_stops_after_the_grace_only_if_idle() {
+    let mut f = Fixture::new();
+    f.launcher.add("idle", Phase::Running);
+    f.launcher.add("busy", Phase::Running);
+    // A worker's first report is news; the window starts at the next, quiet tick.
+    for s in [0, 1, 30] {
+        f.report("idle", 0, s);
+        f.report("busy", 0, s);
+        f.scaler.tick(f.at(s)).await;
+    }
+    assert!(f.drained().is_empty(), "within the window");
+    f.scaler.tick(f.at(31)).await;
+    assert_eq!(f.drained(), ["idle", "busy"]);
+    assert_eq!(f.decisions("drain"), 2);
+
+    // Draining, "busy" took a last row: it is never stopped while it holds it.
+    f.report("idle", 0, 90);
+    f.report("busy", 1, 90);
+    f.scaler.tick(f.at(91)).await;
+    assert_eq!(f.stopped(), ["idle"]);
+    assert_eq!(f.drained().len(), 2, "nobody is asked twice");
+}
+
+#[tokio::test]
+async fn a_stale_report_is_never_taken_for_idle() {
+    let mut f = Fixture::new();
+    f.launcher.add("silent", Phase::Running);
+    f.report("silent", 0, 0);
+    f.scaler.tick(f.at(0)).await;
+    f.scaler.tick(f.at(40)).await;
+    f.scaler.tick(f.at(100)).await;
+    assert!(
+        f.drained().is_empty(),
+        "its last report is older than {STALE_AFTER:?}: it may hold rows"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_queue_read_is_counted_and_changes_nothing() {
+    let mut f = Fixture::new();
+    f.launcher.add("w0", Phase::Running);
+    f.report("w0", 0, 0);
+    f.queues.figures.lock().unwrap().remove("tasks");
+    f.scaler.tick(f.at(0)).await;
+    f.report("w0", 0, 40);
+    f.scaler.tick(f.at(40)).await;
+    assert!(f.drained().is_empty(), "no figures is not an empty queue");
+    let failures = f
+        .scaler
+        .ctx
+        .metrics
+        .observe_failures
+        .get_or_create(&JobLabels {
+            job_type: "default".into(),
+        })
+        .get();
+    assert_eq!(failures, 2);
+    assert_eq!(f.scaler.ctx.board.stats().job_types[0].ready, None);
+}
+
+#[tokio::test]
+async fn a_launcher_that_cannot_list_its_workers_stops_the_tick() {
+    let mut f = Fixture::new();
+    f.queues.set("tasks", 500, 0);
+    f.launcher.cannot_list.store(true, Ordering::SeqCst);
+    f.scaler.tick(f.at(0)).await;
+    assert_eq!(f.spawned(), 0, "without the workers, the cap is unknown");
+    assert_eq!(f.queues.reads.load(Ordering::SeqCst), 0);
+    assert_eq!(f.scaler.ctx.metrics.ticks.get(), 1);
+}
+
+#[tokio::test]
+async fn a_spawn_the_launcher_refuses_is_neither_counted_nor_shown() {
+    let mut f = Fixture::new();
+    f.queues.set("tasks", 500, 0);
+    f.launcher.cannot_spawn.store(true, Ordering::SeqCst);
+    f.scaler.tick(f.at(0)).await;
+    assert_eq!(f.decisions("spawn"), 0);
+    assert!(f.scaler.ctx.board.events().is_empty());
+    f.launcher.cannot_spawn.store(false, Ordering::SeqCst);
+    f.scaler.tick(f.at(5)).await;
+    assert_eq!(f.decisions("spawn"), 5, "tried again on the next tick");
+}
+
+#[tokio::test]
+async fn a_refused_drain_is_counted_as_a_failure_and_asked_again() {
+    let mut f = Fixture::new();
+    f.launcher.add("w0", Phase::Running);
+    f.drains.refuse.store(true, Ordering::SeqCst);
+    for s in [0, 1, 31] {
+        f.report("w0", 0, s);
+        f.scaler.tick(f.at(s)).await;
+    }
+    let failures = |f: &Fixture| {
+        f.scaler
+            .ctx
+            .metrics
+            .drain_failures
+            .get_or_create(&JobLabels {
+                job_type: "default".into(),
+            })
+            .get()
+    };
+    assert_eq!((failures(&f), f.decisions("drain")), (1, 0));
+    f.drains.refuse.store(false, Ordering::SeqCst);
+    f.report("w0", 0, 36);
+    f.scaler.tick(f.at(36)).await;
+    assert_eq!(f.drained(), ["w0"]);
+    f.report("w0", 0, 93);
+    f.scaler.tick(f.at(93)).await;
+    assert!(
+        f.stopped().is_empty(),
+        "the grace counts from the confirmed request (36 s), not the refused one"
+    );
+    f.report("w0", 0, 96);
+    f.scaler.tick(f.at(96)).await;
+    assert_eq!(f.stopped(), ["w0"]);
+}
