@@ -1,7 +1,8 @@
 //! The scaler's HTTP endpoints: the dashboard and its JSON API ([`crate::dashboard`]),
 //! `/api/jobs/{name}/logs` (a worker's log, through its launcher), `/healthz`,
 //! `/readyz` (connected to RabbitMQ) and `/metrics`.
-//! Errors are JSON, like every Spillway service's.
+//! Errors are JSON, like every Spillway service's. A log answer is bounded in bytes by
+//! its launcher ([`crate::launcher::MAX_LOG_BYTES`]), whatever the log's size.
 
 use std::sync::Arc;
 
@@ -122,5 +123,66 @@ async fn logs<L: Launcher>(
             Json(json!({"error": error.to_string()})),
         )
             .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{future::IntoFuture, io::Write};
+
+    use spillway_common::jobs_config::JobsConfig;
+
+    use super::*;
+    use crate::{
+        board::Board,
+        dashboard::Page,
+        launcher::{MAX_LOG_BYTES, local::LocalLauncher, log_cut_note},
+    };
+
+    /// Issue 15: `?tail=500` of a worker that printed one 300 MB line answered all
+    /// 300 MB, and the scaler's memory grew by as much per request. Here a 50 MB line:
+    /// every way of asking answers at most a mebibyte, saying it was cut.
+    #[tokio::test]
+    async fn the_logs_endpoint_answers_at_most_a_mebibyte_of_a_huge_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let launcher = LocalLauncher::new("/bin/true".into(), dir.path().into()).unwrap();
+        launcher.spawn("default", "w-huge").await.unwrap();
+        let mut log = std::fs::File::create(launcher.log_path("w-huge")).unwrap();
+        let megabyte = vec![b'x'; 1 << 20];
+        for _ in 0..50 {
+            log.write_all(&megabyte).unwrap();
+        }
+        log.write_all(b"end\n").unwrap();
+        drop(log);
+
+        let board = Arc::new(Board::new());
+        let state = HttpState {
+            bus: Bus::new(Arc::clone(&board), &JobsConfig::default()),
+            metrics: Arc::new(Metrics::new()),
+            launcher: Arc::new(launcher),
+        };
+        let pages = DashboardState {
+            board,
+            page: Arc::new(Page::new(2000)),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!(
+            "http://{}/api/jobs/w-huge/logs",
+            listener.local_addr().unwrap()
+        );
+        tokio::spawn(axum::serve(listener, app(state, pages)).into_future());
+
+        for query in ["?tail=500", "", "?download=true"] {
+            let response = reqwest::get(format!("{base}{query}")).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "{query}");
+            let body = response.text().await.unwrap();
+            assert!(
+                body.len() as u64 <= MAX_LOG_BYTES + log_cut_note().len() as u64,
+                "{query}: {} bytes",
+                body.len()
+            );
+            assert!(body.starts_with(&log_cut_note()), "{query}: says it is cut");
+            assert!(body.ends_with("xxend\n"), "{query}: the end of the log");
+        }
     }
 }

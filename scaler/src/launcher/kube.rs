@@ -279,15 +279,23 @@ impl Launcher for KubeLauncher {
             .ok_or_else(|| {
                 failed("its pod is gone (the Job finished and was cleaned up)".into())
             })?;
+        // The kubelet stops at `limitBytes` (counted from the start of the lines asked
+        // for), so the answer, and the scaler's memory, stay bounded.
         let params = LogParams {
             container: Some("worker".into()),
             tail_lines: tail_lines.map(i64::from),
+            limit_bytes: Some(super::MAX_LOG_BYTES as i64),
             ..LogParams::default()
         };
-        self.pods
+        let text = self
+            .pods
             .logs(&pod, &params)
             .await
-            .map_err(|e| failed(e.to_string()))
+            .map_err(|e| failed(e.to_string()))?;
+        if text.len() as u64 >= super::MAX_LOG_BYTES {
+            return Ok(super::log_cut_note() + &text);
+        }
+        Ok(text)
     }
 
     async fn stop(&self, name: &str) -> Result<(), LauncherError> {

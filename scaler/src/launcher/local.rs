@@ -9,6 +9,7 @@
 
 use std::{
     collections::HashMap,
+    io::{Read, Seek, SeekFrom},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Mutex,
@@ -20,7 +21,7 @@ use nix::{sys::signal, unistd::Pid};
 use serde::{Deserialize, Serialize};
 use spillway_common::events::unix_now;
 
-use super::{LaunchedWorker, Launcher, LauncherError};
+use super::{LaunchedWorker, Launcher, LauncherError, MAX_LOG_BYTES, log_cut_note};
 use crate::policy::Phase;
 
 pub struct LocalLauncher {
@@ -263,13 +264,53 @@ impl Launcher for LocalLauncher {
         if !known {
             return Err(LauncherError::NoSuchWorker(name.into()));
         }
-        let bytes = std::fs::read(self.log_path(name)).map_err(|e| LauncherError::Logs {
+        read_tail(&self.log_path(name), tail_lines, MAX_LOG_BYTES).map_err(|e| LauncherError::Logs {
             name: name.into(),
             reason: e.to_string(),
-        })?;
-        let text = String::from_utf8_lossy(&bytes);
-        Ok(tail(&text, tail_lines).to_string())
+        })
     }
+}
+
+/// The end of the log at `path`: its last `lines` lines (all of it for `None`), and
+/// at most `limit` bytes of them, after [`log_cut_note`] when that bound cut them.
+/// The file is read from its end in chunks, no further back than `limit` bytes and
+/// only as far as the lines asked for: memory stays bounded whatever the log's size.
+fn read_tail(path: &Path, lines: Option<u32>, limit: u64) -> std::io::Result<String> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let floor = len.saturating_sub(limit);
+    let mut start = len;
+    let mut window: Vec<u8> = Vec::new();
+    while start > floor && !holds_lines(&window, lines) {
+        let from = start.saturating_sub(CHUNK).max(floor);
+        let mut chunk = vec![0; usize::try_from(start - from).expect("a chunk fits in memory")];
+        file.seek(SeekFrom::Start(from))?;
+        file.read_exact(&mut chunk)?;
+        chunk.extend_from_slice(&window);
+        window = chunk;
+        start = from;
+    }
+    let text = String::from_utf8_lossy(&window);
+    // Cut when the window stopped at the bound with fewer lines than asked for (or
+    // with the whole log asked for); its first line is then only the end of a line.
+    if start > 0 && !holds_lines(&window, lines) {
+        let whole_lines = match text.find('\n') {
+            Some(at) if at + 1 < text.len() => &text[at + 1..],
+            // One line longer than the bound: its end is all there is to show.
+            _ => &text[..],
+        };
+        return Ok(log_cut_note() + whole_lines);
+    }
+    Ok(tail(&text, lines).to_string())
+}
+
+/// Whether `window`, the end of a log, holds `lines` whole lines (besides the final
+/// line break); `None` asks for the whole log, which only the file's start ends.
+fn holds_lines(window: &[u8], lines: Option<u32>) -> bool {
+    let Some(lines) = lines else { return false };
+    let body = window.strip_suffix(b"\n").unwrap_or(window);
+    body.iter().filter(|&&b| b == b'\n').count() >= lines as usize
 }
 
 /// The last `lines` lines of `text` (all of it for `None`).
@@ -398,34 +439,118 @@ mod tests {
         launcher.stop("w-log").await.unwrap();
     }
 
+    /// Writes `lines` lines of `line_bytes` bytes each (the last byte a line break, the
+    /// first ones the line's number), a megabyte at a time.
+    fn write_log(path: &Path, lines: usize, line_bytes: usize) {
+        use std::io::Write;
+        let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+        for n in 0..lines {
+            let mut line = format!("{n:08}");
+            line.extend(std::iter::repeat_n('x', line_bytes - line.len() - 1));
+            line.push('\n');
+            file.write_all(line.as_bytes()).unwrap();
+        }
+        file.flush().unwrap();
+    }
+
+    /// Issue 15: a worker printed one 300 MB line and `?tail=500` answered all of it,
+    /// taking the scaler from 20 MB to 606 MB. Each row: a log, the lines asked for,
+    /// whether the answer is cut, and what it ends with.
+    #[test]
+    fn a_log_answer_is_bounded_in_bytes_as_well_as_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = MAX_LOG_BYTES as usize;
+        let cases: Vec<(&str, usize, usize, Option<u32>, bool, &str)> = vec![
+            // name, lines, bytes per line, tail, cut, ends with
+            (
+                "one 50 MB line, last 500 lines",
+                1,
+                50 << 20,
+                Some(500),
+                true,
+                "xx\n",
+            ),
+            ("one 50 MB line, whole log", 1, 50 << 20, None, true, "xx\n"),
+            (
+                "500 lines of 10 KiB: only the last ~100 fit",
+                500,
+                10 << 10,
+                Some(500),
+                true,
+                "\n",
+            ),
+            (
+                "1,000 short lines, last 500",
+                1_000,
+                20,
+                Some(500),
+                false,
+                "\n",
+            ),
+            ("a small log, whole", 3, 20, None, false, "\n"),
+        ];
+        for (name, lines, line_bytes, tail_lines, cut, ends_with) in cases {
+            let path = dir.path().join("worker.log");
+            write_log(&path, lines, line_bytes);
+            let answer = read_tail(&path, tail_lines, MAX_LOG_BYTES).unwrap();
+            assert!(
+                answer.len() <= limit + log_cut_note().len(),
+                "{name}: {} bytes",
+                answer.len()
+            );
+            assert_eq!(answer.starts_with(&log_cut_note()), cut, "{name}");
+            assert!(answer.ends_with(ends_with), "{name}");
+            let body = answer.strip_prefix(&log_cut_note()).unwrap_or(&answer);
+            if lines > 1 {
+                assert!(
+                    body.lines().all(|l| l.len() == line_bytes - 1),
+                    "{name}: whole lines only"
+                );
+            }
+        }
+        write_log(&dir.path().join("short.log"), 1_000, 20);
+        let last = read_tail(&dir.path().join("short.log"), Some(500), MAX_LOG_BYTES).unwrap();
+        assert_eq!(last.lines().count(), 500);
+        assert!(last.starts_with("00000500x"), "{}", &last[..20]);
+        assert_eq!(
+            read_tail(&dir.path().join("short.log"), Some(0), MAX_LOG_BYTES).unwrap(),
+            ""
+        );
+    }
+
     #[tokio::test]
     async fn a_worker_whose_pid_was_never_recorded_is_found_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let launcher = launcher_with_script(dir.path(), 0);
+        // Unique on the machine: the search is by name over every process, and another
+        // run of this test may be searching at the same time.
+        let orphan_name = crate::launcher::worker_name("orphan");
+        let orphan_name = orphan_name.as_str();
         // As if a scaler died between registering a worker and recording its pid.
         let mut orphan = Command::new(dir.path().join("fake-worker"))
-            .env("WORKER_NAME", "w-orphan")
+            .env("WORKER_NAME", orphan_name)
+            .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        wait_ready(dir.path(), "w-orphan").await;
+        wait_ready(dir.path(), orphan_name).await;
         launcher
             .write_entry(&Entry {
-                name: "w-orphan".into(),
+                name: orphan_name.into(),
                 job_type: "default".into(),
                 pid: 0,
                 started_unix: unix_now(),
                 ended: None,
             })
             .unwrap();
-        assert_eq!(phase(&launcher, "w-orphan").await, Phase::Running);
+        assert_eq!(phase(&launcher, orphan_name).await, Phase::Running);
         let recorded = launcher
             .entries()
             .unwrap()
             .into_iter()
-            .find(|e| e.name == "w-orphan")
+            .find(|e| e.name == orphan_name)
             .unwrap();
         assert_eq!(recorded.pid, orphan.id(), "its pid is recorded once found");
-        launcher.stop("w-orphan").await.unwrap();
+        launcher.stop(orphan_name).await.unwrap();
         assert!(orphan.wait().unwrap().success());
     }
 

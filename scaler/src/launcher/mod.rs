@@ -52,13 +52,26 @@ pub trait Launcher: Send + Sync + 'static {
     /// Stops worker `name` (SIGTERM to it: it finishes what it holds and exits).
     fn stop(&self, name: &str) -> impl Future<Output = Result<(), LauncherError>> + Send;
 
-    /// The log of worker `name`, its last `tail_lines` lines when given. Only workers
-    /// this launcher started can be read.
+    /// The log of worker `name`, its last `tail_lines` lines when given, and never
+    /// more than [`MAX_LOG_BYTES`] of it: a worker's log can be any size, the answer
+    /// (and the scaler's memory while it builds it) cannot. When that bound cuts the
+    /// answer it starts with [`log_cut_note`]. Only workers this launcher started can
+    /// be read.
     fn logs(
         &self,
         name: &str,
         tail_lines: Option<u32>,
     ) -> impl Future<Output = Result<String, LauncherError>> + Send;
+}
+
+/// Most bytes of log one answer of [`Launcher::logs`] carries.
+pub const MAX_LOG_BYTES: u64 = 1 << 20;
+
+/// The first line of a log answer the byte bound cut.
+pub fn log_cut_note() -> String {
+    format!(
+        "[spillway] this answer is cut at {MAX_LOG_BYTES} bytes: the log holds more than is shown\n"
+    )
 }
 
 /// A fresh worker name: `spillway-<job type>-<suffix>`, valid as a Kubernetes name.
