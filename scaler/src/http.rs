@@ -155,9 +155,9 @@ mod tests {
         log.write_all(b"end\n").unwrap();
         drop(log);
 
-        let board = Arc::new(Board::new());
+        let board = Arc::new(Board::default());
         let state = HttpState {
-            bus: Bus::new(Arc::clone(&board), &JobsConfig::default()),
+            bus: Bus::new(Arc::default(), Arc::clone(&board), &JobsConfig::default()),
             metrics: Arc::new(Metrics::new()),
             launcher: Arc::new(launcher),
         };
