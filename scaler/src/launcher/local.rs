@@ -264,9 +264,11 @@ impl Launcher for LocalLauncher {
         if !known {
             return Err(LauncherError::NoSuchWorker(name.into()));
         }
-        read_tail(&self.log_path(name), tail_lines, MAX_LOG_BYTES).map_err(|e| LauncherError::Logs {
-            name: name.into(),
-            reason: e.to_string(),
+        read_tail(&self.log_path(name), tail_lines, MAX_LOG_BYTES).map_err(|e| {
+            LauncherError::Logs {
+                name: name.into(),
+                reason: e.to_string(),
+            }
         })
     }
 }
@@ -460,8 +462,9 @@ mod tests {
     fn a_log_answer_is_bounded_in_bytes_as_well_as_lines() {
         let dir = tempfile::tempdir().unwrap();
         let limit = MAX_LOG_BYTES as usize;
-        let cases: Vec<(&str, usize, usize, Option<u32>, bool, &str)> = vec![
-            // name, lines, bytes per line, tail, cut, ends with
+        // name, lines, bytes per line, tail, cut, ends with
+        type Case = (&'static str, usize, usize, Option<u32>, bool, &'static str);
+        let cases: Vec<Case> = vec![
             (
                 "one 50 MB line, last 500 lines",
                 1,
