@@ -2,14 +2,19 @@
 //!
 //! This is what `./manage.sh local` and the end-to-end tests run. Each worker is the
 //! `worker` binary (by default the one next to the scaler's own), started in a process
-//! group of its own with its log in `<dir>/<name>.log`. A registry file per worker,
-//! `<dir>/<name>.json`, records its pid, so a restarted scaler finds the workers the
-//! previous one started; a recorded pid counts only while that process still carries
-//! the worker's `WORKER_NAME`, so a reused pid is never mistaken for a worker.
+//! group of its own with its log in `<dir>/<name>.log` and an entry in the
+//! [`registry`], so a restarted scaler finds the workers the previous one started.
+//!
+//! # Layout
+//!
+//! - [`registry`]: the worker registry, one file per worker.
+//! - [`log_tail`]: the end of a worker's log, bounded in bytes.
+
+pub mod log_tail;
+pub mod registry;
 
 use std::{
     collections::HashMap,
-    io::{Read, Seek, SeekFrom},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Mutex,
@@ -18,87 +23,35 @@ use std::{
 use std::os::unix::process::CommandExt;
 
 use nix::{sys::signal, unistd::Pid};
-use serde::{Deserialize, Serialize};
 use spillway_common::events::unix_now;
 
-use super::{LaunchedWorker, Launcher, LauncherError, MAX_LOG_BYTES, log_cut_note};
+use self::{
+    log_tail::read_tail,
+    registry::{Ended, Entry, Registry, find_worker_process, is_worker_process},
+};
+use super::{LaunchedWorker, Launcher, LauncherError, MAX_LOG_BYTES};
 use crate::policy::Phase;
 
 pub struct LocalLauncher {
     worker_bin: PathBuf,
-    dir: PathBuf,
+    registry: Registry,
     /// Workers this process started, so their exit status can be collected.
     children: Mutex<HashMap<String, Child>>,
-}
-
-/// One line of the registry.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Entry {
-    name: String,
-    job_type: String,
-    pid: u32,
-    started_unix: u64,
-    /// Set once the worker is known to have ended.
-    #[serde(default)]
-    ended: Option<Ended>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Ended {
-    Succeeded,
-    Failed,
-    /// It ended while no scaler was watching: its exit status is lost.
-    Unknown,
 }
 
 impl LocalLauncher {
     /// Workers run `worker_bin`; registry and logs live in `dir`, created if needed.
     pub fn new(worker_bin: PathBuf, dir: PathBuf) -> std::io::Result<Self> {
-        std::fs::create_dir_all(&dir)?;
         Ok(LocalLauncher {
             worker_bin,
-            dir,
+            registry: Registry::open(dir)?,
             children: Mutex::new(HashMap::new()),
         })
     }
 
     /// Where worker `name` writes its log.
     pub fn log_path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.log"))
-    }
-
-    fn entry_path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.json"))
-    }
-
-    fn write_entry(&self, entry: &Entry) -> std::io::Result<()> {
-        // Write then rename, so a reader never sees half an entry.
-        let path = self.entry_path(&entry.name);
-        let partial = path.with_extension("json.partial");
-        std::fs::write(
-            &partial,
-            serde_json::to_vec(entry).expect("an entry serialises"),
-        )?;
-        std::fs::rename(partial, path)
-    }
-
-    fn entries(&self) -> std::io::Result<Vec<Entry>> {
-        let mut entries = Vec::new();
-        for file in std::fs::read_dir(&self.dir)? {
-            let path = file?.path();
-            if path.extension().is_some_and(|e| e == "json") {
-                match std::fs::read(&path).map(|bytes| serde_json::from_slice::<Entry>(&bytes)) {
-                    Ok(Ok(entry)) => entries.push(entry),
-                    Ok(Err(e)) => {
-                        tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable worker registry entry")
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        entries.sort_by_key(|e| e.started_unix);
-        Ok(entries)
+        self.registry.dir().join(format!("{name}.log"))
     }
 
     /// The phase of `entry` now, collecting exit statuses of this process's children.
@@ -119,7 +72,7 @@ impl LocalLauncher {
             None if entry.pid == 0 => match find_worker_process(&entry.name) {
                 Some(pid) => {
                     entry.pid = pid;
-                    if let Err(error) = self.write_entry(entry) {
+                    if let Err(error) = self.registry.write(entry) {
                         tracing::warn!(worker = %entry.name, %error, "cannot record a found worker's pid");
                     }
                     return Phase::Running;
@@ -130,49 +83,19 @@ impl LocalLauncher {
         };
         children.remove(&entry.name);
         entry.ended = Some(ended);
-        if let Err(error) = self.write_entry(entry) {
+        if let Err(error) = self.registry.write(entry) {
             tracing::warn!(worker = %entry.name, %error, "cannot record that a worker ended");
         }
         ended.into()
     }
 }
 
-impl From<Ended> for Phase {
-    fn from(ended: Ended) -> Self {
-        match ended {
-            Ended::Succeeded => Phase::Succeeded,
-            Ended::Failed => Phase::Failed,
-            Ended::Unknown => Phase::Ended,
-        }
-    }
-}
-
-/// Whether `pid` is a live process whose environment names it worker `name`.
-fn is_worker_process(pid: u32, name: &str) -> bool {
-    let wanted = format!("WORKER_NAME={name}");
-    std::fs::read(format!("/proc/{pid}/environ"))
-        .map(|environ| {
-            environ
-                .split(|&b| b == 0)
-                .any(|var| var == wanted.as_bytes())
-        })
-        .unwrap_or(false)
-}
-
-/// The pid of the live process carrying `WORKER_NAME=name`, if any.
-fn find_worker_process(name: &str) -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .find(|&pid| is_worker_process(pid, name))
-}
-
 impl Launcher for LocalLauncher {
     async fn workers(&self) -> Result<Vec<LaunchedWorker>, LauncherError> {
         let entries = self
+            .registry
             .entries()
-            .map_err(|e| LauncherError::List(format!("{}: {e}", self.dir.display())))?;
+            .map_err(|e| LauncherError::List(format!("{}: {e}", self.registry.dir().display())))?;
         Ok(entries
             .into_iter()
             .map(|mut entry| {
@@ -203,7 +126,8 @@ impl Launcher for LocalLauncher {
             started_unix: unix_now(),
             ended: None,
         };
-        self.write_entry(&entry)
+        self.registry
+            .write(&entry)
             .map_err(|e| failed(format!("cannot record it in the registry: {e}")))?;
         let started = std::fs::File::create(self.log_path(name))
             .and_then(|log| Ok((log.try_clone()?, log)))
@@ -222,7 +146,7 @@ impl Launcher for LocalLauncher {
             Ok(child) => child,
             Err(e) => {
                 entry.ended = Some(Ended::Failed);
-                let _ = self.write_entry(&entry);
+                let _ = self.registry.write(&entry);
                 return Err(failed(format!("{}: {e}", self.worker_bin.display())));
             }
         };
@@ -231,7 +155,8 @@ impl Launcher for LocalLauncher {
             .lock()
             .expect("children lock")
             .insert(name.to_string(), child);
-        self.write_entry(&entry)
+        self.registry
+            .write(&entry)
             .map_err(|e| failed(format!("cannot record its pid in the registry: {e}")))
     }
 
@@ -241,6 +166,7 @@ impl Launcher for LocalLauncher {
             reason,
         };
         let entry = self
+            .registry
             .entries()
             .map_err(|e| failed(e.to_string()))?
             .into_iter()
@@ -257,6 +183,7 @@ impl Launcher for LocalLauncher {
     async fn logs(&self, name: &str, tail_lines: Option<u32>) -> Result<String, LauncherError> {
         // Only names in the registry: never a path a caller made up.
         let known = self
+            .registry
             .entries()
             .map_err(|e| LauncherError::List(e.to_string()))?
             .iter()
@@ -270,62 +197,6 @@ impl Launcher for LocalLauncher {
                 reason: e.to_string(),
             }
         })
-    }
-}
-
-/// The end of the log at `path`: its last `lines` lines (all of it for `None`), and
-/// at most `limit` bytes of them, after [`log_cut_note`] when that bound cut them.
-/// The file is read from its end in chunks, no further back than `limit` bytes and
-/// only as far as the lines asked for: memory stays bounded whatever the log's size.
-fn read_tail(path: &Path, lines: Option<u32>, limit: u64) -> std::io::Result<String> {
-    const CHUNK: u64 = 64 * 1024;
-    let mut file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
-    let floor = len.saturating_sub(limit);
-    let mut start = len;
-    let mut window: Vec<u8> = Vec::new();
-    while start > floor && !holds_lines(&window, lines) {
-        let from = start.saturating_sub(CHUNK).max(floor);
-        let mut chunk = vec![0; usize::try_from(start - from).expect("a chunk fits in memory")];
-        file.seek(SeekFrom::Start(from))?;
-        file.read_exact(&mut chunk)?;
-        chunk.extend_from_slice(&window);
-        window = chunk;
-        start = from;
-    }
-    let text = String::from_utf8_lossy(&window);
-    // Cut when the window stopped at the bound with fewer lines than asked for (or
-    // with the whole log asked for); its first line is then only the end of a line.
-    if start > 0 && !holds_lines(&window, lines) {
-        let whole_lines = match text.find('\n') {
-            Some(at) if at + 1 < text.len() => &text[at + 1..],
-            // One line longer than the bound: its end is all there is to show.
-            _ => &text[..],
-        };
-        return Ok(log_cut_note() + whole_lines);
-    }
-    Ok(tail(&text, lines).to_string())
-}
-
-/// Whether `window`, the end of a log, holds `lines` whole lines (besides the final
-/// line break); `None` asks for the whole log, which only the file's start ends.
-fn holds_lines(window: &[u8], lines: Option<u32>) -> bool {
-    let Some(lines) = lines else { return false };
-    let body = window.strip_suffix(b"\n").unwrap_or(window);
-    body.iter().filter(|&&b| b == b'\n').count() >= lines as usize
-}
-
-/// The last `lines` lines of `text` (all of it for `None`).
-fn tail(text: &str, lines: Option<u32>) -> &str {
-    let Some(lines) = lines else { return text };
-    let trimmed = text.strip_suffix('\n').unwrap_or(text);
-    match trimmed
-        .rmatch_indices('\n')
-        .nth(lines.saturating_sub(1) as usize)
-    {
-        Some((at, _)) if lines > 0 => &text[at + 1..],
-        _ if lines == 0 => "",
-        _ => text,
     }
 }
 
@@ -412,15 +283,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn tail_keeps_the_last_lines() {
-        assert_eq!(tail("a\nb\nc\n", Some(2)), "b\nc\n");
-        assert_eq!(tail("a\nb\nc", Some(2)), "b\nc");
-        assert_eq!(tail("a\nb\n", Some(5)), "a\nb\n");
-        assert_eq!(tail("a\nb\n", None), "a\nb\n");
-        assert_eq!(tail("a\nb\n", Some(0)), "");
-    }
-
     #[tokio::test]
     async fn logs_are_readable_for_registered_workers_only() {
         let dir = tempfile::tempdir().unwrap();
@@ -441,86 +303,6 @@ mod tests {
         launcher.stop("w-log").await.unwrap();
     }
 
-    /// Writes `lines` lines of `line_bytes` bytes each (the last byte a line break, the
-    /// first ones the line's number), a megabyte at a time.
-    fn write_log(path: &Path, lines: usize, line_bytes: usize) {
-        use std::io::Write;
-        let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-        for n in 0..lines {
-            let mut line = format!("{n:08}");
-            line.extend(std::iter::repeat_n('x', line_bytes - line.len() - 1));
-            line.push('\n');
-            file.write_all(line.as_bytes()).unwrap();
-        }
-        file.flush().unwrap();
-    }
-
-    /// Issue 15: a worker printed one 300 MB line and `?tail=500` answered all of it,
-    /// taking the scaler from 20 MB to 606 MB. Each row: a log, the lines asked for,
-    /// whether the answer is cut, and what it ends with.
-    #[test]
-    fn a_log_answer_is_bounded_in_bytes_as_well_as_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let limit = MAX_LOG_BYTES as usize;
-        // name, lines, bytes per line, tail, cut, ends with
-        type Case = (&'static str, usize, usize, Option<u32>, bool, &'static str);
-        let cases: Vec<Case> = vec![
-            (
-                "one 50 MB line, last 500 lines",
-                1,
-                50 << 20,
-                Some(500),
-                true,
-                "xx\n",
-            ),
-            ("one 50 MB line, whole log", 1, 50 << 20, None, true, "xx\n"),
-            (
-                "500 lines of 10 KiB: only the last ~100 fit",
-                500,
-                10 << 10,
-                Some(500),
-                true,
-                "\n",
-            ),
-            (
-                "1,000 short lines, last 500",
-                1_000,
-                20,
-                Some(500),
-                false,
-                "\n",
-            ),
-            ("a small log, whole", 3, 20, None, false, "\n"),
-        ];
-        for (name, lines, line_bytes, tail_lines, cut, ends_with) in cases {
-            let path = dir.path().join("worker.log");
-            write_log(&path, lines, line_bytes);
-            let answer = read_tail(&path, tail_lines, MAX_LOG_BYTES).unwrap();
-            assert!(
-                answer.len() <= limit + log_cut_note().len(),
-                "{name}: {} bytes",
-                answer.len()
-            );
-            assert_eq!(answer.starts_with(&log_cut_note()), cut, "{name}");
-            assert!(answer.ends_with(ends_with), "{name}");
-            let body = answer.strip_prefix(&log_cut_note()).unwrap_or(&answer);
-            if lines > 1 {
-                assert!(
-                    body.lines().all(|l| l.len() == line_bytes - 1),
-                    "{name}: whole lines only"
-                );
-            }
-        }
-        write_log(&dir.path().join("short.log"), 1_000, 20);
-        let last = read_tail(&dir.path().join("short.log"), Some(500), MAX_LOG_BYTES).unwrap();
-        assert_eq!(last.lines().count(), 500);
-        assert!(last.starts_with("00000500x"), "{}", &last[..20]);
-        assert_eq!(
-            read_tail(&dir.path().join("short.log"), Some(0), MAX_LOG_BYTES).unwrap(),
-            ""
-        );
-    }
-
     #[tokio::test]
     async fn a_worker_whose_pid_was_never_recorded_is_found_by_name() {
         let dir = tempfile::tempdir().unwrap();
@@ -537,7 +319,8 @@ mod tests {
             .unwrap();
         wait_ready(dir.path(), orphan_name).await;
         launcher
-            .write_entry(&Entry {
+            .registry
+            .write(&Entry {
                 name: orphan_name.into(),
                 job_type: "default".into(),
                 pid: 0,
@@ -547,6 +330,7 @@ mod tests {
             .unwrap();
         assert_eq!(phase(&launcher, orphan_name).await, Phase::Running);
         let recorded = launcher
+            .registry
             .entries()
             .unwrap()
             .into_iter()
