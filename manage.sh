@@ -206,15 +206,18 @@ start_component() { # binary, log file
 # Workers outlive a scaler restart by design; stopping Spillway stops them too
 # (SIGTERM: each finishes the rows it holds, then exits).
 stop_workers() {
-    local entry pid
-    for entry in "$WORKER_DIR"/*.json; do
-        [[ -e "$entry" ]] || continue
-        grep -q '"ended":null' "$entry" || continue
-        pid=$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p' "$entry")
-        if [[ -n "$pid" ]] && tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "WORKER_NAME=$(basename "$entry" .json)"; then
-            kill -TERM "$pid" 2>/dev/null && say "asked worker $(basename "$entry" .json) to drain (pid $pid)"
-        fi
-    done
+    [[ -d "$WORKER_DIR" ]] || return 0
+    local scaler="$ROOT/target/release/scaler" listing name pid
+    [[ -x "$scaler" ]] || die "cannot list the workers in $WORKER_DIR without $scaler: run './manage.sh local' once to build it"
+    # The scaler reads its own registry: a worker counts as running only while its
+    # recorded pid is still that worker's process.
+    listing=$("$scaler" workers) || die "cannot read the worker registry in $WORKER_DIR"
+    while read -r name pid; do
+        kill -TERM "$pid" 2>/dev/null && say "asked worker $name to drain (pid $pid)"
+    done < <(python3 -c 'import json, sys
+for w in json.load(sys.stdin):
+    if w["phase"] == "running" and w["pid"]:
+        print(w["name"], w["pid"])' <<<"$listing")
 }
 
 print_urls() {

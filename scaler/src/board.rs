@@ -135,12 +135,7 @@ impl JobListing {
 fn status_of(worker: &WorkerView) -> &'static str {
     match worker.phase {
         Phase::Running if worker.drain_requested_at.is_some() => "draining",
-        Phase::Pending => "pending",
-        Phase::Running => "running",
-        Phase::Succeeded => "succeeded",
-        Phase::Failed => "failed",
-        Phase::Ended => "ended",
-        Phase::Stopping => "stopping",
+        phase => phase.as_str(),
     }
 }
 

@@ -227,6 +227,9 @@ pub enum Command {
     /// Print the worker Job the Kubernetes launcher would create for each job type, as
     /// YAML documents (JSON), from the same settings: for review and schema checks.
     WorkerJobs,
+    /// Print the local launcher's workers (the registry in WORKER_DIR) as JSON: name,
+    /// job type, phase (`running` only while its pid is still that worker), pid, start.
+    Workers,
 }
 
 /// A container's `imagePullPolicy`.

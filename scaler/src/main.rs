@@ -4,14 +4,14 @@
 //! printed as one `error: ...` line with its causes, never as a stack trace: it is
 //! meant for the operator who set the value, whatever `RUST_BACKTRACE` says.
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::Parser;
 use spillway_common::{jobs_config::JobsConfig, shutdown, telemetry};
 use spillway_scaler::{
     config::{Command, Settings},
-    launcher::{kube::worker_job, worker_name},
+    launcher::{kube::worker_job, local::LocalLauncher, worker_name},
 };
 
 #[tokio::main]
@@ -27,9 +27,13 @@ async fn main() -> ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let settings = Settings::parse();
-    if let Some(Command::WorkerJobs) = settings.command {
-        let jobs = JobsConfig::load(settings.jobs.jobs_config.as_deref())?;
-        return print_worker_jobs(&settings, &jobs);
+    match settings.command {
+        Some(Command::WorkerJobs) => {
+            let jobs = JobsConfig::load(settings.jobs.jobs_config.as_deref())?;
+            return print_worker_jobs(&settings, &jobs);
+        }
+        Some(Command::Workers) => return print_workers(&settings),
+        None => {}
     }
     settings.broker.validate()?;
     telemetry::init(&settings.log)?;
@@ -40,6 +44,21 @@ async fn run() -> anyhow::Result<()> {
     tracing::info!(listen = %settings.listen, launcher = ?settings.launcher(), "scaler starting");
     let stop = shutdown::on_signal()?;
     spillway_scaler::run(settings, jobs, listener, stop).await
+}
+
+fn print_workers(settings: &Settings) -> anyhow::Result<()> {
+    let dir = &settings.worker_dir;
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "WORKER_DIR {} does not exist: no local worker was ever started there",
+            dir.display()
+        );
+    }
+    // Listing starts nothing: the binary is only named, never run.
+    let launcher = LocalLauncher::new(PathBuf::from("worker"), dir.clone())
+        .with_context(|| format!("cannot read the worker registry in {}", dir.display()))?;
+    println!("{}", serde_json::to_string_pretty(&launcher.registered()?)?);
+    Ok(())
 }
 
 fn print_worker_jobs(settings: &Settings, jobs: &JobsConfig) -> anyhow::Result<()> {

@@ -2,7 +2,7 @@
 
 use crate::policy::{Observation, Phase};
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
@@ -94,14 +94,7 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(queue.unacked as i64);
         }
-        for (phase, name) in [
-            (Phase::Pending, "pending"),
-            (Phase::Running, "running"),
-            (Phase::Succeeded, "succeeded"),
-            (Phase::Failed, "failed"),
-            (Phase::Ended, "ended"),
-            (Phase::Stopping, "stopping"),
-        ] {
+        for phase in Phase::ALL {
             let count = observation
                 .workers
                 .iter()
@@ -110,16 +103,14 @@ impl Metrics {
             self.workers
                 .get_or_create(&PhaseLabels {
                     job_type: job_type.into(),
-                    phase: name,
+                    phase: phase.as_str(),
                 })
                 .set(count as i64);
         }
     }
 
     pub fn render(&self) -> String {
-        let mut text = String::new();
-        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
-        text
+        spillway_common::metrics::render(&self.registry)
     }
 }
 

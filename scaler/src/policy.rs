@@ -66,8 +66,29 @@ pub enum Phase {
 }
 
 impl Phase {
+    pub const ALL: [Phase; 6] = [
+        Phase::Pending,
+        Phase::Running,
+        Phase::Succeeded,
+        Phase::Failed,
+        Phase::Ended,
+        Phase::Stopping,
+    ];
+
     pub fn is_active(self) -> bool {
         matches!(self, Phase::Pending | Phase::Running | Phase::Stopping)
+    }
+
+    /// Its name in metrics labels, the dashboard and `scaler workers`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "pending",
+            Phase::Running => "running",
+            Phase::Succeeded => "succeeded",
+            Phase::Failed => "failed",
+            Phase::Ended => "ended",
+            Phase::Stopping => "stopping",
+        }
     }
 }
 

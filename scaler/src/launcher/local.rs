@@ -200,6 +200,39 @@ impl Launcher for LocalLauncher {
     }
 }
 
+/// A worker in the registry as `scaler workers` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Registered {
+    pub name: String,
+    pub job_type: String,
+    /// `running` only while its pid is still this worker's process.
+    pub phase: &'static str,
+    /// 0 when it was never recorded (its scaler died while starting it).
+    pub pid: u32,
+    pub started_unix: u64,
+}
+
+impl LocalLauncher {
+    /// Every worker in the registry with its phase now and its pid.
+    pub fn registered(&self) -> std::io::Result<Vec<Registered>> {
+        Ok(self
+            .registry
+            .entries()?
+            .into_iter()
+            .map(|mut entry| {
+                let phase = self.phase_of(&mut entry);
+                Registered {
+                    name: entry.name,
+                    job_type: entry.job_type,
+                    phase: phase.as_str(),
+                    pid: entry.pid,
+                    started_unix: entry.started_unix,
+                }
+            })
+            .collect())
+    }
+}
+
 /// The `worker` binary next to the running executable.
 pub fn worker_next_to_current_exe() -> std::io::Result<PathBuf> {
     let exe = std::env::current_exe()?;
