@@ -5,7 +5,11 @@
 //!
 //! - [`config`]: the producer's settings, from the environment.
 //! - [`routes`]: the HTTP API and the mapping of every error to JSON.
-//! - [`ingest`]: stream -> validate -> spool, then spool -> publish with confirms.
+//! - [`ingest`]: stream -> validate -> spool, then spool -> publish with confirms;
+//!   where each phase runs, and what a batch records when it ends.
+//!   - [`ingest::validate`]: the CSV checks and every reason an upload is rejected.
+//!   - [`ingest::spool`]: the spool file's format, encoded and decoded in one place.
+//!   - [`ingest::publish`]: windowed publisher confirms, with nacked rows sent again.
 //! - [`strict`]: the byte-level CSV rules the parser does not enforce.
 //! - [`broker`]: the one long-lived RabbitMQ connection, reconnected on demand.
 //! - [`batches`]: recent batches and their publishing progress.
@@ -40,10 +44,7 @@ pub fn build_state(settings: &Settings, jobs: JobsConfig) -> Arc<AppState> {
         limits: settings.limits(),
         body_idle_timeout: settings.body_idle_timeout(),
         publish_window: usize::try_from(settings.publish_window).unwrap_or(2000),
-        spool_dir: settings
-            .spool_dir
-            .clone()
-            .unwrap_or_else(std::env::temp_dir),
+        spool_dir: settings.spool_dir(),
         batches: Batches::new(usize::try_from(settings.batch_history).unwrap_or(usize::MAX)),
         metrics: Arc::new(Metrics::new()),
         tasks: TaskTracker::new(),

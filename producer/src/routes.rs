@@ -7,7 +7,7 @@
 
 use std::{
     path::PathBuf,
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -25,16 +25,13 @@ use bytes::Bytes;
 use futures_util::Stream;
 use serde::Serialize;
 use serde_json::json;
-use spillway_common::{
-    events::{BatchPublished, unix_now},
-    jobs_config::{JobsConfig, UnknownJobType},
-};
+use spillway_common::jobs_config::{JobsConfig, UnknownJobType};
 use tokio_util::task::TaskTracker;
 
 use crate::{
-    batches::{Batch, BatchState, Batches},
+    batches::{Batch, Batches},
     broker::{Broker, BrokerError},
-    ingest::{self, BatchInfo, IngestError, Limits, Rejection},
+    ingest::{self, BatchInfo, IngestError, Limits, PublicationError, validate::Rejection},
     metrics::Metrics,
 };
 
@@ -190,69 +187,29 @@ async fn accept(
         rows,
     ));
     state.batches.insert(Arc::clone(&batch));
-
-    // Publishing runs in its own task, tracked so shutdown waits for it, and keeps
-    // its own books: a client that hangs up mid-way does not leave a batch half-sent
-    // or its state stale.
-    let publishing = {
-        let batch = Arc::clone(&batch);
-        let queue = job.queue.clone();
-        let window = state.publish_window;
-        let metrics = Arc::clone(&state.metrics);
-        state.tasks.spawn(async move {
-            let started = Instant::now();
-            let result = ingest::publish(
-                spool,
-                &channel,
-                &batch.batch_id,
-                &queue,
-                window,
-                &batch.confirmed,
-            )
-            .await;
-            if result.is_ok() {
-                let announcement = BatchPublished {
-                    batch_id: batch.batch_id.clone(),
-                    job_type: batch.job_type.clone(),
-                    queue: queue.clone(),
-                    rows: batch.rows,
-                    published_unix: unix_now(),
-                };
-                Broker::announce(&channel, &announcement).await;
-            }
-            let _ = channel.close(200, "batch published".into()).await;
-            let published = batch.confirmed.load(Ordering::Relaxed);
-            metrics.rows_published.inc_by(published);
-            match &result {
-                Ok(_) => {
-                    batch.finish(BatchState::Published, None);
-                    metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
-                    tracing::info!(batch_id = %batch.batch_id, rows = batch.rows, took = ?started.elapsed(), "batch published");
-                }
-                Err(error) => {
-                    batch.finish(BatchState::Failed, Some(error.to_string()));
-                    tracing::error!(batch_id = %batch.batch_id, %error, published, rows = batch.rows, "batch failed");
-                }
-            }
-            result.map_err(|e| (e.to_string(), published))
-        })
-    };
-    match publishing
-        .await
-        .map_err(|e| ApiError::Internal(format!("the publishing task failed: {e}")))?
-    {
-        Ok(_) => Ok(Accepted {
+    let published = ingest::publish_batch(
+        spool,
+        channel,
+        batch,
+        state.publish_window,
+        Arc::clone(&state.metrics),
+        &state.tasks,
+    )
+    .await;
+    match published {
+        Ok(()) => Ok(Accepted {
             batch_id,
             job_type: job_type.to_string(),
             queue: job.queue.clone(),
             rows,
         }),
-        Err((message, published)) => Err(ApiError::PublishFailed {
+        Err(PublicationError::Stopped { error, published }) => Err(ApiError::PublishFailed {
             batch_id,
             rows,
             published,
-            message,
+            message: error.to_string(),
         }),
+        Err(error @ PublicationError::Task(_)) => Err(ApiError::Internal(error.to_string())),
     }
 }
 

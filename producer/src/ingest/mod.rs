@@ -1,0 +1,316 @@
+//! Ingest: an upload stream becomes validated rows on disk, then confirmed messages.
+//!
+//! Two phases keep both promises the producer makes. First the body is streamed
+//! through the checks of [`validate`] into a [`spool`] file of ready-to-send message
+//! bodies: memory stays flat whatever the file size, and the whole file is validated
+//! before anything is published, so a rejected upload publishes nothing. Then
+//! [`publish`] replays the spool to RabbitMQ with publisher confirms, and the upload
+//! is answered only once every row is confirmed. This module is the glue between
+//! them: it decides where each phase runs (the synchronous parser on a blocking
+//! thread, publication in a task of its own) and what is recorded when a batch ends.
+
+pub mod publish;
+pub mod spool;
+pub mod validate;
+
+use std::{
+    io::{self, Read},
+    path::Path,
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
+
+use bytes::{Buf, Bytes};
+use futures_util::{Stream, StreamExt};
+use lapin::Channel;
+use spillway_common::events::{BatchPublished, unix_now};
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+use crate::{
+    batches::{Batch, BatchState},
+    broker::Broker,
+    metrics::Metrics,
+};
+use publish::PublishError;
+use spool::{Spool, SpoolWriter};
+use validate::{Rejection, Rows};
+
+/// Bounds on what one upload may contain.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_upload_bytes: u64,
+    pub max_row_bytes: usize,
+    pub max_columns: usize,
+}
+
+/// Who the rows belong to.
+#[derive(Debug, Clone)]
+pub struct BatchInfo {
+    pub batch_id: String,
+    pub job_type: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    #[error("cannot write the spool file: {0}")]
+    Spool(#[from] io::Error),
+}
+
+/// Most bytes handed to the parser in one piece. Chunks arrive as large as the
+/// connection had buffered (half a megabyte is common); cut into pieces, the channel's
+/// few slots bound the bytes waiting for the parser whatever size chunks come in.
+const PIECE_BYTES: usize = 64 * 1024;
+
+/// Streams `body` through validation into a spool file in `dir`.
+///
+/// The parser is synchronous, so it runs on a blocking thread fed through a small
+/// bounded channel: a slow parser slows the upload down instead of buffering it.
+pub async fn spool_upload<S>(
+    mut body: S,
+    batch: BatchInfo,
+    limits: Limits,
+    dir: &Path,
+) -> Result<Spool, IngestError>
+where
+    S: Stream<Item = Result<Bytes, Rejection>> + Unpin,
+{
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
+    let dir = dir.to_path_buf();
+    let parser = tokio::task::spawn_blocking(move || {
+        spool_rows(ChannelReader::new(rx), &batch, &limits, &dir)
+    });
+
+    let mut received: u64 = 0;
+    let mut stream_error = None;
+    'body: while let Some(chunk) = body.next().await {
+        let mut chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(rejection) => {
+                stream_error = Some(rejection);
+                break;
+            }
+        };
+        received += chunk.len() as u64;
+        if received > limits.max_upload_bytes {
+            stream_error = Some(Rejection::TooLarge {
+                limit: limits.max_upload_bytes,
+            });
+            break;
+        }
+        while !chunk.is_empty() {
+            let piece = chunk.split_to(chunk.len().min(PIECE_BYTES));
+            if tx.send(piece).await.is_err() {
+                // The parser stopped early: it has found a problem and will report it.
+                break 'body;
+            }
+        }
+    }
+    drop(tx);
+    let parsed = parser
+        .await
+        .map_err(|e| IngestError::Spool(io::Error::other(e)))?;
+    match stream_error {
+        Some(rejection) => Err(rejection.into()),
+        None => parsed,
+    }
+}
+
+/// Parses and validates CSV from `input`, writing one encoded message per data row.
+pub fn spool_rows(
+    input: impl Read,
+    batch: &BatchInfo,
+    limits: &Limits,
+    dir: &Path,
+) -> Result<Spool, IngestError> {
+    let (headers, mut rows) = Rows::open(input, limits)?;
+    let mut spool = SpoolWriter::create(dir, batch, &headers)?;
+    let mut record = csv::StringRecord::new();
+    while let Some(line) = rows.next(&mut record)? {
+        spool.push(line, &record)?;
+    }
+    Ok(spool.finish()?)
+}
+
+/// Why a batch's publication ended before its last confirm.
+#[derive(Debug, thiserror::Error)]
+pub enum PublicationError {
+    /// Publishing stopped after `published` rows were confirmed.
+    #[error("{error}")]
+    Stopped { error: PublishError, published: u64 },
+    /// The publishing task itself died: a bug of ours, not the broker's.
+    #[error("the publishing task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Publishes a validated batch through `channel` (which it closes when done), then
+/// announces it and records the outcome on `batch` and in `metrics`.
+///
+/// Publishing runs in its own task, tracked by `tasks` so shutdown waits for it, and
+/// keeps its own books: a client that hangs up mid-way (dropping this future) does not
+/// leave a batch half-sent or its state stale.
+pub async fn publish_batch(
+    spool: Spool,
+    channel: Channel,
+    batch: Arc<Batch>,
+    window: usize,
+    metrics: Arc<Metrics>,
+    tasks: &TaskTracker,
+) -> Result<(), PublicationError> {
+    let publishing = tasks.spawn(async move {
+        let started = Instant::now();
+        let result = publish::publish(
+            spool,
+            &channel,
+            &batch.batch_id,
+            &batch.queue,
+            window,
+            &batch.confirmed,
+        )
+        .await;
+        if result.is_ok() {
+            let announcement = BatchPublished {
+                batch_id: batch.batch_id.clone(),
+                job_type: batch.job_type.clone(),
+                queue: batch.queue.clone(),
+                rows: batch.rows,
+                published_unix: unix_now(),
+            };
+            Broker::announce(&channel, &announcement).await;
+        }
+        let _ = channel.close(200, "batch published".into()).await;
+        let published = batch.confirmed.load(Ordering::Relaxed);
+        metrics.rows_published.inc_by(published);
+        match result {
+            Ok(_) => {
+                batch.finish(BatchState::Published, None);
+                metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
+                tracing::info!(batch_id = %batch.batch_id, rows = batch.rows, took = ?started.elapsed(), "batch published");
+                Ok(())
+            }
+            Err(error) => {
+                batch.finish(BatchState::Failed, Some(error.to_string()));
+                tracing::error!(batch_id = %batch.batch_id, %error, published, rows = batch.rows, "batch failed");
+                Err(PublicationError::Stopped { error, published })
+            }
+        }
+    });
+    publishing.await?
+}
+
+/// A blocking [`Read`] over chunks arriving on a channel; the end of the channel is
+/// the end of the input.
+struct ChannelReader {
+    rx: mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl ChannelReader {
+    fn new(rx: mpsc::Receiver<Bytes>) -> Self {
+        ChannelReader {
+            rx,
+            current: Bytes::new(),
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spillway_common::envelope::RowMessage;
+
+    const LIMITS: Limits = Limits {
+        max_upload_bytes: 1 << 20,
+        max_row_bytes: 1024,
+        max_columns: 4,
+    };
+
+    fn batch() -> BatchInfo {
+        BatchInfo {
+            batch_id: "b".into(),
+            job_type: "default".into(),
+        }
+    }
+
+    /// The messages `input` is spooled as, or why it is refused.
+    async fn spooled(input: &[u8]) -> Result<Vec<RowMessage>, Rejection> {
+        let spool = match spool_rows(input, &batch(), &LIMITS, &std::env::temp_dir()) {
+            Ok(spool) => spool,
+            Err(IngestError::Rejected(r)) => return Err(r),
+            Err(e) => panic!("unexpected {e}"),
+        };
+        let count = spool.rows;
+        let mut reader = spool.into_reader();
+        let mut body = Vec::new();
+        let mut rows = Vec::new();
+        while let Some(line) = reader.next_into(&mut body).await.unwrap() {
+            let row: RowMessage = serde_json::from_slice(&body).unwrap();
+            assert_eq!(row.line, line);
+            rows.push(row);
+        }
+        assert_eq!(rows.len() as u64, count);
+        Ok(rows)
+    }
+
+    #[tokio::test]
+    async fn lines_are_counted_alike_for_lf_and_crlf() {
+        for newline in ["\n", "\r\n"] {
+            let input = ["a", "1", "", "2", "3"].join(newline) + newline;
+            let rows = spooled(input.as_bytes()).await.unwrap();
+            let lines: Vec<_> = rows.iter().map(|r| (r.line, r.row)).collect();
+            assert_eq!(lines, [(2, 1), (4, 2), (5, 3)], "{newline:?}");
+        }
+        assert_eq!(
+            spooled(b"a,b\r\n1,2\r\n3\r\n").await,
+            Err(Rejection::RaggedRow {
+                line: 3,
+                expected: 2,
+                found: 1
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn rows_keep_their_lines_fields_and_positions() {
+        let rows = spooled(b"\xEF\xBB\xBFa,b\r\n\"x\r\ny\",2\r\n3,\"4,5\"\r\n")
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].headers, ["a", "b"]);
+        assert_eq!(rows[0].fields, ["x\r\ny", "2"]);
+        assert_eq!((rows[0].line, rows[0].row), (2, 1));
+        assert_eq!(rows[1].fields, ["3", "4,5"]);
+        assert_eq!((rows[1].line, rows[1].row), (4, 2));
+    }
+
+    #[tokio::test]
+    async fn a_chunk_larger_than_a_piece_arrives_whole() {
+        let mut csv = String::from("n\n");
+        for n in 0..40_000 {
+            csv.push_str(&format!("{n}\n"));
+        }
+        assert!(csv.len() > 2 * PIECE_BYTES);
+        let body = futures_util::stream::iter([Ok(Bytes::from(csv))]);
+        let spool = spool_upload(body, batch(), LIMITS, &std::env::temp_dir())
+            .await
+            .expect("a valid upload");
+        assert_eq!(spool.rows, 40_000);
+    }
+}

@@ -1,0 +1,171 @@
+//! Publishing: a spool's rows sent to their queue with windowed publisher confirms.
+//!
+//! Every row must be confirmed before the upload is answered, but waiting for each
+//! confirm before sending the next row would cap throughput at a few hundred rows a
+//! second. So up to a window of rows is in flight, their bodies kept until confirmed:
+//! a row the broker nacks is sent again from memory, and the count of confirmed rows
+//! advances as confirms arrive, so progress can be watched while a large batch is sent.
+
+use std::{
+    collections::VecDeque,
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use lapin::{Channel, Confirmation, PublisherConfirm, options::BasicPublishOptions};
+use spillway_common::envelope::{message_id, row_properties};
+
+use super::spool::Spool;
+
+/// Why publishing stopped before every row was confirmed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("lost the RabbitMQ connection after {published} rows were confirmed: {source}")]
+    Broker {
+        published: u64,
+        source: lapin::Error,
+    },
+    #[error("RabbitMQ refused the row on line {line} (nack) after {published} rows were confirmed")]
+    Refused { published: u64, line: u64 },
+    #[error(
+        "the row on line {line} could not be routed to its queue after {published} rows were confirmed"
+    )]
+    Unroutable { published: u64, line: u64 },
+    #[error("cannot read the spool file: {0}")]
+    Spool(#[from] io::Error),
+}
+
+/// How often a row the broker nacks is sent again before the batch fails. A nack
+/// means the broker did not take the row (a quorum queue electing a leader, say),
+/// so sending it again cannot duplicate it.
+const NACK_RETRIES: u32 = 3;
+
+/// Bytes of unconfirmed bodies kept for resending, whatever `window` allows: wide rows
+/// must not multiply into gigabytes of memory.
+const MAX_IN_FLIGHT_BYTES: usize = 16 << 20;
+
+/// A row sent and not yet confirmed.
+struct InFlight {
+    line: u64,
+    body: Vec<u8>,
+    confirm: PublisherConfirm,
+}
+
+/// Publishes every spooled row to `queue` on `channel` (which must have confirms
+/// enabled), with at most `window` confirms outstanding. `confirmed` is advanced as
+/// confirms arrive.
+pub async fn publish(
+    spool: Spool,
+    channel: &Channel,
+    batch_id: &str,
+    queue: &str,
+    window: usize,
+    confirmed: &AtomicU64,
+) -> Result<u64, PublishError> {
+    let publisher = Publisher {
+        channel,
+        batch_id,
+        queue,
+        confirmed,
+    };
+    let mut rows = spool.into_reader();
+    let mut pending: VecDeque<InFlight> = VecDeque::with_capacity(window);
+    let mut pending_bytes = 0;
+    loop {
+        while pending.len() > 1 && pending_bytes > MAX_IN_FLIGHT_BYTES {
+            let oldest = pending.pop_front().expect("more than one in flight");
+            pending_bytes -= oldest.body.len();
+            publisher.settle(oldest).await?;
+        }
+        // Reuse the buffer of the row about to be settled for the next one. A new one
+        // is sized by the row read into it: a window of small rows stays small.
+        let mut body = if pending.len() == window {
+            let oldest = pending.pop_front().expect("window is full");
+            pending_bytes -= oldest.body.len();
+            publisher.settle(oldest).await?
+        } else {
+            Vec::new()
+        };
+        let Some(line) = rows.next_into(&mut body).await? else {
+            break;
+        };
+        let confirm = publisher.send(line, &body).await?;
+        pending_bytes += body.len();
+        pending.push_back(InFlight {
+            line,
+            body,
+            confirm,
+        });
+    }
+    while let Some(oldest) = pending.pop_front() {
+        publisher.settle(oldest).await?;
+    }
+    Ok(confirmed.load(Ordering::Relaxed))
+}
+
+struct Publisher<'a> {
+    channel: &'a Channel,
+    batch_id: &'a str,
+    queue: &'a str,
+    confirmed: &'a AtomicU64,
+}
+
+impl Publisher<'_> {
+    async fn send(&self, line: u64, body: &[u8]) -> Result<PublisherConfirm, PublishError> {
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        self.channel
+            .basic_publish(
+                "".into(),
+                self.queue.into(),
+                options,
+                body,
+                row_properties(&message_id(self.batch_id, line)),
+            )
+            .await
+            .map_err(|source| PublishError::Broker {
+                published: self.confirmed.load(Ordering::Relaxed),
+                source,
+            })
+    }
+
+    /// Waits for a row's confirm, sending it again if nacked; returns its buffer.
+    async fn settle(&self, mut row: InFlight) -> Result<Vec<u8>, PublishError> {
+        let mut nacks = 0;
+        loop {
+            let published = self.confirmed.load(Ordering::Relaxed);
+            match row.confirm.await {
+                Ok(Confirmation::Ack(None)) => {
+                    self.confirmed.fetch_add(1, Ordering::Relaxed);
+                    return Ok(row.body);
+                }
+                Ok(Confirmation::Ack(Some(_))) => {
+                    return Err(PublishError::Unroutable {
+                        published,
+                        line: row.line,
+                    });
+                }
+                Ok(Confirmation::Nack(_) | Confirmation::NotRequested) if nacks < NACK_RETRIES => {
+                    nacks += 1;
+                    tracing::warn!(
+                        line = row.line,
+                        nacks,
+                        "RabbitMQ nacked a row; sending it again"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(nacks)))
+                        .await;
+                    row.confirm = self.send(row.line, &row.body).await?;
+                }
+                Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => {
+                    return Err(PublishError::Refused {
+                        published,
+                        line: row.line,
+                    });
+                }
+                Err(source) => return Err(PublishError::Broker { published, source }),
+            }
+        }
+    }
+}
