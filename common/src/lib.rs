@@ -3,13 +3,15 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: settings every process reads from the environment (broker URLs, logging).
+//! - [`config`]: settings every process reads from the environment (broker URL and
+//!   reconnect budget, logging).
 //! - [`jobs_config`]: the job-types file mapping a job type to its queue, handler and limits.
 //! - [`events`]: worker progress reports and drain requests, and their exchanges.
 //! - [`envelope`]: the message carried for one CSV row, and its AMQP properties.
 //! - [`topology`]: declaring the quorum work queue, its dead-letter exchange and `<queue>.dead`.
 //! - [`rabbit_api`]: a small client for the RabbitMQ management HTTP API.
-//! - [`retry`]: the one retry policy used for reconnecting to the broker.
+//! - [`retry`]: the one retry policy for the broker: connecting, and rows it nacks.
+//! - [`metrics`]: a metrics registry as the OpenMetrics text `/metrics` serves.
 //! - [`telemetry`]: tracing setup, human-readable or JSON lines.
 //! - [`shutdown`]: turning SIGTERM/SIGINT into a cancellation token.
 //! - `testing` (feature `test-support`): a throwaway vhost per test on a real broker.
@@ -21,6 +23,7 @@ pub mod config;
 pub mod envelope;
 pub mod events;
 pub mod jobs_config;
+pub mod metrics;
 pub mod rabbit_api;
 pub mod retry;
 pub mod shutdown;

@@ -7,6 +7,10 @@
 //! client's read timeout, so a management API that holds one request delays its
 //! caller by that much and no more. Tests also use it to create and delete a vhost of
 //! their own.
+//!
+//! It is written over the workspace's reqwest rather than on the RabbitMQ team's
+//! `rabbitmq_http_client`, which would bring a second reqwest and replace every
+//! binary's memory allocator: the README's "Dependencies" note says why in full.
 
 use std::{str::FromStr, time::Duration};
 

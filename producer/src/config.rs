@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use spillway_common::config::{BrokerSettings, JobsSettings, LogSettings};
+use spillway_common::config::{BrokerSettings, JobsSettings, LogSettings, Process};
 
 use crate::ingest::Limits;
 
@@ -57,16 +57,6 @@ pub struct Settings {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_history: u64,
 
-    /// Seconds to keep retrying an unreachable broker before an upload gets 503.
-    #[arg(
-        long = "broker-retry-seconds",
-        env = "BROKER_RETRY_SECONDS",
-        value_name = "BROKER_RETRY_SECONDS",
-        default_value_t = 10,
-        value_parser = clap::value_parser!(u64).range(0..=3_600)
-    )]
-    pub broker_retry_seconds: u64,
-
     #[command(flatten)]
     pub broker: BrokerSettings,
 
@@ -93,6 +83,12 @@ impl Settings {
 
     pub fn spool_dir(&self) -> PathBuf {
         self.spool_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+
+    /// How long an upload waits for an unreachable broker before it gets 503:
+    /// `BROKER_RETRY_SECONDS`, 10 s unless set.
+    pub fn broker_retry_budget(&self) -> Duration {
+        self.broker.retry_budget(Process::Producer)
     }
 
     pub fn body_idle_timeout(&self) -> Duration {

@@ -23,7 +23,7 @@ pub mod metrics;
 pub mod routes;
 pub mod strict;
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc};
 
 use spillway_common::jobs_config::JobsConfig;
 use tokio::net::TcpListener;
@@ -37,10 +37,7 @@ use crate::{
 pub fn build_state(settings: &Settings, jobs: JobsConfig) -> Arc<AppState> {
     Arc::new(AppState {
         jobs,
-        broker: Broker::new(
-            &settings.broker.amqp_url,
-            Duration::from_secs(settings.broker_retry_seconds),
-        ),
+        broker: Broker::new(&settings.broker.amqp_url, settings.broker_retry_budget()),
         limits: settings.limits(),
         body_idle_timeout: settings.body_idle_timeout(),
         publish_window: usize::try_from(settings.publish_window).unwrap_or(2000),

@@ -1,7 +1,7 @@
 //! The producer's Prometheus metrics, served as OpenMetrics text on `/metrics`.
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
@@ -71,9 +71,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut text = String::new();
-        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
-        text
+        spillway_common::metrics::render(&self.registry)
     }
 }
 

@@ -25,6 +25,7 @@ use lapin::{
     types::FieldTable,
 };
 use spillway_common::{
+    config::{BrokerSettings, Process},
     events::{
         self, BatchPublished, CONTROL_EXCHANGE, EVENTS_EXCHANGE, WorkerReport, drain_routing_key,
     },
@@ -133,13 +134,16 @@ impl Bus {
         Err(failed(outcome))
     }
 
-    /// Keeps the connection and the report consumer up until `stop`.
-    pub async fn run(self: Arc<Self>, amqp_url: String, stop: CancellationToken) {
+    /// Keeps the connection and the report consumer up until `stop`. Each round of
+    /// reconnecting lasts `BROKER_RETRY_SECONDS` (30 s unless set), then the failure is
+    /// logged and a new round starts: the scaler never gives up on the broker.
+    pub async fn run(self: Arc<Self>, broker: impl Into<BrokerSettings>, stop: CancellationToken) {
+        let broker = broker.into();
+        let budget = broker.retry_budget(Process::Scaler);
         loop {
             let session = async {
-                let connection = Arc::new(
-                    retry::connect(&amqp_url, "spillway-scaler", Duration::from_secs(30)).await?,
-                );
+                let connection =
+                    Arc::new(retry::connect(&broker.amqp_url, "spillway-scaler", budget).await?);
                 let channel = connection.create_channel().await?;
                 for (queue, delivery_limit) in &self.queues {
                     topology::declare_work_queue(&channel, queue, *delivery_limit)

@@ -85,7 +85,7 @@ pub async fn run(
             start_timeout: Duration::from_secs(settings.worker_start_timeout_seconds),
         },
     };
-    tokio::spawn(Arc::clone(&parts.bus).run(settings.broker.amqp_url.clone(), stop.clone()));
+    tokio::spawn(Arc::clone(&parts.bus).run(settings.broker.clone(), stop.clone()));
     match settings.launcher() {
         LauncherKind::Kubernetes => {
             let client = kube::Client::try_default()

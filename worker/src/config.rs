@@ -1,8 +1,12 @@
 //! The worker's settings: read from the environment once, at start. `worker --help`
 //! lists them all.
 
+use std::time::Duration;
+
 use clap::Parser;
-use spillway_common::config::{BrokerSettings, JobsSettings, LogSettings};
+use spillway_common::config::{
+    BROKER_RETRY_MAX_SECONDS, BrokerSettings, JobsSettings, LogSettings, Process,
+};
 
 /// Spillway worker: consumes one job type's queue and runs its handler on each row.
 ///
@@ -39,14 +43,16 @@ pub struct Settings {
           default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub progress_seconds: u64,
 
-    /// Seconds to keep reconnecting to a lost broker before exiting with an error.
+    /// Deprecated name of BROKER_RETRY_SECONDS, read (with a warning at start) only
+    /// when that is unset, so deployments that set it keep their budget.
     #[arg(
         long = "broker-give-up-seconds",
         env = "BROKER_GIVE_UP_SECONDS",
         value_name = "BROKER_GIVE_UP_SECONDS",
-        default_value_t = 300
+        hide = true,
+        value_parser = clap::value_parser!(u64).range(0..=BROKER_RETRY_MAX_SECONDS)
     )]
-    pub broker_give_up_seconds: u64,
+    pub broker_give_up_seconds: Option<u64>,
 
     #[command(flatten)]
     pub broker: BrokerSettings,
@@ -68,5 +74,85 @@ impl Settings {
 
     pub fn prefetch(&self) -> u16 {
         self.prefetch.unwrap_or(self.concurrency)
+    }
+
+    /// How long to keep reconnecting to a lost broker before exiting with an error:
+    /// `BROKER_RETRY_SECONDS`, else the deprecated `BROKER_GIVE_UP_SECONDS`, else 300 s.
+    pub fn broker_retry_budget(&self) -> Duration {
+        match (
+            self.broker.broker_retry_seconds,
+            self.broker_give_up_seconds,
+        ) {
+            (None, Some(seconds)) => Duration::from_secs(seconds),
+            _ => self.broker.retry_budget(Process::Worker),
+        }
+    }
+
+    /// What to tell the operator about a deprecated setting in use, if one is.
+    pub fn deprecation_warning(&self) -> Option<String> {
+        let old = self.broker_give_up_seconds?;
+        Some(match self.broker.broker_retry_seconds {
+            None => format!(
+                "BROKER_GIVE_UP_SECONDS is deprecated: rename it BROKER_RETRY_SECONDS (its value, {old} s, is used)"
+            ),
+            Some(new) => format!(
+                "BROKER_GIVE_UP_SECONDS ({old} s) is deprecated and ignored: BROKER_RETRY_SECONDS ({new} s) is set"
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Settings {
+        Settings::try_parse_from(["worker"].iter().chain(args)).expect("valid settings")
+    }
+
+    #[test]
+    fn the_reconnect_budget_comes_from_the_new_name_then_the_old_one() {
+        // (flags, budget in seconds, whether a deprecation warning is logged)
+        let table: [(&[&str], u64, bool); 4] = [
+            (&[], 300, false),
+            (&["--broker-retry-seconds", "20"], 20, false),
+            (&["--broker-give-up-seconds", "45"], 45, true),
+            (
+                &[
+                    "--broker-retry-seconds",
+                    "20",
+                    "--broker-give-up-seconds",
+                    "45",
+                ],
+                20,
+                true,
+            ),
+        ];
+        for (flags, seconds, warns) in table {
+            let settings = parse(flags);
+            assert_eq!(
+                settings.broker_retry_budget(),
+                Duration::from_secs(seconds),
+                "{flags:?}"
+            );
+            assert_eq!(settings.deprecation_warning().is_some(), warns, "{flags:?}");
+        }
+        let ignored = parse(&[
+            "--broker-retry-seconds",
+            "20",
+            "--broker-give-up-seconds",
+            "45",
+        ]);
+        assert!(
+            ignored.deprecation_warning().unwrap().contains("ignored"),
+            "says which one wins"
+        );
+    }
+
+    #[test]
+    fn the_old_name_has_the_same_bounds_as_the_new_one() {
+        let refused = Settings::try_parse_from(["worker", "--broker-give-up-seconds", "3601"]);
+        let error = refused.expect_err("3601 refused").to_string();
+        assert!(error.contains("BROKER_GIVE_UP_SECONDS"), "{error}");
     }
 }

@@ -11,7 +11,7 @@
 //! kills workers.
 //!
 //! A lost connection is re-established with backoff for up to
-//! `BROKER_GIVE_UP_SECONDS`; rows in hand at that moment are redelivered by the broker.
+//! `BROKER_RETRY_SECONDS`; rows in hand at that moment are redelivered by the broker.
 //! A drain (SIGTERM or a request from the scaler) cancels the consumer, finishes and
 //! acks the rows already received, and ends the run.
 
@@ -60,7 +60,7 @@ pub struct Worker {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(
-        "gave up on RabbitMQ after {seconds} s without a connection (BROKER_GIVE_UP_SECONDS): {source}"
+        "gave up on RabbitMQ after {seconds} s without a connection (BROKER_RETRY_SECONDS): {source}"
     )]
     GaveUp {
         seconds: u64,

@@ -38,6 +38,6 @@ pub fn build(settings: &Settings, jobs: &JobsConfig) -> Result<Worker, UnknownJo
         concurrency: usize::from(settings.concurrency),
         prefetch: settings.prefetch(),
         progress_interval: Duration::from_secs(settings.progress_seconds),
-        give_up_after: Duration::from_secs(settings.broker_give_up_seconds),
+        give_up_after: settings.broker_retry_budget(),
     })
 }

@@ -27,6 +27,9 @@ async fn run() -> anyhow::Result<()> {
     let settings = Settings::parse();
     settings.broker.validate()?;
     telemetry::init(&settings.log)?;
+    if let Some(warning) = settings.deprecation_warning() {
+        tracing::warn!("{warning}");
+    }
     let jobs = JobsConfig::load(settings.jobs.jobs_config.as_deref())?;
     let worker = spillway_worker::build(&settings, &jobs)?;
     let stop = shutdown::on_signal()?;

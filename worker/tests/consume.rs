@@ -411,7 +411,7 @@ async fn a_worker_that_cannot_reach_the_broker_gives_up_with_a_clear_error() {
     // Port 9 (discard) has no broker listening.
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker"))
         .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:9/%2f")
-        .env("BROKER_GIVE_UP_SECONDS", "1")
+        .env("BROKER_RETRY_SECONDS", "1")
         .env_remove("JOBS_CONFIG")
         .output()
         .await

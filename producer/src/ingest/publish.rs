@@ -13,7 +13,10 @@ use std::{
 };
 
 use lapin::{Channel, Confirmation, PublisherConfirm, options::BasicPublishOptions};
-use spillway_common::envelope::{message_id, row_properties};
+use spillway_common::{
+    envelope::{message_id, row_properties},
+    retry,
+};
 
 use super::spool::Spool;
 
@@ -34,11 +37,6 @@ pub enum PublishError {
     #[error("cannot read the spool file: {0}")]
     Spool(#[from] io::Error),
 }
-
-/// How often a row the broker nacks is sent again before the batch fails. A nack
-/// means the broker did not take the row (a quorum queue electing a leader, say),
-/// so sending it again cannot duplicate it.
-const NACK_RETRIES: u32 = 3;
 
 /// Bytes of unconfirmed bodies kept for resending, whatever `window` allows: wide rows
 /// must not multiply into gigabytes of memory.
@@ -133,7 +131,9 @@ impl Publisher<'_> {
 
     /// Waits for a row's confirm, sending it again if nacked; returns its buffer.
     async fn settle(&self, mut row: InFlight) -> Result<Vec<u8>, PublishError> {
-        let mut nacks = 0;
+        // A nack means the broker did not take the row, so it is sent again on the
+        // broker retry policy (a bounded number of times) before the batch fails.
+        let mut nack_delays = retry::nack_delays();
         loop {
             let published = self.confirmed.load(Ordering::Relaxed);
             match row.confirm.await {
@@ -147,22 +147,20 @@ impl Publisher<'_> {
                         line: row.line,
                     });
                 }
-                Ok(Confirmation::Nack(_) | Confirmation::NotRequested) if nacks < NACK_RETRIES => {
-                    nacks += 1;
+                Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => {
+                    let Some(delay) = nack_delays.next() else {
+                        return Err(PublishError::Refused {
+                            published,
+                            line: row.line,
+                        });
+                    };
                     tracing::warn!(
                         line = row.line,
-                        nacks,
+                        retry_in = ?delay,
                         "RabbitMQ nacked a row; sending it again"
                     );
-                    tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(nacks)))
-                        .await;
+                    tokio::time::sleep(delay).await;
                     row.confirm = self.send(row.line, &row.body).await?;
-                }
-                Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => {
-                    return Err(PublishError::Refused {
-                        published,
-                        line: row.line,
-                    });
                 }
                 Err(source) => return Err(PublishError::Broker { published, source }),
             }
