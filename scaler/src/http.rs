@@ -24,6 +24,34 @@ use crate::{
     metrics::Metrics,
 };
 
+/// Every error the scaler's HTTP API answers, each as `{"error": "..."}` with its
+/// status: the one place that shape is written.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("not found")]
+    NotFound,
+    #[error("not connected to RabbitMQ")]
+    NotReady,
+    #[error(transparent)]
+    Launcher(#[from] LauncherError),
+    #[error("cannot render the dashboard: {0}")]
+    Render(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::NotFound | ApiError::Launcher(LauncherError::NoSuchWorker(_)) => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Launcher(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Render(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, Json(json!({"error": self.to_string()}))).into_response()
+    }
+}
+
 pub struct HttpState<L> {
     pub bus: Arc<Bus>,
     pub metrics: Arc<Metrics>,
@@ -59,19 +87,15 @@ fn router<L: Launcher>(state: HttpState<L>) -> Router {
         .route("/readyz", get(readyz::<L>))
         .route("/metrics", get(metrics::<L>))
         .route("/api/jobs/{name}/logs", get(logs::<L>))
-        .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))) })
+        .fallback(|| async { ApiError::NotFound })
         .with_state(state)
 }
 
-async fn readyz<L>(State(state): State<HttpState<L>>) -> Response {
+async fn readyz<L>(State(state): State<HttpState<L>>) -> Result<Response, ApiError> {
     if state.bus.connected() {
-        Json(json!({"status": "ready"})).into_response()
+        Ok(Json(json!({"status": "ready"})).into_response())
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": "not connected to RabbitMQ"})),
-        )
-            .into_response()
+        Err(ApiError::NotReady)
     }
 }
 
@@ -99,31 +123,18 @@ async fn logs<L: Launcher>(
     State(state): State<HttpState<L>>,
     Path(name): Path<String>,
     Query(query): Query<LogQuery>,
-) -> Response {
-    match state.launcher.logs(&name, query.tail).await {
-        Ok(text) => {
-            let mut response =
-                ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response();
-            if query.download
-                && let Ok(value) = format!("attachment; filename=\"{name}.log\"").parse()
-            {
-                response
-                    .headers_mut()
-                    .insert(header::CONTENT_DISPOSITION, value);
-            }
-            response
-        }
-        Err(error @ LauncherError::NoSuchWorker(_)) => (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": error.to_string()})),
-        )
-            .into_response(),
-        Err(error) => (
-            StatusCode::BAD_GATEWAY,
-            Json(json!({"error": error.to_string()})),
-        )
-            .into_response(),
+) -> Result<Response, ApiError> {
+    let text = state.launcher.logs(&name, query.tail).await?;
+    let mut response =
+        ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response();
+    if query.download
+        && let Ok(value) = format!("attachment; filename=\"{name}.log\"").parse()
+    {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_DISPOSITION, value);
     }
+    Ok(response)
 }
 
 #[cfg(test)]
@@ -142,6 +153,46 @@ mod tests {
     /// Issue 15: `?tail=500` of a worker that printed one 300 MB line answered all
     /// 300 MB, and the scaler's memory grew by as much per request. Here a 50 MB line:
     /// every way of asking answers at most a mebibyte, saying it was cut.
+    #[tokio::test]
+    async fn every_error_is_one_json_shape_with_its_status() {
+        let cases = [
+            (ApiError::NotFound, StatusCode::NOT_FOUND, "not found"),
+            (
+                ApiError::NotReady,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not connected to RabbitMQ",
+            ),
+            (
+                LauncherError::NoSuchWorker("w9".into()).into(),
+                StatusCode::NOT_FOUND,
+                "no worker named \"w9\"",
+            ),
+            (
+                LauncherError::Logs {
+                    name: "w1".into(),
+                    source: "its pod is gone".into(),
+                }
+                .into(),
+                StatusCode::BAD_GATEWAY,
+                "cannot read the logs of worker w1: its pod is gone",
+            ),
+            (
+                ApiError::Render("bad template".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot render the dashboard: bad template",
+            ),
+        ];
+        for (error, status, message) in cases {
+            let response = error.into_response();
+            assert_eq!(response.status(), status, "{message}");
+            let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body, json!({"error": message}));
+        }
+    }
+
     #[tokio::test]
     async fn the_logs_endpoint_answers_at_most_a_mebibyte_of_a_huge_log() {
         let dir = tempfile::tempdir().unwrap();

@@ -14,13 +14,14 @@ use std::sync::Arc;
 use axum::{
     Json,
     extract::{Query, State},
-    http::StatusCode,
     response::{Html, IntoResponse, Response},
 };
-use serde_json::json;
 use tera::{Context, Tera};
 
-use crate::board::{BatchesView, Board, JobView, ScalingEvent, StatsView};
+use crate::{
+    board::{BatchesView, Board, JobView, ScalingEvent, StatsView},
+    http::ApiError,
+};
 
 const TEMPLATE: &str = "index.html";
 
@@ -86,18 +87,11 @@ pub struct DashboardState {
     pub page: Arc<Page>,
 }
 
-pub async fn index(State(state): State<DashboardState>) -> Response {
-    match state.page.render(&state.board) {
-        Ok(html) => Html(html).into_response(),
-        Err(error) => {
-            tracing::error!(%error, "cannot render the dashboard");
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Json(json!({"error": format!("cannot render the dashboard: {error}")})),
-            )
-                .into_response()
-        }
-    }
+pub async fn index(State(state): State<DashboardState>) -> Result<Html<String>, ApiError> {
+    state.page.render(&state.board).map(Html).map_err(|error| {
+        tracing::error!(%error, "cannot render the dashboard");
+        ApiError::Render(error.to_string())
+    })
 }
 
 pub async fn stats(State(state): State<DashboardState>) -> Json<StatsView> {

@@ -40,7 +40,7 @@ pub use self::{
     },
     status::{phase_of, waiting_of},
 };
-use super::{LaunchedWorker, Launcher, LauncherError, worker_name};
+use super::{Cause, LaunchedWorker, Launcher, LauncherError, worker_name};
 use crate::policy::{Phase, Waiting};
 
 /// How long a watch error keeps the cache suspect when no event has come since. The
@@ -119,17 +119,14 @@ impl KubeLauncher {
             let job =
                 worker_job(&self.template, job_type, &name).map_err(|e| LauncherError::Spawn {
                     name: name.clone(),
-                    reason: e.to_string(),
+                    source: e.into(),
                 })?;
             self.jobs
                 .create(&dry_run, &job)
                 .await
-                .map_err(|e| LauncherError::Spawn {
-                    name,
-                    reason: format!(
-                        "the API server refuses the worker Job of job type {job_type:?} \
-                         (a dry run at start): {e}"
-                    ),
+                .map_err(|source| LauncherError::Refused {
+                    job_type: job_type.clone(),
+                    source,
                 })?;
         }
         Ok(())
@@ -189,9 +186,10 @@ impl Launcher for KubeLauncher {
         if let Some((at, error)) = &*self.watch_error.lock().expect("watch health lock")
             && at.elapsed() < WATCH_ERROR_HOLD
         {
-            return Err(LauncherError::List(format!(
-                "the watch of worker Jobs is failing, so its cache may be stale: {error}"
-            )));
+            return Err(LauncherError::List(
+                format!("the watch of worker Jobs is failing, so its cache may be stale: {error}")
+                    .into(),
+            ));
         }
         let jobs: Vec<(Arc<Job>, Phase)> = self
             .cache
@@ -240,7 +238,7 @@ impl Launcher for KubeLauncher {
     async fn spawn(&self, job_type: &str, name: &str) -> Result<(), LauncherError> {
         let job = worker_job(&self.template, job_type, name).map_err(|e| LauncherError::Spawn {
             name: name.into(),
-            reason: e.to_string(),
+            source: e.into(),
         })?;
         self.jobs
             .create(&PostParams::default(), &job)
@@ -248,14 +246,14 @@ impl Launcher for KubeLauncher {
             .map(drop)
             .map_err(|e| LauncherError::Spawn {
                 name: name.into(),
-                reason: e.to_string(),
+                source: e.into(),
             })
     }
 
     async fn logs(&self, name: &str, tail_lines: Option<u32>) -> Result<String, LauncherError> {
-        let failed = |reason: String| LauncherError::Logs {
+        let failed = |source: Cause| LauncherError::Logs {
             name: name.into(),
-            reason,
+            source,
         };
         // Only Jobs in the cache (Spillway's own, by label): never any pod by name.
         let known = self
@@ -270,7 +268,7 @@ impl Launcher for KubeLauncher {
             .pods
             .list(&ListParams::default().labels(&format!("{WORKER_LABEL}={name}")))
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(|e| failed(e.into()))?;
         let pod = pods
             .items
             .iter()
@@ -291,7 +289,7 @@ impl Launcher for KubeLauncher {
             .pods
             .logs(&pod, &params)
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(|e| failed(e.into()))?;
         if text.len() as u64 >= super::MAX_LOG_BYTES {
             return Ok(super::log_cut_note() + &text);
         }
@@ -305,7 +303,7 @@ impl Launcher for KubeLauncher {
             .map(drop)
             .map_err(|e| LauncherError::Stop {
                 name: name.into(),
-                reason: e.to_string(),
+                source: e.into(),
             })
     }
 }

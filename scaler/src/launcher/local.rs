@@ -29,7 +29,7 @@ use self::{
     log_tail::read_tail,
     registry::{Ended, Entry, Registry, find_worker_process, is_worker_process},
 };
-use super::{LaunchedWorker, Launcher, LauncherError, MAX_LOG_BYTES};
+use super::{Cause, LaunchedWorker, Launcher, LauncherError, MAX_LOG_BYTES};
 use crate::policy::Phase;
 
 pub struct LocalLauncher {
@@ -92,10 +92,9 @@ impl LocalLauncher {
 
 impl Launcher for LocalLauncher {
     async fn workers(&self) -> Result<Vec<LaunchedWorker>, LauncherError> {
-        let entries = self
-            .registry
-            .entries()
-            .map_err(|e| LauncherError::List(format!("{}: {e}", self.registry.dir().display())))?;
+        let entries = self.registry.entries().map_err(|e| {
+            LauncherError::List(in_context(e, &self.registry.dir().display().to_string()))
+        })?;
         Ok(entries
             .into_iter()
             .map(|mut entry| {
@@ -113,9 +112,9 @@ impl Launcher for LocalLauncher {
     }
 
     async fn spawn(&self, job_type: &str, name: &str) -> Result<(), LauncherError> {
-        let failed = |reason: String| LauncherError::Spawn {
+        let failed = |source: Cause| LauncherError::Spawn {
             name: name.to_string(),
-            reason,
+            source,
         };
         // Registered before it exists, so a scaler that dies mid-spawn leaves a trace
         // the next one follows (by name, in /proc) instead of an untracked worker.
@@ -128,7 +127,7 @@ impl Launcher for LocalLauncher {
         };
         self.registry
             .write(&entry)
-            .map_err(|e| failed(format!("cannot record it in the registry: {e}")))?;
+            .map_err(|e| failed(in_context(e, "cannot record it in the registry")))?;
         let started = std::fs::File::create(self.log_path(name))
             .and_then(|log| Ok((log.try_clone()?, log)))
             .and_then(|(out, err)| {
@@ -147,7 +146,10 @@ impl Launcher for LocalLauncher {
             Err(e) => {
                 entry.ended = Some(Ended::Failed);
                 let _ = self.registry.write(&entry);
-                return Err(failed(format!("{}: {e}", self.worker_bin.display())));
+                return Err(failed(in_context(
+                    e,
+                    &self.worker_bin.display().to_string(),
+                )));
             }
         };
         entry.pid = child.id();
@@ -157,18 +159,18 @@ impl Launcher for LocalLauncher {
             .insert(name.to_string(), child);
         self.registry
             .write(&entry)
-            .map_err(|e| failed(format!("cannot record its pid in the registry: {e}")))
+            .map_err(|e| failed(in_context(e, "cannot record its pid in the registry")))
     }
 
     async fn stop(&self, name: &str) -> Result<(), LauncherError> {
-        let failed = |reason: String| LauncherError::Stop {
+        let failed = |source: Cause| LauncherError::Stop {
             name: name.to_string(),
-            reason,
+            source,
         };
         let entry = self
             .registry
             .entries()
-            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(e.into()))?
             .into_iter()
             .find(|e| e.name == name)
             .ok_or_else(|| failed("no such worker".into()))?;
@@ -176,8 +178,8 @@ impl Launcher for LocalLauncher {
             return Ok(());
         }
         // The worker only: it drains, letting the command of the row in hand finish.
-        let pid = Pid::from_raw(i32::try_from(entry.pid).map_err(|e| failed(e.to_string()))?);
-        signal::kill(pid, signal::Signal::SIGTERM).map_err(|e| failed(e.to_string()))
+        let pid = Pid::from_raw(i32::try_from(entry.pid).map_err(|e| failed(e.into()))?);
+        signal::kill(pid, signal::Signal::SIGTERM).map_err(|e| failed(e.into()))
     }
 
     async fn logs(&self, name: &str, tail_lines: Option<u32>) -> Result<String, LauncherError> {
@@ -185,7 +187,7 @@ impl Launcher for LocalLauncher {
         let known = self
             .registry
             .entries()
-            .map_err(|e| LauncherError::List(e.to_string()))?
+            .map_err(|e| LauncherError::List(e.into()))?
             .iter()
             .any(|e| e.name == name);
         if !known {
@@ -194,10 +196,18 @@ impl Launcher for LocalLauncher {
         read_tail(&self.log_path(name), tail_lines, MAX_LOG_BYTES).map_err(|e| {
             LauncherError::Logs {
                 name: name.into(),
-                reason: e.to_string(),
+                source: e.into(),
             }
         })
     }
+}
+
+/// `error` with what was being done: still an I/O error of the same kind.
+fn in_context(error: std::io::Error, doing: &str) -> Cause {
+    Box::new(std::io::Error::new(
+        error.kind(),
+        format!("{doing}: {error}"),
+    ))
 }
 
 /// A worker in the registry as `scaler workers` prints it.

@@ -24,18 +24,42 @@ pub struct LaunchedWorker {
     pub waiting: Option<Waiting>,
 }
 
+/// What went wrong underneath: the API server's or the system's own error where there
+/// is one (a caller can downcast it), a sentence where there is none.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LauncherError {
-    #[error("cannot start worker {name}: {reason}")]
-    Spawn { name: String, reason: String },
-    #[error("cannot stop worker {name}: {reason}")]
-    Stop { name: String, reason: String },
+    #[error("cannot start worker {name}: {source}")]
+    Spawn {
+        name: String,
+        #[source]
+        source: Cause,
+    },
+    #[error("cannot stop worker {name}: {source}")]
+    Stop {
+        name: String,
+        #[source]
+        source: Cause,
+    },
     #[error("cannot list workers: {0}")]
-    List(String),
+    List(#[source] Cause),
     #[error("no worker named {0:?}")]
     NoSuchWorker(String),
-    #[error("cannot read the logs of worker {name}: {reason}")]
-    Logs { name: String, reason: String },
+    #[error("cannot read the logs of worker {name}: {source}")]
+    Logs {
+        name: String,
+        #[source]
+        source: Cause,
+    },
+    #[error(
+        "the API server refuses the worker Job of job type {job_type:?} (a dry run at start): {source}"
+    )]
+    Refused {
+        job_type: String,
+        #[source]
+        source: ::kube::Error,
+    },
 }
 
 pub trait Launcher: Send + Sync + 'static {

@@ -57,7 +57,7 @@ impl Launcher for FakeLauncher {
         if self.cannot_spawn.load(Ordering::SeqCst) {
             return Err(LauncherError::Spawn {
                 name: name.into(),
-                reason: "quota exceeded".into(),
+                source: "quota exceeded".into(),
             });
         }
         self.spawned.lock().unwrap().push(name.into());
