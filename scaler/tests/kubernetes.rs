@@ -8,73 +8,27 @@
 //! - the whole pipeline: the producer, the scaler with `LAUNCHER=kubernetes`, and real
 //!   `worker` processes run by the double from the scaler's own Job spec (broker URL
 //!   from a Secret, job types from a ConfigMap): every uploaded row is processed, the
-//!   workers drain after the idle window, every Job ends `Complete`, nothing is lost.
+//!   workers drain after the idle window, every Job ends `Complete`, nothing is lost,
+//!   and every call the scaler made is one its Role (`infra/k8s/base/rbac.yaml`) allows.
+//!
+//! Issue 16's runtime defects, each on the same double, are in `kubernetes_defects.rs`;
+//! the set-up both share is `support/kube.rs`.
 
+#[path = "support/kube.rs"]
+mod cluster;
 mod support;
 
-use std::{
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::process::{Child, Command, Stdio};
 
+use cluster::{
+    Cluster, NAMESPACE, PATIENCE, assert_calls_allowed_by_the_role,
+    assert_no_worker_outlives_the_double, condition, name_of, ready, watched_its_jobs,
+};
 use k8s_openapi::api::batch::v1::Job;
 use kube::{Api, api::ListParams};
-use reqwest::StatusCode;
-use spillway_common::testing::{TestVhost, wait_for};
+use spillway_common::testing::wait_for;
 use spillway_testkit::kube_api::{Fault, KubeApi, KubeApiConfig};
-use support::{Scaler, free_port, numbered_csv, start_producer, upload};
-
-const NAMESPACE: &str = "spillway";
-const PATIENCE: Duration = Duration::from_secs(90);
-/// The label the scaler's watch selects on (`app.kubernetes.io/managed-by=spillway-scaler`).
-const MANAGED_BY_SELECTOR: &str = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dspillway-scaler";
-
-fn worker_binary() -> PathBuf {
-    let worker = PathBuf::from(env!("CARGO_BIN_EXE_scaler")).with_file_name("worker");
-    assert!(
-        worker.exists(),
-        "{} is missing: build it first (`cargo test --workspace` does)",
-        worker.display()
-    );
-    worker
-}
-
-fn name_of(job: &Job) -> String {
-    job.metadata.name.clone().unwrap_or_default()
-}
-
-fn condition(job: &Job, kind: &str) -> bool {
-    job.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == kind && c.status == "True"))
-}
-
-async fn ready(url: &str) -> bool {
-    reqwest::get(format!("{url}/readyz"))
-        .await
-        .is_ok_and(|r| r.status() == StatusCode::OK)
-}
-
-/// The scaler's list and watch of its Jobs reached the double, authorised.
-fn watched_its_jobs(api: &KubeApi) -> bool {
-    let requests = api.requests();
-    let jobs = |r: &&spillway_testkit::kube_api::RequestRecord| {
-        r.method == "GET"
-            && r.path == format!("/apis/batch/v1/namespaces/{NAMESPACE}/jobs")
-            && r.query.contains(MANAGED_BY_SELECTOR)
-    };
-    let listed = requests
-        .iter()
-        .filter(jobs)
-        .any(|r| !r.query.contains("watch=true"));
-    let watched = requests
-        .iter()
-        .filter(jobs)
-        .any(|r| r.query.contains("watch=true") && r.query.contains("resourceVersion="));
-    listed && watched
-}
+use support::{free_port, numbered_csv, upload};
 
 /// Run in a child process (its environment is its own, and edition 2024 makes
 /// changing this process's environment unsafe): the client exactly as production
@@ -137,44 +91,19 @@ async fn client_try_default_finds_the_api_through_kubeconfig() {
     );
 }
 
+/// The smallest job-types file: one job type, nothing else.
+const ONE_JOB_TYPE: &str = "[job_types.default]\nqueue = \"tasks\"\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scaler_binary_becomes_ready_against_the_api_through_a_kubeconfig() {
-    let vhost = TestVhost::new("k8s-ready").await;
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    std::fs::write(
-        dir.join("jobs.toml"),
-        "[job_types.default]\nqueue = \"tasks\"\n",
-    )
-    .unwrap();
-    let api = KubeApi::start(KubeApiConfig::new(NAMESPACE));
-    let kubeconfig = api.kubeconfig_path().to_str().unwrap().to_string();
-    let scaler = Scaler::start_with(
-        &vhost,
-        dir,
-        "scaler.log",
-        &[
-            ("LAUNCHER", "kubernetes"),
-            ("KUBECONFIG", &kubeconfig),
-            ("KUBE_NAMESPACE", NAMESPACE),
-        ],
-    );
-    let log = || std::fs::read_to_string(dir.join("scaler.log")).unwrap_or_default();
-    wait_for("the scaler's /readyz to answer 200", PATIENCE, || async {
-        ready(&scaler.url).await
-    })
-    .await;
-    wait_for(
-        "the scaler to list and watch its Jobs on the double",
-        PATIENCE,
-        || async { watched_its_jobs(&api) },
-    )
-    .await;
-    assert!(ready(&scaler.url).await, "still ready: {}", log());
+    let cluster = Cluster::start("k8s-ready", ONE_JOB_TYPE, KubeApiConfig::new(NAMESPACE)).await;
+    // Waits for /readyz to answer 200 and for the list and watch of its Jobs.
+    let scaler = cluster.start_scaler(&[]).await;
+    let log = cluster.scaler_log();
+    assert!(ready(&scaler.url).await, "still ready: {log}");
     assert!(
-        !log().contains("panicked"),
-        "the scaler's log shows a panic: {}",
-        log()
+        !log.contains("panicked"),
+        "the scaler's log shows a panic: {log}"
     );
 }
 
@@ -207,15 +136,9 @@ async fn the_scaler_binary_becomes_ready_in_cluster_from_the_service_account_fil
         );
         return;
     }
-    let vhost = TestVhost::new("k8s-incluster").await;
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    std::fs::write(
-        dir.join("jobs.toml"),
-        "[job_types.default]\nqueue = \"tasks\"\n",
-    )
-    .unwrap();
-    let api = KubeApi::start(KubeApiConfig::new(NAMESPACE));
+    let cluster =
+        Cluster::start("k8s-incluster", ONE_JOB_TYPE, KubeApiConfig::new(NAMESPACE)).await;
+    let (api, vhost, dir) = (&cluster.api, &cluster.vhost, cluster.dir());
     let service_account = dir.join("serviceaccount");
     api.write_in_cluster_files(&service_account);
     let port = free_port();
@@ -258,7 +181,7 @@ exec "$SCALER""#;
     wait_for(
         "the in-cluster scaler to list and watch its Jobs on the double",
         PATIENCE,
-        || async { watched_its_jobs(&api) },
+        || async { watched_its_jobs(api) },
     )
     .await;
     assert!(
@@ -284,48 +207,11 @@ const ROWS: u64 = 200;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploaded_rows_are_processed_by_worker_jobs_that_end_complete() {
-    let vhost = TestVhost::new("k8s-e2e").await;
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    std::fs::write(dir.join("jobs.toml"), JOBS).unwrap();
-    let api = KubeApi::start(KubeApiConfig::new(NAMESPACE).default_binary(worker_binary()));
-    api.put_secret("spillway-rabbitmq", [("amqp-url", vhost.amqp_url.as_str())]);
-    api.put_config_map("spillway-jobs", [("jobs.toml", JOBS)]);
-    let (producer, stop_producer) = start_producer(&vhost, dir).await;
-    let kubeconfig = api.kubeconfig_path().to_str().unwrap().to_string();
-    let scaler = Scaler::start_with(
-        &vhost,
-        dir,
-        "scaler.log",
-        &[
-            ("LAUNCHER", "kubernetes"),
-            ("KUBECONFIG", &kubeconfig),
-            ("KUBE_NAMESPACE", NAMESPACE),
-            ("DRAIN_GRACE_SECONDS", "5"),
-            ("WORKER_TTL_SECONDS", "3"),
-            ("WORKER_STOP_GRACE_SECONDS", "5"),
-            // Workers report every 5 s (the default: the Job sets no PROGRESS_SECONDS);
-            // a report is stale only after three of them are missed.
-            ("REPORT_STALE_SECONDS", "15"),
-        ],
-    );
-    let scaler_log = || std::fs::read_to_string(dir.join("scaler.log")).unwrap_or_default();
-    let pod_logs = || {
-        api.pods()
-            .iter()
-            .map(|p| {
-                let name = p.metadata.name.clone().unwrap_or_default();
-                format!("--- {name}\n{}", api.pod_log(&name))
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    wait_for("the scaler to be ready", PATIENCE, || async {
-        ready(&scaler.url).await && watched_its_jobs(&api)
-    })
-    .await;
+    let cluster = Cluster::start("k8s-e2e", JOBS, Cluster::double()).await;
+    let api = &cluster.api;
+    let scaler = cluster.start_scaler(&[]).await;
 
-    upload(&producer, numbered_csv(ROWS as usize)).await;
+    upload(&cluster.producer, numbered_csv(ROWS as usize)).await;
     wait_for(
         "workers started as Jobs with running pods",
         PATIENCE,
@@ -346,20 +232,13 @@ async fn uploaded_rows_are_processed_by_worker_jobs_that_end_complete() {
         Some("default")
     );
 
-    wait_for("every row acknowledged", PATIENCE, || async {
-        vhost
-            .api
-            .queue_stats("tasks")
-            .await
-            .is_ok_and(|q| q.ready == 0 && q.unacked == 0 && q.acked_total >= ROWS)
-    })
-    .await;
-    let queue = vhost.api.queue_stats("tasks").await.unwrap();
+    cluster.wait_until_settled("tasks", ROWS).await;
+    let queue = cluster.queue("tasks").await;
     assert_eq!(
         queue.acked_total,
         ROWS,
         "each row acknowledged once; pods:\n{}",
-        pod_logs()
+        cluster.pods()
     );
 
     // After the idle window the scaler asks the workers to drain; each exits 0, so
@@ -407,9 +286,8 @@ async fn uploaded_rows_are_processed_by_worker_jobs_that_end_complete() {
     assert!(!ended.is_empty());
     assert!(
         ended.iter().all(|(_, how)| how.starts_with("Complete")),
-        "every worker Job ends Complete: {ended:?}\nscaler log:\n{}\npods:\n{}",
-        scaler_log(),
-        pod_logs()
+        "every worker Job ends Complete: {ended:?}\n{}",
+        cluster.state()
     );
     let spawned = scaler
         .metric("spillway_scaler_decisions_total{job_type=\"default\",action=\"spawn\"}")
@@ -421,9 +299,9 @@ async fn uploaded_rows_are_processed_by_worker_jobs_that_end_complete() {
     );
     assert!(ended.len() <= 4, "never more than max_jobs: {ended:?}");
 
-    let dead = vhost.api.queue_stats("tasks.dead").await.unwrap();
+    let dead = cluster.queue("tasks.dead").await;
     assert_eq!(dead.ready, 0, "nothing dead-lettered");
-    let queue = vhost.api.queue_stats("tasks").await.unwrap();
+    let queue = cluster.queue("tasks").await;
     assert_eq!(
         (queue.ready, queue.unacked, queue.acked_total),
         (0, 0, ROWS),
@@ -442,30 +320,9 @@ async fn uploaded_rows_are_processed_by_worker_jobs_that_end_complete() {
         .map(|e| format!("{:?}: {:?}", e.reason, e.message))
         .collect();
     assert!(events.is_empty(), "no warning events: {events:?}");
-    stop_producer.cancel();
+    assert_calls_allowed_by_the_role(api);
+    let double_dir = api.dir().to_path_buf();
     drop(scaler);
-    drop(api);
-    assert_no_worker_outlives_the_double();
-}
-
-/// The double's pods do not outlive it (the scaler leaves workers running by design;
-/// the double is what runs them here).
-fn assert_no_worker_outlives_the_double() {
-    let leftovers: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("environ")).ok())
-        .filter(|environ| {
-            environ.split(|b| *b == 0).any(|v| {
-                v.starts_with(b"JOBS_CONFIG=")
-                    && v.windows(b"spillway-kube-api-".len())
-                        .any(|w| w == b"spillway-kube-api-")
-            })
-        })
-        .map(|environ| String::from_utf8_lossy(&environ).into_owned())
-        .collect();
-    assert!(
-        leftovers.is_empty(),
-        "worker processes outlived the double: {leftovers:?}"
-    );
+    drop(cluster);
+    assert_no_worker_outlives_the_double(&double_dir);
 }

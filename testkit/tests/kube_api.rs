@@ -2,9 +2,10 @@
 //! double writes, over its TLS): Jobs created, listed in pages, watched with
 //! resourceVersions (and relisted after a 410), deleted in the foreground and the
 //! background, collected after their TTL; invalid Jobs and Pod Security violations
-//! refused; each fault mode; pod logs with `tailLines` and `limitBytes`; a client that
-//! trusts another CA, or sends another token, refused. The "image" is a small shell
-//! script, so none of this needs RabbitMQ.
+//! refused; each fault mode; no writable `/tmp` under a read-only root without a volume
+//! there; pod logs with `tailLines` and `limitBytes`; a client that trusts another CA,
+//! or sends another token, refused. The "image" is a small shell script, so none of
+//! this needs RabbitMQ.
 
 use std::{
     path::{Path, PathBuf},
@@ -34,6 +35,7 @@ case "$MODE" in
   stubborn) trap 'echo ignoring TERM' TERM; echo ready; while :; do sleep 0.05; done ;;
   lines) for n in 1 2 3 4 5; do echo "$n"; done ;;
   files) cat "$CONFIG_FILE"; echo "tmp=$TMPDIR"; touch "$TMPDIR/scratch" && echo wrote-tmp ;;
+  mktemp) f=$(mktemp) && echo "wrote $f" && rm "$f" || echo "no temporary file, TMPDIR=$TMPDIR" ;;
 esac
 "#;
 
@@ -519,6 +521,49 @@ async fn foreground_deletion_marks_the_job_sends_sigterm_then_removes_it() {
     ));
 }
 
+/// While its pod takes its grace period to stop, a Job being deleted is counted as the
+/// Job controller counts it: the pod is terminating, neither active nor ready, and no
+/// other pod replaces it.
+#[tokio::test]
+async fn a_job_being_deleted_counts_its_pod_as_terminating_and_starts_no_other() {
+    let f = Fixture::new().await;
+    f.create(&job("slow-stop", "stubborn")).await;
+    let pod = f.pod_of("slow-stop").await;
+    f.wait_for_log(&pod, "ready").await;
+    let counts = |job: &Job| {
+        let status = job.status.clone().unwrap_or_default();
+        (status.active, status.ready, status.terminating)
+    };
+    wait_for(
+        "the Job to count its pod active and ready",
+        PATIENCE,
+        || async {
+            f.api
+                .job("slow-stop")
+                .is_some_and(|j| counts(&j) == (Some(1), Some(1), Some(0)))
+        },
+    )
+    .await;
+    f.jobs()
+        .delete("slow-stop", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    wait_for("the Job to count its pod terminating", PATIENCE, || async {
+        f.api
+            .job("slow-stop")
+            .is_some_and(|j| counts(&j) == (Some(0), Some(0), Some(1)))
+    })
+    .await;
+    f.wait_for_log(&pod, "ignoring TERM").await;
+    assert_eq!(f.api.pods_of("slow-stop").len(), 1, "no replacement pod");
+    wait_for(
+        "the Job to be gone after its grace period",
+        PATIENCE,
+        || async { f.api.job("slow-stop").is_none() },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_pod_that_ignores_sigterm_is_killed_after_its_grace_period() {
     let f = Fixture::new().await;
@@ -991,6 +1036,70 @@ async fn secrets_config_maps_and_volumes_are_resolved_as_the_kubelet_resolves_th
         log.contains(&format!("tmp={}", f.api.dir().display())),
         "{log}"
     );
+}
+
+/// A read-only root file system has a writable `/tmp` only where a volume is mounted:
+/// without one, `TMPDIR` leads to a directory that does not exist, as nothing under
+/// `/` can be written in the cluster.
+#[tokio::test]
+async fn a_read_only_root_has_a_writable_tmp_only_from_a_volume_mounted_there() {
+    let f = Fixture::new().await;
+    let read_only = |j: &mut Value| {
+        j["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] =
+            json!(true);
+    };
+    let tmp_volume = |j: &mut Value| {
+        let spec = &mut j["spec"]["template"]["spec"];
+        spec["volumes"] = json!([{"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}}]);
+        spec["containers"][0]["volumeMounts"] = json!([{"name": "tmp", "mountPath": "/tmp"}]);
+    };
+    let pod_dir = f.api.dir().join("pods").display().to_string();
+    struct Case<'a> {
+        job: &'a str,
+        edit: &'a dyn Fn(&mut Value),
+        log_holds: String,
+        writes: bool,
+    }
+    let cases = [
+        Case {
+            job: "writable-root",
+            edit: &|_| {},
+            // No volume and no TMPDIR: mktemp uses this machine's /tmp.
+            log_holds: "wrote /tmp/".to_string(),
+            writes: true,
+        },
+        Case {
+            job: "read-only-root",
+            edit: &|j| read_only(j),
+            log_holds: "no-writable-tmp-the-root-file-system-is-read-only\n".to_string(),
+            writes: false,
+        },
+        Case {
+            job: "read-only-root-with-tmp-volume",
+            edit: &|j| {
+                read_only(j);
+                tmp_volume(j);
+            },
+            log_holds: format!("wrote {pod_dir}/"),
+            writes: true,
+        },
+    ];
+    for case in &cases {
+        f.create(&job_with(case.job, "mktemp", |j| (case.edit)(j)))
+            .await;
+    }
+    for case in &cases {
+        let name = case.job;
+        f.wait_for_condition(name, "Complete").await;
+        let log = f.api.pod_log(&f.pod_of(name).await);
+        assert!(log.contains(case.log_holds.as_str()), "{name}: {log}");
+        assert_eq!(
+            log.contains("no temporary file"),
+            !case.writes,
+            "{name}: mktemp {}: {log}",
+            if case.writes { "succeeds" } else { "fails" }
+        );
+    }
 }
 
 #[tokio::test]

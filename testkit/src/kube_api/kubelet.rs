@@ -27,6 +27,13 @@
 //!   volume's directory (`/etc/spillway/jobs.toml` becomes `<pod dir>/volumes/
 //!   jobs-config/jobs.toml`), and `TMPDIR` is set to the `emptyDir` mounted at `/tmp`
 //!   when there is one. The working directory is the pod's own directory.
+//! - **read-only root**: a container with `readOnlyRootFilesystem: true` and no volume
+//!   mounted at `/tmp` has no writable `/tmp` in a cluster (its root file system, `/tmp`
+//!   included, is read-only), so here `/tmp` is treated as mounted from a directory that
+//!   does not exist ([`NO_WRITABLE_TMP`]): `TMPDIR` points there and paths under `/tmp`
+//!   are rewritten to it, so `mktemp` and anything else that honours `TMPDIR` fail as they
+//!   would in the cluster. (A `/tmp/...` written inside a shell script is not rewritten:
+//!   the process can still reach this machine's `/tmp` that way.)
 //! - **output**: stdout and stderr go to the pod's log file, served by `pods/log`.
 //! - **stopping**: a deleted pod's process gets SIGTERM, and SIGKILL (its whole process
 //!   group) after `terminationGracePeriodSeconds`; when the main process exits, the rest
@@ -49,7 +56,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        batch::v1::{Job, JobCondition},
+        batch::v1::{Job, JobCondition, JobStatus},
         core::v1::{
             Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
             ContainerStateWaiting, ContainerStatus, Pod, PodCondition, PodIP, PodStatus, Volume,
@@ -72,6 +79,10 @@ const RETRY: Duration = Duration::from_secs(1);
 /// How long an image pull is reported `ErrImagePull` before `ImagePullBackOff`.
 const PULL_BACKOFF_AFTER: Duration = Duration::from_secs(1);
 const NODE_NAME: &str = "testkit-node";
+/// Where `/tmp` leads, under the pod's directory, for a container with a read-only root
+/// file system and no volume at `/tmp`: a path that is never created, so nothing can be
+/// written there. Named so that the error a command prints says why.
+pub(crate) const NO_WRITABLE_TMP: &str = "no-writable-tmp-the-root-file-system-is-read-only";
 
 /// A running container: the pod's main process and how it is being stopped.
 struct Running {
@@ -211,7 +222,9 @@ fn sync_job(world: &mut World, name: &str) {
     };
     let uid = job.metadata.uid.clone().unwrap_or_default();
     if job.metadata.deletion_timestamp.is_some() {
-        // Foreground deletion: the dependents go first, then the Job.
+        // Foreground deletion: the dependents go first, then the Job. Meanwhile the Job
+        // controller keeps its counts (a terminating pod is neither active nor ready)
+        // and starts no pod.
         let pods: Vec<(String, bool)> = owned_by(world, &uid)
             .into_iter()
             .map(|p| {
@@ -223,12 +236,17 @@ fn sync_job(world: &mut World, name: &str) {
             .collect();
         if pods.is_empty() {
             remove_job(world, name);
+            return;
         }
         for (pod, deleting) in pods {
             if !deleting {
                 delete_pod(world, &pod);
             }
         }
+        let (status, _) = count_pods(world, &job);
+        world
+            .store
+            .update::<Job>(name, |job| job.status = Some(status));
         return;
     }
     let finished = job_condition(&job, "Complete").or_else(|| job_condition(&job, "Failed"));
@@ -245,36 +263,7 @@ fn sync_job(world: &mut World, name: &str) {
     }
 
     let spec = job.spec.clone().unwrap_or_default();
-    let mut status = job.status.clone().unwrap_or_default();
-    let pods: Vec<Pod> = owned_by(world, &uid).into_iter().cloned().collect();
-    for pod in &pods {
-        let pod_uid = pod.metadata.uid.clone().unwrap_or_default();
-        if is_terminal(pod) && world.node.counted.insert(pod_uid) {
-            let count = if phase(pod) == "Succeeded" {
-                &mut status.succeeded
-            } else {
-                &mut status.failed
-            };
-            *count = Some(count.unwrap_or(0) + 1);
-        }
-    }
-    let live: Vec<&Pod> = pods.iter().filter(|p| !is_terminal(p)).collect();
-    let terminating = live
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_some())
-        .count() as i32;
-    let active = live.len() as i32 - terminating;
-    let ready = live
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none() && pod_is_ready(p))
-        .count() as i32;
-    status.start_time.get_or_insert_with(now);
-    status.active = Some(active);
-    status.ready = Some(ready);
-    status.terminating = Some(terminating);
-    status
-        .uncounted_terminated_pods
-        .get_or_insert_with(Default::default);
+    let (mut status, live) = count_pods(world, &job);
 
     let completions = spec.completions.unwrap_or(1);
     let backoff_limit = spec.backoff_limit.unwrap_or(6);
@@ -326,6 +315,44 @@ fn sync_job(world: &mut World, name: &str) {
     world
         .store
         .update::<Job>(name, |job| job.status = Some(status));
+}
+
+/// The Job's status with its pods counted as the Job controller counts them: each
+/// finished pod once (succeeded or failed), the others active, ready or terminating.
+/// Also returns the pods not finished.
+fn count_pods(world: &mut World, job: &Job) -> (JobStatus, Vec<Pod>) {
+    let uid = job.metadata.uid.clone().unwrap_or_default();
+    let mut status = job.status.clone().unwrap_or_default();
+    let pods: Vec<Pod> = owned_by(world, &uid).into_iter().cloned().collect();
+    for pod in &pods {
+        let pod_uid = pod.metadata.uid.clone().unwrap_or_default();
+        if is_terminal(pod) && world.node.counted.insert(pod_uid) {
+            let count = if phase(pod) == "Succeeded" {
+                &mut status.succeeded
+            } else {
+                &mut status.failed
+            };
+            *count = Some(count.unwrap_or(0) + 1);
+        }
+    }
+    let live: Vec<Pod> = pods.into_iter().filter(|p| !is_terminal(p)).collect();
+    let terminating = live
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some())
+        .count() as i32;
+    let active = live.len() as i32 - terminating;
+    let ready = live
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && pod_is_ready(p))
+        .count() as i32;
+    status.start_time.get_or_insert_with(now);
+    status.active = Some(active);
+    status.ready = Some(ready);
+    status.terminating = Some(terminating);
+    status
+        .uncounted_terminated_pods
+        .get_or_insert_with(Default::default);
+    (status, live)
 }
 
 fn true_condition(type_: &str, reason: &str, message: &str, at: &Time) -> JobCondition {
@@ -842,7 +869,9 @@ fn pull_failed(world: &mut World, pod: &Pod, container: &Container, image: &str)
 }
 
 /// Writes the pod's volumes under `dir/volumes` and returns each mount as
-/// (mountPath, directory), longest path first; or the volume that cannot be mounted yet.
+/// (mountPath, directory), longest path first, with `/tmp` leading nowhere when the root
+/// file system is read-only and no volume is mounted there; or the volume that cannot be
+/// mounted yet.
 fn materialise_volumes(
     world: &World,
     pod: &Pod,
@@ -896,6 +925,14 @@ fn materialise_volumes(
             Some((m.mount_path.trim_end_matches('/').to_string(), host))
         })
         .collect();
+    let read_only_root = container
+        .security_context
+        .as_ref()
+        .and_then(|s| s.read_only_root_filesystem)
+        == Some(true);
+    if read_only_root && !mounts.iter().any(|(path, _)| path == "/tmp") {
+        mounts.push(("/tmp".into(), dir.join(NO_WRITABLE_TMP)));
+    }
     mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
     Ok(mounts)
 }
