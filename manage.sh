@@ -6,6 +6,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STATE_DIR="${SPILLWAY_STATE_DIR:-$ROOT/.spillway}"
 RABBITMQ_API_URL="${RABBITMQ_API_URL:-http://guest:guest@127.0.0.1:15672}"
 export RABBITMQ_API_URL
+DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/spillway}"
+export DATABASE_URL
 
 usage() {
     cat <<'USAGE'
@@ -13,8 +15,8 @@ Usage: ./manage.sh <command> [options]
 
 Commands:
   up                Deploy to the current kube context (minikube or kind): build the
-                    images into the cluster's runtime, generate RabbitMQ's credentials,
-                    apply infra/k8s/overlays/minikube, wait for the rollout.
+                    images into the cluster's runtime, generate RabbitMQ's and PostgreSQL's
+                    credentials, apply infra/k8s/overlays/minikube, wait for the rollout.
   down              Remove Spillway from the cluster (its namespace, with the data).
   forward           Port-forward producer :8000, dashboard :8080, RabbitMQ UI :15672
                     (Ctrl-C stops them; 'forward stop' stops ones left in the background).
@@ -39,7 +41,9 @@ Commands:
   help              This text.
 
 Environment: AMQP_URL and RABBITMQ_API_URL point at the broker (default: local guest/guest);
-SPILLWAY_NO_INSTALL=1 forbids installing anything (RabbitMQ, Chromium, kubectl, CI tools);
+DATABASE_URL at the ledger's PostgreSQL (default: postgres@127.0.0.1:5432/spillway);
+SPILLWAY_NO_INSTALL=1 forbids installing anything (RabbitMQ, PostgreSQL, Chromium, kubectl,
+CI tools);
 SPILLWAY_STATE_DIR moves .spillway/ (logs, pids, worker registry, CI tools) elsewhere.
 USAGE
 }
@@ -94,6 +98,49 @@ at a RabbitMQ 3.10+ with the management plugin, then run this again." rabbitmq-s
         wait_until 60 "the management API answering at ${RABBITMQ_API_URL#*@}" api_answers
     fi
     say "RabbitMQ is up (management API at ${RABBITMQ_API_URL#*@})"
+}
+
+# DATABASE_URL's server, with the maintenance database `postgres` in place of the
+# ledger's (which may not exist yet).
+pg_admin_url() {
+    local server=${DATABASE_URL%/*}
+    printf '%s/postgres' "$server"
+}
+
+pg_answers() {
+    psql "$(pg_admin_url)" -qAtc 'SELECT 1' >/dev/null 2>&1
+}
+
+# Makes sure the PostgreSQL of DATABASE_URL answers and holds the ledger's database:
+# uses one that answers, starts an installed one, or installs one (which then trusts
+# the postgres user on 127.0.0.1, as the default DATABASE_URL expects).
+ensure_postgres() {
+    if ! pg_answers; then
+        local installed=0
+        if [[ ! -x /etc/init.d/postgresql ]]; then
+            apt_install "Spillway's ledger" \
+                "Install it (sudo apt-get install postgresql), or point DATABASE_URL at a PostgreSQL 13+
+whose user may create databases, then run this again." postgresql
+            installed=1
+        fi
+        say "starting PostgreSQL"
+        service postgresql start >/dev/null || die "PostgreSQL did not start: see 'service postgresql status'"
+        if ((installed)); then
+            local hba
+            hba=$(su postgres -c "psql -qAtc 'SHOW hba_file'")
+            sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+            su postgres -c "psql -qAtc 'SELECT pg_reload_conf()'" >/dev/null
+        fi
+        wait_until 60 "PostgreSQL answering at ${DATABASE_URL#*@}" pg_answers
+    fi
+    local database=${DATABASE_URL##*/}
+    database=${database%%\?*}
+    [[ $database =~ ^[A-Za-z0-9_]+$ ]] || die "DATABASE_URL names database '$database': use letters, digits and _ only"
+    if [[ -z $(psql "$(pg_admin_url)" -qAtc "SELECT 1 FROM pg_database WHERE datname = '$database'") ]]; then
+        say "creating the ledger's database $database"
+        psql "$(pg_admin_url)" -qc "CREATE DATABASE $database" >/dev/null
+    fi
+    say "PostgreSQL is up (ledger at ${DATABASE_URL#*@})"
 }
 
 build_release() {
@@ -177,6 +224,10 @@ check_deploy() {
 cmd_test() {
     command -v cargo >/dev/null || die "cargo is not installed: install Rust from rustup, then run this again"
     ensure_rabbitmq
+    ensure_postgres
+    # Each test creates and drops a database of its own on this server.
+    TEST_DATABASE_URL="$(pg_admin_url)"
+    export TEST_DATABASE_URL
     ensure_chromium
     say "checking formatting"
     cargo fmt --all -- --check || die "formatting differs: run 'cargo fmt' and commit the result"
@@ -237,6 +288,7 @@ cmd_local() {
         *) usage; die "unknown option for local: $1" ;;
     esac
     ensure_rabbitmq
+    ensure_postgres
     build_release
     mkdir -p "$STATE_DIR"
     "$ROOT/target/release/producer" &
@@ -268,6 +320,7 @@ stop_foreground() {
 
 local_detach() {
     ensure_rabbitmq
+    ensure_postgres
     build_release
     mkdir -p "$STATE_DIR"
     local component pidfile
@@ -311,6 +364,9 @@ local_stop() {
 
 cmd_bench() {
     ensure_rabbitmq
+    ensure_postgres
+    TEST_DATABASE_URL="$(pg_admin_url)"
+    export TEST_DATABASE_URL
     build_release
     # Each benchmark records its figures here; the last one prints the table of them all.
     rm -rf "$ROOT/target/bench-results"
@@ -363,18 +419,31 @@ available to your cluster, then run 'kubectl apply -k infra/k8s/overlays/minikub
     esac
 }
 
-# RabbitMQ's credentials: generated once per cluster, never stored in the repository.
+random_password() {
+    od -An -tx1 -N24 /dev/urandom | tr -d ' \n'
+}
+
+# RabbitMQ's and PostgreSQL's credentials: generated once per cluster, never stored in
+# the repository.
 ensure_secret() {
     kubectl get namespace "$NAMESPACE" >/dev/null 2>&1 || kubectl create namespace "$NAMESPACE" >/dev/null
-    kubectl -n "$NAMESPACE" get secret spillway-rabbitmq >/dev/null 2>&1 && return 0
-    say "generating RabbitMQ credentials (Secret spillway-rabbitmq)"
     local user=spillway password
-    password=$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')
-    kubectl -n "$NAMESPACE" create secret generic spillway-rabbitmq \
-        --from-literal=username="$user" \
-        --from-literal=password="$password" \
-        --from-literal=amqp-url="amqp://$user:$password@rabbitmq:5672/%2f" \
-        --from-literal=api-url="http://$user:$password@rabbitmq:15672" >/dev/null
+    if ! kubectl -n "$NAMESPACE" get secret spillway-rabbitmq >/dev/null 2>&1; then
+        say "generating RabbitMQ credentials (Secret spillway-rabbitmq)"
+        password=$(random_password)
+        kubectl -n "$NAMESPACE" create secret generic spillway-rabbitmq \
+            --from-literal=username="$user" \
+            --from-literal=password="$password" \
+            --from-literal=amqp-url="amqp://$user:$password@rabbitmq:5672/%2f" \
+            --from-literal=api-url="http://$user:$password@rabbitmq:15672" >/dev/null
+    fi
+    if ! kubectl -n "$NAMESPACE" get secret spillway-postgres >/dev/null 2>&1; then
+        say "generating PostgreSQL credentials (Secret spillway-postgres)"
+        password=$(random_password)
+        kubectl -n "$NAMESPACE" create secret generic spillway-postgres \
+            --from-literal=password="$password" \
+            --from-literal=url="postgres://$user:$password@postgres:5432/spillway" >/dev/null
+    fi
 }
 
 cmd_up() {
@@ -390,6 +459,7 @@ cmd_up() {
     kubectl -n "$NAMESPACE" rollout restart deployment/producer deployment/scaler
     say "waiting for the rollout"
     kubectl -n "$NAMESPACE" rollout status statefulset/rabbitmq --timeout=300s
+    kubectl -n "$NAMESPACE" rollout status statefulset/postgres --timeout=300s
     kubectl -n "$NAMESPACE" rollout status deployment/producer --timeout=300s
     kubectl -n "$NAMESPACE" rollout status deployment/scaler --timeout=300s
     say "Spillway is up: './manage.sh forward' to reach it from this machine"

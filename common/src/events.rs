@@ -6,10 +6,15 @@
 //! API's unacked count lags by seconds; a worker's own report does not). The scaler
 //! asks a worker to drain by publishing to [`CONTROL_EXCHANGE`] with the worker's
 //! [`drain_routing_key`]; each worker listens on an exclusive queue bound to its own key.
+//! Whoever listens does so through [`subscribe`].
 
 use std::collections::BTreeMap;
 
-use lapin::{Channel, ExchangeKind, options::ExchangeDeclareOptions, types::FieldTable};
+use lapin::{
+    Channel, Consumer, ExchangeKind,
+    options::{BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
 use serde::{Deserialize, Serialize};
 
 /// Topic exchange of worker reports (routing key `worker.<job_type>.<worker>`) and of
@@ -101,6 +106,54 @@ pub async fn declare_exchanges(channel: &Channel) -> Result<(), lapin::Error> {
             .await?;
     }
     Ok(())
+}
+
+/// Consumes, without acks, a server-named exclusive queue bound to `exchange` with
+/// each of `routing_keys`.
+///
+/// Events are news, not work: a listener that is gone needs none of them, so its queue
+/// is exclusive and auto-deleted (it goes with the connection, and nothing piles up
+/// for a process that has exited), and deliveries need no ack. The exchange must
+/// exist: see [`declare_exchanges`].
+pub async fn subscribe(
+    channel: &Channel,
+    exchange: &str,
+    routing_keys: &[&str],
+    consumer_tag: &str,
+) -> Result<Consumer, lapin::Error> {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    for key in routing_keys {
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                exchange.into(),
+                (*key).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    channel
+        .basic_consume(
+            queue.name().clone(),
+            consumer_tag.into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// Seconds since the Unix epoch.

@@ -6,7 +6,8 @@
 //! - [`config`]: settings every process reads from the environment (broker URL and
 //!   reconnect budget, logging).
 //! - [`jobs_config`]: the job-types file mapping a job type to its queue, handler and limits.
-//! - [`events`]: worker progress reports and drain requests, and their exchanges.
+//! - [`events`]: worker progress reports and drain requests, their exchanges, and
+//!   subscribing to them.
 //! - [`envelope`]: the message carried for one CSV row, and its AMQP properties.
 //! - [`topology`]: declaring the quorum work queue, its dead-letter exchange and `<queue>.dead`.
 //! - [`rabbit_api`]: a small client for the RabbitMQ management HTTP API.
@@ -14,11 +15,10 @@
 //! - [`metrics`]: a metrics registry as the OpenMetrics text `/metrics` serves.
 //! - [`telemetry`]: tracing setup, human-readable or JSON lines.
 //! - [`shutdown`]: turning SIGTERM/SIGINT into a cancellation token.
-//! - `testing` (feature `test-support`): a throwaway vhost per test on a real broker.
-//! - `bench` (feature `test-support`): the benchmarks' baselines, processes and results table.
+//! - `testing` (feature `test-support`): `wait_for`, until the launcher's tests take it
+//!   from `spillway-testkit`, the dev-only crate holding every other test and benchmark
+//!   helper.
 
-#[cfg(feature = "test-support")]
-pub mod bench;
 pub mod config;
 pub mod envelope;
 pub mod events;

@@ -7,7 +7,8 @@
 //! [`BrokerSettings`](crate::config::BrokerSettings)), then reports a clear error
 //! instead of hanging; what follows is each process's own (the producer answers
 //! 503, a worker exits, the scaler logs it and starts again). A row the broker nacks
-//! is sent again on the same curve, a bounded number of times.
+//! is sent again on the same curve, a bounded number of times; PostgreSQL, the
+//! ledger, is waited for on the same curve too.
 
 use std::time::Duration;
 
@@ -36,6 +37,13 @@ pub const NACK_RETRIES: usize = 3;
 /// broker curve; the iterator's end means "give up".
 pub fn nack_delays() -> impl Iterator<Item = Duration> + Send {
     curve().with_max_times(NACK_RETRIES).build()
+}
+
+/// The waits between attempts to reach PostgreSQL, on the same curve, without end:
+/// a worker holding rows waits for its ledger as long as it takes (its rows wait,
+/// unacked, in RabbitMQ), and only its own stop ends the waiting.
+pub fn ledger_delays() -> impl Iterator<Item = Duration> + Send {
+    curve().without_max_times().build()
 }
 
 /// Longest wait for one connection attempt: a host that drops packets must not

@@ -1,72 +1,11 @@
-//! Test support: a throwaway vhost on the real broker for each test, and bounded
-//! waiting for a condition.
+//! Bounded waiting for a condition, for tests (feature `test-support`).
 //!
-//! Tests never mock RabbitMQ. Each one creates its own vhost through the management
-//! API, so queues never collide between tests running in parallel, and the vhost (with
-//! every queue in it) is deleted when the [`TestVhost`] is dropped.
+//! Everything else tests and benchmarks share lives in the dev-only `spillway-testkit`
+//! crate, which re-exports this as `spillway_testkit::wait_for`. It stays here only
+//! while the scaler's launcher unit tests import it from this path; once they import
+//! `spillway_testkit::wait_for`, it moves into the testkit and the feature goes.
 
 use std::{future::Future, time::Duration};
-
-use backon::Retryable;
-
-use crate::{rabbit_api::RabbitApi, retry::broker_backoff};
-
-const DEFAULT_AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const DEFAULT_API: &str = "http://guest:guest@127.0.0.1:15672";
-
-/// A vhost that lives as long as the test holding it.
-pub struct TestVhost {
-    pub name: String,
-    /// `AMQP_URL` pointing at this vhost.
-    pub amqp_url: String,
-    /// `RABBITMQ_API_URL` of the broker.
-    pub api_url: String,
-    pub api: RabbitApi,
-}
-
-impl TestVhost {
-    /// Creates a vhost named after `label` plus a random suffix.
-    pub async fn new(label: &str) -> Self {
-        let base = std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP.into());
-        let api_url = std::env::var("RABBITMQ_API_URL").unwrap_or_else(|_| DEFAULT_API.into());
-        let name = format!("spillway-test-{label}-{:08x}", rand_suffix());
-        let amqp_url = format!("{}/{name}", authority_of(&base));
-        let api = RabbitApi::for_vhost(&api_url, &name).expect("RABBITMQ_API_URL is valid");
-        api.create_vhost().await.unwrap_or_else(|e| {
-            panic!("cannot create test vhost {name} (is RabbitMQ with the management plugin running? `./manage.sh test` starts it): {e}")
-        });
-        TestVhost {
-            name,
-            amqp_url,
-            api_url,
-            api,
-        }
-    }
-}
-
-impl Drop for TestVhost {
-    fn drop(&mut self) {
-        // Drop cannot await, and may run inside a runtime that is shutting down, so the
-        // deletion gets a small runtime of its own on a separate thread, and a client
-        // of its own: pooled connections belong to the runtime that opened them. A busy
-        // broker can fail the deletion of a vhost whose queues held many messages (500),
-        // so it is retried for a while; deleting is idempotent.
-        let (api_url, name) = (self.api_url.clone(), self.name.clone());
-        let deleted = std::thread::spawn(move || {
-            let api = RabbitApi::for_vhost(&api_url, &name).expect("a valid API URL");
-            let delete = || api.delete_vhost();
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime for cleanup")
-                .block_on(delete.retry(broker_backoff(Duration::from_secs(30))))
-        })
-        .join();
-        if let Ok(Err(error)) = deleted {
-            eprintln!("could not delete test vhost {}: {error}", self.name);
-        }
-    }
-}
 
 /// Waits until `condition` holds, checking every 50 ms, or panics after `timeout`
 /// with `what` in the message.
@@ -82,18 +21,4 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// `amqp://user:pass@host:port` of an AMQP URL, without its vhost path.
-fn authority_of(url: &str) -> &str {
-    let after_scheme = url.find("://").map_or(0, |i| i + 3);
-    match url[after_scheme..].find('/') {
-        Some(slash) => &url[..after_scheme + slash],
-        None => url,
-    }
-}
-
-fn rand_suffix() -> u32 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(std::time::SystemTime::now()) as u32
 }

@@ -12,14 +12,14 @@
 //! `target/bench-results/ingest.json`.
 
 use lapin::options::QueuePurgeOptions;
-use spillway_common::{
+use spillway_common::jobs_config::JobsConfig;
+use spillway_testkit::{
+    TestVhost,
     bench::{
         baseline::{CONFIRM_WINDOW, csv_rows, publish_confirmed, work_queue_channel},
         process::{Producer, generate_csv, peak_rss_kib},
         results::{Figure, Measure, record},
     },
-    jobs_config::JobsConfig,
-    testing::TestVhost,
 };
 
 #[tokio::main]

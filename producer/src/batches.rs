@@ -1,128 +1,184 @@
-//! What the producer knows about recent batches, for `GET /batches/{id}`.
+//! The batches API: every batch the ledger holds, its progress, its results.
 //!
-//! A batch is one upload. Its entry is created when its rows have been validated and
-//! updated as confirms arrive, so a client can watch a large batch being published.
-//! The producer keeps the most recent entries only (`BATCH_HISTORY`); how far workers
-//! have got with a batch is the scaler's to report.
+//! `GET /batches` lists batches newest first (paged with `limit` and `before`,
+//! filtered by `state` and `job_type`); `GET /batches/{id}` shows one with its counts,
+//! rows per second and, while it runs, an estimate of the time to finish;
+//! `GET /batches/{id}/results` streams every row with its outcome, CSV by default or
+//! JSON Lines (`?format=jsonl`), optionally only rows of one `status`;
+//! `DELETE /batches/{id}` removes a finished batch. All of it reads the ledger, so the
+//! answers are the same after any process restarts.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{SystemTime, UNIX_EPOCH},
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    body::Body,
+    extract::{Path, Query, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::{Deserialize, Serialize};
+use spillway_ledger::{
+    BatchFilter, BatchRecord, BatchState, RowStatus, batches::Deleted, results::Format,
 };
 
-use serde::Serialize;
+use crate::routes::{ApiError, AppState};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BatchState {
-    Publishing,
-    Published,
-    Failed,
-}
+/// Most batches one page lists.
+const MAX_PAGE: u32 = 500;
+const DEFAULT_PAGE: u32 = 50;
 
-/// One batch as the producer tracks it while publishing.
-#[derive(Debug)]
-pub struct Batch {
-    pub batch_id: String,
-    pub job_type: String,
-    pub queue: String,
-    pub rows: u64,
-    pub received_unix: u64,
-    pub confirmed: AtomicU64,
-    outcome: Mutex<(BatchState, Option<String>)>,
-}
-
-/// The JSON shape of a batch.
+/// A batch as the API shows it: the ledger's record and what follows from it.
 #[derive(Debug, Serialize)]
 pub struct BatchView {
-    pub batch_id: String,
-    pub job_type: String,
-    pub queue: String,
-    pub rows: u64,
-    pub published: u64,
-    pub state: BatchState,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    pub received_unix: u64,
+    #[serde(flatten)]
+    pub record: BatchRecord,
+    /// Rows settled per second since the first row was.
+    pub rows_per_second: Option<f64>,
+    /// Seconds until every row is settled at that rate, while the batch runs.
+    pub eta_seconds: Option<f64>,
 }
 
-impl Batch {
-    pub fn new(batch_id: String, job_type: String, queue: String, rows: u64) -> Self {
-        let received_unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        Batch {
-            batch_id,
-            job_type,
-            queue,
-            rows,
-            received_unix,
-            confirmed: AtomicU64::new(0),
-            outcome: Mutex::new((BatchState::Publishing, None)),
-        }
-    }
-
-    pub fn finish(&self, state: BatchState, error: Option<String>) {
-        *self.outcome.lock().expect("batch lock") = (state, error);
-    }
-
-    pub fn view(&self) -> BatchView {
-        let (state, error) = self.outcome.lock().expect("batch lock").clone();
+impl BatchView {
+    pub fn of(record: BatchRecord) -> Self {
+        let settled = record.done + record.dead + record.failed;
+        let rows_per_second = record
+            .seconds_running
+            .filter(|s| *s > 0.0 && settled > 0)
+            .map(|s| settled as f64 / s);
+        let left = record.pending + record.failed;
+        let eta_seconds = match (record.state, rows_per_second) {
+            (BatchState::Running | BatchState::Queued, Some(rate)) => Some(left as f64 / rate),
+            _ => None,
+        };
         BatchView {
-            batch_id: self.batch_id.clone(),
-            job_type: self.job_type.clone(),
-            queue: self.queue.clone(),
-            rows: self.rows,
-            published: self.confirmed.load(Ordering::Relaxed),
+            record,
+            rows_per_second,
+            eta_seconds,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    state: Option<String>,
+    job_type: Option<String>,
+    before: Option<String>,
+    limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BatchPage {
+    pub batches: Vec<BatchView>,
+    /// Pass as `before` for the next page; absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_before: Option<String>,
+}
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<BatchPage>, ApiError> {
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::BadQuery(format!(
+            "limit must be between 1 and {MAX_PAGE}, not {limit}"
+        )));
+    }
+    let filter = BatchFilter {
+        state: query
+            .state
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(ApiError::BadQuery)?,
+        job_type: query.job_type,
+        before: query.before,
+        limit,
+    };
+    let batches = state.ledger.batches(&filter).await?;
+    let next_before = (batches.len() == limit as usize)
+        .then(|| batches.last().map(|b| b.batch_id.clone()))
+        .flatten();
+    Ok(Json(BatchPage {
+        batches: batches.into_iter().map(BatchView::of).collect(),
+        next_before,
+    }))
+}
+
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<BatchView>, ApiError> {
+    let record = state
+        .ledger
+        .batch(&id)
+        .await?
+        .ok_or(ApiError::NoSuchBatch(id))?;
+    Ok(Json(BatchView::of(record)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ResultsQuery {
+    format: Option<String>,
+    status: Option<String>,
+}
+
+pub async fn results(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(query): Query<ResultsQuery>,
+) -> Result<Response, ApiError> {
+    let (format, content_type, extension) = match query.format.as_deref() {
+        None | Some("csv") => (Format::Csv, "text/csv; charset=utf-8", "csv"),
+        Some("jsonl") => (
+            Format::JsonLines,
+            "application/jsonl; charset=utf-8",
+            "jsonl",
+        ),
+        Some(other) => {
+            return Err(ApiError::BadQuery(format!(
+                "unknown format {other:?}: csv or jsonl"
+            )));
+        }
+    };
+    let status: Option<RowStatus> = query
+        .status
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(ApiError::BadQuery)?;
+    let record = state
+        .ledger
+        .batch(&id)
+        .await?
+        .ok_or(ApiError::NoSuchBatch(id))?;
+    let download = state.ledger.results(&record, format, status).await?;
+    let disposition = format!(
+        "attachment; filename=\"{}-results.{extension}\"",
+        record.batch_id
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type.to_string()),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        Body::from_stream(download),
+    )
+        .into_response())
+}
+
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match state.ledger.delete_batch(&id).await? {
+        Deleted::Deleted => Ok(StatusCode::NO_CONTENT.into_response()),
+        Deleted::NotFound => Err(ApiError::NoSuchBatch(id)),
+        Deleted::Unfinished(state) => Err(ApiError::Unfinished {
+            batch_id: id,
             state,
-            error,
-            received_unix: self.received_unix,
-        }
-    }
-}
-
-/// The most recent batches, oldest forgotten first.
-pub struct Batches {
-    capacity: usize,
-    inner: Mutex<Recent>,
-}
-
-#[derive(Default)]
-struct Recent {
-    by_id: HashMap<String, Arc<Batch>>,
-    order: VecDeque<String>,
-}
-
-impl Batches {
-    pub fn new(capacity: usize) -> Self {
-        Batches {
-            capacity: capacity.max(1),
-            inner: Mutex::default(),
-        }
-    }
-
-    pub fn insert(&self, batch: Arc<Batch>) {
-        let mut recent = self.inner.lock().expect("batches lock");
-        if recent.order.len() == self.capacity
-            && let Some(oldest) = recent.order.pop_front()
-        {
-            recent.by_id.remove(&oldest);
-        }
-        recent.order.push_back(batch.batch_id.clone());
-        recent.by_id.insert(batch.batch_id.clone(), batch);
-    }
-
-    pub fn get(&self, batch_id: &str) -> Option<Arc<Batch>> {
-        self.inner
-            .lock()
-            .expect("batches lock")
-            .by_id
-            .get(batch_id)
-            .cloned()
+        }),
     }
 }
 
@@ -130,28 +186,67 @@ impl Batches {
 mod tests {
     use super::*;
 
-    fn batch(id: &str) -> Arc<Batch> {
-        Arc::new(Batch::new(id.into(), "default".into(), "tasks".into(), 3))
-    }
-
-    #[test]
-    fn the_oldest_batch_is_forgotten_first() {
-        let batches = Batches::new(2);
-        for id in ["a", "b", "c"] {
-            batches.insert(batch(id));
+    fn record(state: BatchState, done: u64, pending: u64, seconds: Option<f64>) -> BatchRecord {
+        BatchRecord {
+            batch_id: "b".into(),
+            job_type: "default".into(),
+            queue: "tasks".into(),
+            file_name: None,
+            header: vec!["n".into()],
+            state,
+            error: None,
+            rows: done + pending,
+            published: done + pending,
+            pending,
+            failed: 0,
+            done,
+            dead: 0,
+            cancelled: 0,
+            received_at: "2026-12-01T00:00:00.000Z".into(),
+            published_at: None,
+            started_at: None,
+            finished_at: None,
+            seconds_running: seconds,
         }
-        assert!(batches.get("a").is_none());
-        assert!(batches.get("b").is_some() && batches.get("c").is_some());
     }
 
     #[test]
-    fn a_view_shows_progress_and_outcome() {
-        let b = batch("a");
-        b.confirmed.store(2, Ordering::Relaxed);
-        assert_eq!(b.view().state, BatchState::Publishing);
-        b.finish(BatchState::Failed, Some("broker gone".into()));
-        let view = b.view();
-        assert_eq!((view.published, view.state), (2, BatchState::Failed));
-        assert_eq!(view.error.as_deref(), Some("broker gone"));
+    fn rate_and_time_to_finish_follow_from_the_rows_settled() {
+        // (name, record, rows/s, eta)
+        let cases = [
+            // 100 rows in 10 s is 10 rows/s; 50 left take 5 s.
+            (
+                "running",
+                record(BatchState::Running, 100, 50, Some(10.0)),
+                Some(10.0),
+                Some(5.0),
+            ),
+            (
+                "finished: no eta",
+                record(BatchState::Done, 100, 0, Some(20.0)),
+                Some(5.0),
+                None,
+            ),
+            (
+                "not started",
+                record(BatchState::Queued, 0, 10, None),
+                None,
+                None,
+            ),
+            (
+                "no time yet",
+                record(BatchState::Running, 1, 9, Some(0.0)),
+                None,
+                None,
+            ),
+        ];
+        for (name, record, rate, eta) in cases {
+            let view = BatchView::of(record);
+            assert_eq!(
+                (view.rows_per_second, view.eta_seconds),
+                (rate, eta),
+                "{name}"
+            );
+        }
     }
 }

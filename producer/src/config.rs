@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use spillway_common::config::{BrokerSettings, JobsSettings, LogSettings, Process};
+use spillway_ledger::DatabaseSettings;
 
 use crate::ingest::Limits;
 
@@ -52,11 +53,6 @@ pub struct Settings {
     #[arg(long = "spool-dir", env = "SPOOL_DIR", value_name = "SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,
 
-    /// Number of recent batches `GET /batches/{id}` remembers.
-    #[arg(long = "batch-history", env = "BATCH_HISTORY", value_name = "BATCH_HISTORY", default_value_t = 10_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub batch_history: u64,
-
     #[command(flatten)]
     pub broker: BrokerSettings,
 
@@ -64,13 +60,18 @@ pub struct Settings {
     pub jobs: JobsSettings,
 
     #[command(flatten)]
+    pub database: DatabaseSettings,
+
+    #[command(flatten)]
     pub log: LogSettings,
 }
 
 impl Settings {
-    /// Checks what clap cannot: that `AMQP_URL` parses and `SPOOL_DIR` is writable.
+    /// Checks what clap cannot: that `AMQP_URL` and `DATABASE_URL` parse and
+    /// `SPOOL_DIR` is writable.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.broker.validate()?;
+        self.database.open()?;
         let dir = self.spool_dir();
         tempfile::tempfile_in(&dir).map_err(|e| {
             anyhow::anyhow!(

@@ -12,7 +12,9 @@
 //!   - [`ingest::publish`]: windowed publisher confirms, with nacked rows sent again.
 //! - [`strict`]: the byte-level CSV rules the parser does not enforce.
 //! - [`broker`]: the one long-lived RabbitMQ connection, reconnected on demand.
-//! - [`batches`]: recent batches and their publishing progress.
+//! - [`batches`]: the batches API (list, progress, results, delete), read from the
+//!   ledger.
+//!   - [`ingest::resume`]: publications whose producer stopped, resumed from the ledger.
 //! - [`metrics`]: Prometheus counters and the publish-latency histogram.
 
 pub mod batches;
@@ -27,37 +29,44 @@ use std::{future::Future, sync::Arc};
 
 use spillway_common::jobs_config::JobsConfig;
 use tokio::net::TcpListener;
-use tokio_util::task::TaskTracker;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{
-    batches::Batches, broker::Broker, config::Settings, metrics::Metrics, routes::AppState,
-};
+use crate::{broker::Broker, config::Settings, metrics::Metrics, routes::AppState};
 
-/// Builds the producer's state from its settings and job types.
-pub fn build_state(settings: &Settings, jobs: JobsConfig) -> Arc<AppState> {
-    Arc::new(AppState {
+/// Builds the producer's state from its settings and job types; fails only on a
+/// malformed `DATABASE_URL` (the ledger is connected to when first used).
+pub fn build_state(settings: &Settings, jobs: JobsConfig) -> anyhow::Result<Arc<AppState>> {
+    Ok(Arc::new(AppState {
         jobs,
         broker: Broker::new(&settings.broker.amqp_url, settings.broker_retry_budget()),
         limits: settings.limits(),
         body_idle_timeout: settings.body_idle_timeout(),
         publish_window: usize::try_from(settings.publish_window).unwrap_or(2000),
         spool_dir: settings.spool_dir(),
-        batches: Batches::new(usize::try_from(settings.batch_history).unwrap_or(usize::MAX)),
+        ledger: settings.database.open()?,
         metrics: Arc::new(Metrics::new()),
         tasks: TaskTracker::new(),
-    })
+    }))
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then lets requests in
-/// flight finish and every batch being published reach its last confirm.
+/// flight finish and every batch being published reach its last confirm. Meanwhile
+/// it resumes publications whose producer stopped (see [`ingest::resume`]).
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let stop_resuming = CancellationToken::new();
+    let resuming = tokio::spawn(ingest::resume::resume_abandoned(
+        Arc::clone(&state),
+        stop_resuming.clone(),
+    ));
     let served = axum::serve(listener, routes::router(Arc::clone(&state)))
         .with_graceful_shutdown(shutdown)
         .await;
+    stop_resuming.cancel();
+    let _ = resuming.await;
     state.tasks.close();
     state.tasks.wait().await;
     served

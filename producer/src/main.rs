@@ -27,7 +27,7 @@ async fn run() -> anyhow::Result<()> {
     settings.validate()?;
     telemetry::init(&settings.log)?;
     let jobs = JobsConfig::load(settings.jobs.jobs_config.as_deref())?;
-    let state = spillway_producer::build_state(&settings, jobs);
+    let state = spillway_producer::build_state(&settings, jobs)?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on PRODUCER_LISTEN={}", settings.listen))?;

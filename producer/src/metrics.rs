@@ -24,6 +24,10 @@ pub struct Metrics {
     pub rejections: Family<ReasonLabels, Counter>,
     /// Seconds from the first publish of a batch to its last confirm.
     pub publish_seconds: Histogram,
+    /// Seconds to record a batch and its rows in the ledger.
+    pub ledger_seconds: Histogram,
+    /// Rows per batch recorded.
+    pub batch_rows: Histogram,
 }
 
 impl Metrics {
@@ -33,6 +37,18 @@ impl Metrics {
         let rejections = Family::<ReasonLabels, Counter>::default();
         let publish_seconds =
             Histogram::new([0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]);
+        let ledger_seconds =
+            Histogram::new([0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0]);
+        let batch_rows = Histogram::new([
+            1.0,
+            10.0,
+            100.0,
+            1_000.0,
+            10_000.0,
+            100_000.0,
+            1_000_000.0,
+            10_000_000.0,
+        ]);
         let mut registry = Registry::with_prefix("spillway_producer");
         registry.register("uploads", "Uploads by outcome", uploads.clone());
         registry.register(
@@ -50,8 +66,16 @@ impl Metrics {
             "Time to publish a batch and receive every confirm",
             publish_seconds.clone(),
         );
+        registry.register(
+            "ledger_write_seconds",
+            "Time to record a batch and its rows in the ledger",
+            ledger_seconds.clone(),
+        );
+        registry.register("batch_rows", "Rows per batch recorded", batch_rows.clone());
         Metrics {
             registry,
+            ledger_seconds,
+            batch_rows,
             uploads,
             rows_published,
             rejections,

@@ -1,13 +1,14 @@
 //! The producer's HTTP API, and the one place its errors become JSON.
 //!
 //! `POST /upload` and `POST /submit/{job_type}` take a multipart body with a `file`
-//! field; `GET /batches/{id}` reports a batch; `/healthz`, `/readyz` and `/metrics`
-//! serve probes and Prometheus. Every error is `{"error": ..., "line": ...}` with a
-//! status that says whose fault it is: 4xx for the upload, 503 for the broker.
+//! field; the batches API is in [`crate::batches`]; `/healthz`, `/readyz` and
+//! `/metrics` serve probes and Prometheus. Every error is `{"error": ..., "line": ...}`
+//! with a status that says whose fault it is: 4xx for the request, 503 for the broker
+//! or PostgreSQL being out of reach.
 
 use std::{
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
@@ -26,12 +27,15 @@ use futures_util::Stream;
 use serde::Serialize;
 use serde_json::json;
 use spillway_common::jobs_config::{JobsConfig, UnknownJobType};
+use spillway_ledger::{BatchState, Ledger, LedgerError, NewBatch};
 use tokio_util::task::TaskTracker;
 
 use crate::{
-    batches::{Batch, Batches},
+    batches,
     broker::{Broker, BrokerError},
-    ingest::{self, BatchInfo, IngestError, Limits, PublicationError, validate::Rejection},
+    ingest::{
+        self, BatchInfo, IngestError, Limits, Publication, PublicationError, validate::Rejection,
+    },
     metrics::Metrics,
 };
 
@@ -44,7 +48,7 @@ pub struct AppState {
     pub body_idle_timeout: Duration,
     pub publish_window: usize,
     pub spool_dir: PathBuf,
-    pub batches: Batches,
+    pub ledger: Ledger,
     pub metrics: Arc<Metrics>,
     /// Batches being published; shutdown waits for them.
     pub tasks: TaskTracker,
@@ -66,7 +70,9 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/upload", post(upload))
         .route("/submit/{job_type}", post(submit))
-        .route("/batches/{id}", get(batch))
+        .route("/batches", get(batches::list))
+        .route("/batches/{id}", get(batches::get).delete(batches::delete))
+        .route("/batches/{id}/results", get(batches::results))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -127,6 +133,8 @@ async fn accept(
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Accepted, ApiError> {
     let job = state.jobs.job_type(job_type)?;
+    // Without the ledger a batch could not be recorded: refuse before reading it.
+    state.ledger.ready().await?;
     let is_multipart = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -171,8 +179,9 @@ async fn accept(
         job_type: job_type.to_string(),
     };
     let received = Instant::now();
+    let file_name = field.file_name().map(String::from);
     let body = file_chunks(field, idle, state.limits.max_upload_bytes);
-    let spool = ingest::spool_upload(body, info, state.limits, &state.spool_dir).await?;
+    let mut spool = ingest::spool_upload(body, info, state.limits, &state.spool_dir).await?;
     let rows = spool.rows;
     tracing::info!(%batch_id, job_type, rows, elapsed = ?received.elapsed(), "upload validated");
 
@@ -180,18 +189,42 @@ async fn accept(
         .broker
         .publishing_channel(&job.queue, job.delivery_limit)
         .await?;
-    let batch = Arc::new(Batch::new(
-        batch_id.clone(),
-        job_type.to_string(),
-        job.queue.clone(),
+    let ledger_rows = spool
+        .take_ledger_rows()
+        .ok_or_else(|| ApiError::Internal("the spool's ledger rows were taken".into()))?;
+    let recording = Instant::now();
+    state
+        .ledger
+        .create_batch(
+            &NewBatch {
+                batch_id: &batch_id,
+                job_type,
+                queue: &job.queue,
+                file_name: file_name.as_deref(),
+                header: &spool.headers,
+                rows,
+            },
+            ledger_rows,
+        )
+        .await?;
+    state
+        .metrics
+        .ledger_seconds
+        .observe(recording.elapsed().as_secs_f64());
+    state.metrics.batch_rows.observe(rows as f64);
+    let batch = Arc::new(Publication {
+        batch_id: batch_id.clone(),
+        job_type: job_type.to_string(),
+        queue: job.queue.clone(),
         rows,
-    ));
-    state.batches.insert(Arc::clone(&batch));
+        confirmed: AtomicU64::new(0),
+    });
     let published = ingest::publish_batch(
-        spool,
+        spool.into_reader(),
         channel,
         batch,
         state.publish_window,
+        state.ledger.clone(),
         Arc::clone(&state.metrics),
         &state.tasks,
     )
@@ -249,20 +282,13 @@ fn multipart_rejection(error: &MultipartError, limit: u64) -> Rejection {
     }
 }
 
-async fn batch(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let batch = state.batches.get(&id).ok_or(ApiError::NoSuchBatch(id))?;
-    Ok(Json(batch.view()).into_response())
-}
-
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
     state.broker.check().await?;
+    state.ledger.ready().await?;
     Ok(Json(json!({"status": "ready"})))
 }
 
@@ -294,8 +320,14 @@ pub enum ApiError {
     UnknownJobType(#[from] UnknownJobType),
     #[error("expected Content-Type multipart/form-data with the CSV in a field named `file`")]
     WrongContentType,
-    #[error("no batch {0:?} (the producer remembers its most recent batches only)")]
+    #[error("no batch {0:?}")]
     NoSuchBatch(String),
+    #[error("{0}")]
+    BadQuery(String),
+    #[error("batch {batch_id} is {}: only a finished batch can be deleted", state.as_str())]
+    Unfinished { batch_id: String, state: BatchState },
+    #[error("the ledger: {0}")]
+    Ledger(#[from] LedgerError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error("batch {batch_id}: {message}; {published} of {rows} rows were published")]
@@ -336,6 +368,10 @@ impl IntoResponse for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Broker(BrokerError::Topology { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unfinished { .. } => StatusCode::CONFLICT,
+            ApiError::Ledger(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

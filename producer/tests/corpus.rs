@@ -399,10 +399,15 @@ fn corpus() -> Vec<Case> {
         )
         .refused(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         Case::new(
-            "DELETE /batches/{id}",
-            raw(Method::DELETE, "/batches/x", None, ""),
+            "POST /batches/{id}",
+            raw(Method::POST, "/batches/x", None, ""),
         )
         .refused(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        Case::new(
+            "DELETE /batches/{id} of no batch",
+            raw(Method::DELETE, "/batches/x", None, ""),
+        )
+        .refused(StatusCode::NOT_FOUND, "no batch \"x\""),
         Case::new(
             "an upload to an unknown path",
             raw(Method::POST, "/uploads", Some("text/csv"), "a\n1\n"),

@@ -11,10 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lapin::{Connection, ConnectionProperties, options::QueueDeclareOptions, types::FieldTable};
 use reqwest::{StatusCode, multipart};
 use serde_json::Value;
-use spillway_common::testing::TestVhost;
+use spillway_testkit::{
+    TestVhost,
+    bench::process::{peak_rss_kib, rss_kib},
+};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
@@ -53,7 +55,7 @@ async fn eight_concurrent_uploads_of_100000_rows_all_land_in_bounded_memory() {
         .await
         .expect("the producer answers /healthz");
     assert_eq!(health.status(), StatusCode::OK);
-    let idle_kib = memory_kib(pid, "VmRSS:");
+    let idle_kib = rss_kib(pid);
 
     let started = Instant::now();
     let uploads = (0..UPLOADS).map(|upload| {
@@ -77,7 +79,7 @@ async fn eight_concurrent_uploads_of_100000_rows_all_land_in_bounded_memory() {
             )
         });
     let elapsed = started.elapsed();
-    let peak_kib = memory_kib(pid, "VmHWM:");
+    let peak_kib = peak_rss_kib(pid);
 
     let mut batch_ids = HashSet::new();
     for (status, body) in &answers {
@@ -87,7 +89,7 @@ async fn eight_concurrent_uploads_of_100000_rows_all_land_in_bounded_memory() {
     }
     assert_eq!(batch_ids.len() as u64, UPLOADS, "batch ids are distinct");
     assert_eq!(
-        ready_in(&vhost, "tasks").await,
+        u64::from(vhost.ready("tasks").await.expect("the work queue exists")),
         UPLOADS * ROWS,
         "the queue holds every row of every upload"
     );
@@ -158,32 +160,4 @@ async fn start_producer(vhost: &TestVhost) -> (Child, String) {
     // Keep reading its log so the producer never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
     (producer, format!("http://{listen}"))
-}
-
-/// A figure in kB (`VmRSS:` now, `VmHWM:` the peak) from `/proc/<pid>/status`.
-fn memory_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
-/// Messages ready in `queue` now, as `queue.declare-ok` counts them.
-async fn ready_in(vhost: &TestVhost, queue: &str) -> u64 {
-    let connection = Connection::connect(&vhost.amqp_url, ConnectionProperties::default())
-        .await
-        .expect("the test connects to its vhost");
-    let channel = connection.create_channel().await.expect("a channel");
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    let declared = channel
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-        .unwrap_or_else(|e| panic!("queue {queue:?} does not exist: {e}"));
-    u64::from(declared.message_count())
 }

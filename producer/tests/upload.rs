@@ -6,6 +6,8 @@ mod support;
 
 use reqwest::StatusCode;
 use serde_json::Value;
+use spillway_common::events::BatchPublished;
+use spillway_testkit::events::EventListener;
 use support::TestProducer;
 
 fn strs(values: &[&str]) -> Vec<String> {
@@ -131,7 +133,7 @@ async fn job_types_route_to_their_own_queues() {
 
 #[tokio::test]
 async fn an_unreachable_broker_is_a_503_and_the_producer_stays_healthy() {
-    let vhost = spillway_common::testing::TestVhost::new("down").await;
+    let vhost = spillway_testkit::TestVhost::new("down").await;
     // Port 9 (discard) has no broker listening.
     let producer = TestProducer::start_with_url(
         vhost,
@@ -212,59 +214,18 @@ async fn a_queue_declared_with_other_arguments_is_a_clear_500_not_a_503() {
 
 #[tokio::test]
 async fn a_published_batch_is_announced_on_the_events_exchange() {
-    use futures_util::StreamExt;
-    use lapin::{options::*, types::FieldTable};
     let producer = TestProducer::start("announce", &[]).await;
-    let (_connection, channel) = producer.channel().await;
-    spillway_common::events::declare_exchanges(&channel)
-        .await
-        .unwrap();
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            "spillway.events".into(),
-            "batch.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut announcements = channel
-        .basic_consume(
-            queue.name().clone(),
-            "t".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut announcements = EventListener::start(&producer.vhost, &["batch.#"]).await;
     let (status, body) = producer.upload("a\n1\n2\n").await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let delivery = tokio::time::timeout(std::time::Duration::from_secs(10), announcements.next())
+    let (routing_key, batch): (_, BatchPublished) = announcements
+        .next(std::time::Duration::from_secs(10))
         .await
-        .expect("an announcement within 10 s")
-        .unwrap()
-        .unwrap();
-    let batch: spillway_common::events::BatchPublished =
-        serde_json::from_slice(&delivery.data).unwrap();
+        .expect("an announcement within 10 s");
     assert_eq!(batch.batch_id, body["batch_id"].as_str().unwrap());
     assert_eq!(
         (batch.rows, batch.queue.as_str(), batch.job_type.as_str()),
         (2, "tasks", "default")
     );
-    assert_eq!(delivery.routing_key.as_str(), "batch.default");
+    assert_eq!(routing_key, "batch.default");
 }

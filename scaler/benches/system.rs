@@ -11,9 +11,9 @@
 //!   fresh vhost.
 //! - **d.** The release `scaler` idle (no rows): its CPU time over a 30 s window and its
 //!   resident memory, against a minimal process doing the I/O any idle scaler must do
-//!   (one lapin connection with a consumer, the management API read at the same tick),
-//!   run alongside it in the same window. That process is this benchmark's own
-//!   executable, started again in that role.
+//!   (one lapin connection with a consumer on the events, the management API read at
+//!   the same tick), run alongside it in the same window. That process is this
+//!   benchmark's own executable, started again in that role.
 
 use std::{
     path::{Path, PathBuf},
@@ -21,12 +21,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lapin::{
-    Connection, ConnectionProperties,
-    options::{BasicConsumeOptions, QueueDeclareOptions},
-    types::FieldTable,
-};
+use lapin::{Connection, ConnectionProperties};
 use spillway_common::{
+    events::{self, EVENTS_EXCHANGE},
+    jobs_config::{JobType, JobsConfig},
+    rabbit_api::RabbitApi,
+    topology::dead_queue_name,
+};
+use spillway_testkit::{
+    TestVhost,
     bench::{
         baseline::{
             CONFIRM_WINDOW, Row, consume_acked, csv_rows, publish_confirmed, queue_counts,
@@ -37,15 +40,9 @@ use spillway_common::{
         },
         results::{Figure, Measure, record, recorded, table},
     },
-    jobs_config::{JobType, JobsConfig},
-    rabbit_api::RabbitApi,
-    testing::{TestVhost, wait_for},
-    topology::dead_queue_name,
+    local_workers::{WorkerReaper, registry},
+    wait_for,
 };
-
-// The end-to-end tests' helpers, for the local launcher's worker registry.
-#[path = "../tests/support/mod.rs"]
-mod support;
 
 const E2E_ROWS: u64 = 100_000;
 /// The workers' `CONCURRENCY` and `PREFETCH`: what the README recommends for many short
@@ -125,7 +122,7 @@ async fn through_spillway(jobs_path: &Path, job: &JobType, csv: &Path, dir: &Pat
     let vhost = TestVhost::new("bench-e2e").await;
     let (_connection, channel) = work_queue_channel(&vhost.amqp_url, job).await;
     // Dropped after the scaler: no worker outlives a failed run.
-    let _reaper = support::WorkerReaper(dir);
+    let _reaper = WorkerReaper(dir);
     let mut scaler = Scaler::start(
         &vhost,
         Some(jobs_path),
@@ -309,30 +306,18 @@ async fn idle_baseline() {
         .await
         .expect("connect to the benchmark's vhost");
     let channel = connection.create_channel().await.expect("a channel");
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    // Subscribed as the scaler's bus is, to every worker report and batch announcement.
+    events::declare_exchanges(&channel)
         .await
-        .expect("an exclusive queue");
-    let _consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "idle-baseline".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+        .expect("declare the events exchange");
+    let _consumer = events::subscribe(
+        &channel,
+        EVENTS_EXCHANGE,
+        &["worker.#", "batch.#"],
+        "idle-baseline",
+    )
+    .await
+    .expect("subscribe to the events");
     let mut ticks = tokio::time::interval(jobs.tick());
     loop {
         ticks.tick().await;
@@ -409,7 +394,7 @@ impl Scaler {
 
     /// Workers the scaler has spawned so far.
     fn spawned(&self) -> usize {
-        support::registry(&self.dir).0
+        registry(&self.dir).0
     }
 
     /// Waits until the scaler has drained every worker it spawned (once idle for the idle

@@ -478,21 +478,15 @@ impl Board {
 mod tests {
     use std::collections::BTreeMap;
 
-    use spillway_common::events::WorkerState;
+    use spillway_testkit::builders::worker_report;
 
     use super::*;
 
     fn report(worker: &str, batches: &[(&str, u64, u64)]) -> WorkerReport {
         WorkerReport {
-            worker: worker.into(),
-            job_type: "default".into(),
-            queue: "tasks".into(),
-            state: WorkerState::Running,
             processed: batches.iter().map(|b| b.1).sum(),
-            failed: 0,
             dead_lettered: batches.iter().map(|b| b.2).sum(),
             in_flight: 1,
-            started_unix: 1,
             last_activity_unix: 2,
             sent_unix: 3,
             batches: batches
@@ -509,6 +503,7 @@ mod tests {
                     )
                 })
                 .collect::<BTreeMap<_, _>>(),
+            ..worker_report(worker)
         }
     }
 

@@ -18,11 +18,7 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection,
-    options::{
-        BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
-        QueueDeclareOptions,
-    },
-    types::FieldTable,
+    options::{BasicPublishOptions, ConfirmSelectOptions},
 };
 use spillway_common::{
     config::{BrokerSettings, Process},
@@ -203,39 +199,13 @@ impl Bus {
 /// without acks.
 async fn subscribe(channel: &Channel) -> Result<lapin::Consumer, lapin::Error> {
     events::declare_exchanges(channel).await?;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    for pattern in ["worker.#", "batch.#"] {
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                EVENTS_EXCHANGE.into(),
-                pattern.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-    }
-    channel
-        .basic_consume(
-            queue.name().clone(),
-            "spillway-scaler-reports".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
+    events::subscribe(
+        channel,
+        EVENTS_EXCHANGE,
+        &["worker.#", "batch.#"],
+        "spillway-scaler-reports",
+    )
+    .await
 }
 
 impl DrainRequests for Bus {

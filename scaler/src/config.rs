@@ -274,6 +274,8 @@ impl Settings {
         })
     }
 
+    /// What the worker Jobs are made of besides their environment (which is
+    /// [`WorkerEnv::from_settings`](crate::launcher::spec::WorkerEnv::from_settings)).
     pub fn job_template(&self, jobs: &JobsConfig) -> JobTemplate {
         JobTemplate {
             images: jobs
@@ -285,10 +287,6 @@ impl Settings {
                 })
                 .collect(),
             image_pull_policy: self.worker_image_pull_policy.as_str().into(),
-            secret_name: self.worker_secret.clone(),
-            secret_key: self.worker_secret_key.clone(),
-            config_map: self.worker_configmap.clone(),
-            config_map_key: self.worker_configmap_key.clone(),
             ttl_seconds_after_finished: self.worker_ttl_seconds,
             termination_grace_seconds: self.worker_stop_grace_seconds,
             cpu_request: self.worker_cpu_request.clone(),

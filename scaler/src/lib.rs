@@ -9,7 +9,8 @@
 //! - [`context`]: what a tick observes and acts through, each side effect behind a
 //!   trait: [`launcher::Launcher`], [`context::QueueFigures`], [`context::DrainRequests`].
 //! - [`launcher`]: where workers run, behind one trait: [`launcher::local`] (processes)
-//!   and [`launcher::kube`] (Kubernetes Jobs).
+//!   and [`launcher::kube`] (Kubernetes Jobs), both starting a worker from the same
+//!   [`launcher::spec`] (its name, job type and environment, from the settings).
 //! - [`bus`]: worker reports in, drain requests out, over RabbitMQ.
 //! - [`reports`]: each worker's latest report and each job type's latest batch
 //!   announcement, as heard on the bus.
@@ -70,6 +71,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let reports = Arc::new(Reports::default());
     let board = Arc::new(Board::new(Arc::clone(&reports)));
+    let metrics = Arc::new(Metrics::new());
+    for job_type in jobs.job_types.keys() {
+        metrics.start_job_type(job_type);
+    }
     let parts = Parts {
         queues: Arc::new(
             RabbitApi::new(&settings.rabbitmq_api_url, &settings.broker.amqp_url)?
@@ -78,7 +83,7 @@ pub async fn run(
         bus: Bus::new(Arc::clone(&reports), Arc::clone(&board), &jobs),
         reports,
         board,
-        metrics: Arc::new(Metrics::new()),
+        metrics,
         timing: Timing {
             drain_grace: Duration::from_secs(settings.drain_grace_seconds),
             report_stale_after: Duration::from_secs(settings.report_stale_seconds),
@@ -91,30 +96,14 @@ pub async fn run(
             let client = kube::Client::try_default()
                 .await
                 .context("cannot reach the Kubernetes API (LAUNCHER=kubernetes)")?;
-            let namespace = settings
-                .kube_namespace
-                .clone()
-                .unwrap_or_else(|| client.default_namespace().to_string());
-            let (launcher, watch) =
-                KubeLauncher::new(client, &namespace, settings.job_template(&jobs));
-            launcher.check_job_types().await.context(
-                "the worker Jobs would be refused: fix the WORKER_* settings or the job types",
-            )?;
+            let (launcher, watch) = KubeLauncher::from_settings(&settings, &jobs, client).await?;
             let watch = tokio::spawn(watch);
-            tracing::info!(%namespace, "workers run as Kubernetes Jobs");
             let served = serve_and_tick(launcher, jobs, parts, listener, stop).await;
             watch.abort();
             served?;
         }
         LauncherKind::Local => {
-            let worker_bin = match &settings.worker_bin {
-                Some(bin) => bin.clone(),
-                None => launcher::local::worker_next_to_current_exe()?,
-            };
-            let launcher = LocalLauncher::new(worker_bin, settings.worker_dir.clone())
-                .with_context(|| {
-                    format!("WORKER_DIR {} is not usable", settings.worker_dir.display())
-                })?;
+            let launcher = LocalLauncher::from_settings(&settings)?;
             serve_and_tick(launcher, jobs, parts, listener, stop).await?;
         }
     }

@@ -11,7 +11,7 @@ use clap::Parser;
 use spillway_common::{jobs_config::JobsConfig, shutdown, telemetry};
 use spillway_scaler::{
     config::{Command, Settings},
-    launcher::{kube::worker_job, local::LocalLauncher, worker_name},
+    launcher::{kube::worker_job, local::LocalLauncher, spec::WorkerEnv, worker_name},
 };
 
 #[tokio::main]
@@ -63,8 +63,9 @@ fn print_workers(settings: &Settings) -> anyhow::Result<()> {
 
 fn print_worker_jobs(settings: &Settings, jobs: &JobsConfig) -> anyhow::Result<()> {
     let template = settings.job_template(jobs);
+    let env = WorkerEnv::from_settings(settings);
     for job_type in jobs.job_types.keys() {
-        let job = worker_job(&template, job_type, &worker_name(job_type))?;
+        let job = worker_job(&template, &env.spec(job_type, &worker_name(job_type)))?;
         println!("---\n{}", serde_json::to_string_pretty(&job)?);
     }
     Ok(())

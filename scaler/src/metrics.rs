@@ -81,6 +81,24 @@ impl Metrics {
         }
     }
 
+    /// Shows every counter of `job_type` at 0 until it counts something, so that
+    /// "nothing happened" reads as 0 on `/metrics` rather than as a missing line, which
+    /// is also what a renamed metric looks like.
+    pub fn start_job_type(&self, job_type: &str) {
+        // Asking for a label set creates it at 0; the guard returned is of no use here.
+        for action in ["spawn", "drain", "stop"] {
+            let _ = self.decisions.get_or_create(&ActionLabels {
+                job_type: job_type.into(),
+                action,
+            });
+        }
+        let labels = JobLabels {
+            job_type: job_type.into(),
+        };
+        let _ = self.observe_failures.get_or_create(&labels);
+        let _ = self.drain_failures.get_or_create(&labels);
+    }
+
     /// The gauges of one job type's observation: queue depth and workers by phase.
     pub fn record_observation(&self, job_type: &str, observation: &Observation) {
         let labels = JobLabels {

@@ -11,8 +11,9 @@
 //! a management API that holds the reads of one queue delays that job type only, and
 //! the tick by at most one read timeout.
 
+/// Also the fakes of the queue figures and drain requests other modules' tests use.
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::{
     collections::{BTreeMap, HashMap},

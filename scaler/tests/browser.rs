@@ -14,7 +14,7 @@ use std::{
 
 use base64::Engine;
 use serde_json::{Value, json};
-use spillway_common::testing::{TestVhost, wait_for};
+use spillway_testkit::{TestVhost, wait_for};
 use support::{Scaler, free_port, start_producer, upload};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -128,6 +128,16 @@ impl Browser {
         .await
     }
 
+    /// The text of each cell of each row of table body `id`, row by row.
+    async fn table(&self, id: &str) -> Vec<Vec<String>> {
+        let rows = self
+            .eval(&format!(
+                "return [...document.querySelectorAll('#{id} tr')].map(r => [...r.cells].map(c => c.textContent))"
+            ))
+            .await;
+        serde_json::from_value(rows).expect("rows of cells")
+    }
+
     async fn screenshot(&self, to: &Path) {
         let png = self
             .command(reqwest::Method::GET, "/screenshot", Value::Null)
@@ -168,7 +178,7 @@ async fn the_dashboard_shows_live_numbers_workers_and_logs_and_escapes_what_it_s
     for n in 1..60 {
         csv.push_str(&format!("{n},row {n}\n"));
     }
-    upload(&producer, csv).await;
+    let batch = upload(&producer, csv).await;
 
     let browser = Browser::start(&dir.join("profile")).await;
     browser.open(&scaler.url).await;
@@ -197,32 +207,32 @@ async fn the_dashboard_shows_live_numbers_workers_and_logs_and_escapes_what_it_s
     .await;
     assert_eq!(number("card-max").await, 3);
 
-    let rows_with_counts = "return [...document.querySelectorAll('#jobs tr')].map(r => [...r.cells].map(c => c.textContent))";
     wait_for(
         "a worker with a processed count in the job table",
         PATIENCE,
         || async {
-            let rows = browser.eval(rows_with_counts).await;
-            rows.as_array().unwrap().iter().any(|row| {
-                row[0]
-                    .as_str()
-                    .is_some_and(|name| name.starts_with("spillway-default-"))
-                    && row[4]
-                        .as_str()
-                        .and_then(|n| n.parse::<u64>().ok())
-                        .is_some_and(|n| n > 0)
+            browser.table("jobs").await.iter().any(|row| {
+                row[0].starts_with("spillway-default-")
+                    && row.get(4).and_then(|n| n.parse::<u64>().ok()) > Some(0)
             })
         },
     )
     .await;
 
-    // The row holding the payload was processed: its worker's log prints it.
-    wait_for("the batch's progress to be published", PATIENCE, || async {
-        let text = browser
-            .eval("return document.getElementById('batches').textContent")
-            .await;
-        text.as_str().is_some_and(|t| t.contains("60"))
-    })
+    // Every row, the one holding the payload too, was processed: the batch's row in
+    // the table reads 60 rows, 60 processed, and a worker's log prints the payload.
+    wait_for(
+        "the batch's row to show its 60 rows all processed",
+        PATIENCE,
+        || async {
+            // Cells: batch, job type, rows, processed, failed, dead-lettered, progress.
+            browser
+                .table("batches")
+                .await
+                .iter()
+                .any(|row| row[0] == batch && row[2..=3] == ["60", "60"] && row[5] == "0")
+        },
+    )
     .await;
     let mut found = false;
     let workers = browser.eval("return [...document.querySelectorAll('#jobs button[data-logs]')].map(b => b.dataset.logs)").await;

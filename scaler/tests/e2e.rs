@@ -1,66 +1,63 @@
 //! The whole system on the local launcher with a real broker: 200 uploaded rows get a
 //! burst of workers, never more than `max_jobs`, every row is processed, a scaler
 //! restarted mid-run neither loses nor double-spawns workers, and once idle for the
-//! (shortened) idle window every worker is drained and exits cleanly.
+//! (shortened) idle window every worker is drained and exits cleanly. Each step waits
+//! for what the scaler and the workers say (a scaling event, a report of rows in
+//! hand), never for an amount of time.
 
 mod support;
 
 use std::{collections::BTreeSet, time::Duration};
 
 use reqwest::StatusCode;
-use spillway_common::testing::{TestVhost, wait_for};
-use support::{Scaler, first_worker, recorded, registry, start_producer, upload};
+use spillway_testkit::{
+    TestVhost,
+    events::EventListener,
+    local_workers::{first_worker, registry},
+    wait_for,
+};
+use support::{
+    Hold, Scaler, held_after, local_jobs, numbered_csv, recorded, start_producer, upload,
+    wait_rows_held,
+};
 
 const ROWS: usize = 200;
 const MAX_JOBS: usize = 10;
 const PATIENCE: Duration = Duration::from_secs(90);
 
-/// Records each row's line, then takes half a second, so 200 rows keep 10 workers
-/// busy for about 10 s: long enough to restart the scaler in the middle.
-const JOBS: &str = r#"
-tick_seconds = 1
-idle_seconds = 3
-
-[job_types.default]
-queue = "tasks"
-handler = "exec"
-command = ["sh", "-c", "echo \"$SPILLWAY_LINE\" >> \"$RECORD\"; sleep 0.5"]
-max_jobs = 10
-"#;
+/// What a row does once the hold is off: record its line, then take a moment.
+const ROW: &str = r#"echo "$SPILLWAY_LINE" >> "$RECORD"; sleep 0.1"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploaded_rows_get_workers_are_all_processed_and_the_workers_drain() {
     let vhost = TestVhost::new("e2e").await;
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    std::fs::write(dir.join("jobs.toml"), JOBS).unwrap();
+    let jobs = local_jobs(&held_after(1, ROW), MAX_JOBS, 5);
+    std::fs::write(dir.join("jobs.toml"), jobs).unwrap();
+    // Every row is held until the scaler has been restarted: the rows outlast the
+    // restart whatever the machine's speed.
+    let hold = Hold::new(dir);
+    let mut reports = EventListener::start(&vhost, &["worker.#"]).await;
     let (producer, stop_producer) = start_producer(&vhost, dir).await;
-    let mut scaler = Scaler::start(&vhost, dir, "scaler-1.log");
+    let mut scaler = Scaler::start_with(&vhost, dir, "scaler-1.log", &[hold.env()]);
 
-    let mut csv = String::from("n\n");
-    for n in 1..=ROWS {
-        csv.push_str(&format!("{n}\n"));
-    }
-    upload(&producer, csv).await;
+    scaler.wait_ready().await;
+    upload(&producer, numbered_csv(ROWS)).await;
 
-    // The management API samples queues every few seconds; once it shows the burst,
-    // one tick (1 s) later a burst of 5 must have been spawned.
+    // Far above the burst threshold (40), one tick spawns a burst of 5 at once.
     wait_for(
-        "the management API to show the uploaded rows",
+        "a burst of at least 5 workers spawned by one decision",
         PATIENCE,
         || async {
-            vhost
-                .api
-                .queue_stats("tasks")
-                .await
-                .is_ok_and(|q| q.ready + q.unacked > 40)
+            scaler.events().await.iter().any(|event| {
+                event["action"] == "spawn"
+                    && event["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("> burst threshold 40"))
+                    && event["workers"].as_array().is_some_and(|w| w.len() >= 5)
+            })
         },
-    )
-    .await;
-    wait_for(
-        "a burst of at least 5 workers within a tick",
-        Duration::from_secs(3),
-        || async { registry(dir).0 >= 5 },
     )
     .await;
     wait_for("10 workers", PATIENCE, || async {
@@ -91,9 +88,19 @@ async fn uploaded_rows_get_workers_are_all_processed_and_the_workers_drain() {
     assert_eq!(stranger.status(), StatusCode::NOT_FOUND);
 
     // Restart the scaler mid-run: the new one must find the 10 workers and add none.
-    assert!(recorded(dir).len() < ROWS, "the rows outlast the restart");
+    wait_rows_held(dir, &mut reports, MAX_JOBS, 0).await;
+    assert!(recorded(dir).is_empty(), "the rows outlast the restart");
     scaler.terminate();
-    let scaler = Scaler::start(&vhost, dir, "scaler-2.log");
+    let scaler = Scaler::start_with(&vhost, dir, "scaler-2.log", &[hold.env()]);
+    scaler.wait_ticks(1).await;
+    assert_eq!(
+        scaler
+            .metric("spillway_scaler_workers{job_type=\"default\",phase=\"running\"}")
+            .await,
+        MAX_JOBS as u64,
+        "the restarted scaler found the workers, still at their rows"
+    );
+    hold.release();
     wait_for("every row processed", PATIENCE, || async {
         let (spawned, running) = registry(dir);
         assert!(

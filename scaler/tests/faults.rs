@@ -21,31 +21,19 @@ use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
-use spillway_common::testing::{TestVhost, wait_for};
+use spillway_testkit::{
+    TestVhost,
+    events::EventListener,
+    local_workers::{WorkerReaper, registry, running_workers},
+    wait_for,
+};
 use support::{
-    Account, RECORD_ROW, Scaler, WorkerReaper, expected_rows, numbered_csv, recorded_rows,
-    registry, running_workers, start_producer, upload,
+    Account, Hold, RECORD_ROW, Scaler, expected_rows, held_after, local_jobs, numbered_csv,
+    recorded_rows, start_producer, upload, wait_rows_held,
 };
 
 /// The three scenarios share two cores: one at a time keeps their pacing honest.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn jobs(command: &str, max_jobs: usize, delivery_limit: u32) -> String {
-    let command = command.replace('\\', "\\\\").replace('"', "\\\"");
-    format!(
-        r#"
-tick_seconds = 1
-idle_seconds = 3
-
-[job_types.default]
-queue = "tasks"
-handler = "exec"
-command = ["sh", "-c", "{command}"]
-max_jobs = {max_jobs}
-delivery_limit = {delivery_limit}
-"#
-    )
-}
 
 /// A small xorshift generator: which worker dies next. The seed is printed so a run
 /// can be repeated.
@@ -79,7 +67,7 @@ async fn workers_killed_while_they_work_lose_no_row() {
     let dir = dir.path();
     // Rows held by a killed worker are delivered again; a high limit keeps them from
     // being dead-lettered by the kills alone.
-    std::fs::write(dir.join("jobs.toml"), jobs(RECORD_ROW, 6, 100)).unwrap();
+    std::fs::write(dir.join("jobs.toml"), local_jobs(RECORD_ROW, 6, 100)).unwrap();
     let (producer, stop_producer) = start_producer(&vhost, dir).await;
     let scaler = Scaler::start_with(&vhost, dir, "scaler.log", &[("CONCURRENCY", "4")]);
     let _reaper = WorkerReaper(dir);
@@ -151,25 +139,27 @@ async fn a_scaler_killed_and_restarted_mid_run_loses_and_doubles_nothing() {
     let vhost = TestVhost::new("fault-scaler").await;
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let slow_row = format!("{RECORD_ROW}; sleep 0.05");
-    std::fs::write(dir.join("jobs.toml"), jobs(&slow_row, MAX_JOBS, 5)).unwrap();
+    // The first 50 rows (lines 2 to 51) flow; the rest wait for the hold's release,
+    // after the kill, so rows outlast it whatever the machine's speed.
+    const FREE_ROWS: usize = 50;
+    let slow_row = held_after(FREE_ROWS + 1, &format!("{RECORD_ROW}; sleep 0.05"));
+    std::fs::write(dir.join("jobs.toml"), local_jobs(&slow_row, MAX_JOBS, 5)).unwrap();
+    let hold = Hold::new(dir);
+    let mut reports = EventListener::start(&vhost, &["worker.#"]).await;
     let (producer, stop_producer) = start_producer(&vhost, dir).await;
-    let mut scaler = Scaler::start(&vhost, dir, "scaler-1.log");
+    let mut scaler = Scaler::start_with(&vhost, dir, "scaler-1.log", &[hold.env()]);
     let _reaper = WorkerReaper(dir);
 
     let batch = upload(&producer, numbered_csv(ROWS)).await;
     let expected = expected_rows(&batch, ROWS);
-    wait_for(
-        "every worker spawned and rows under way",
-        Duration::from_secs(90),
-        || async { registry(dir).0 >= MAX_JOBS && recorded_rows(dir).len() >= 50 },
-    )
-    .await;
+    wait_rows_held(dir, &mut reports, MAX_JOBS, FREE_ROWS).await;
     let before = recorded_rows(dir).len();
-    assert!(before < ROWS, "the rows outlast the kill");
+    assert_eq!(before, FREE_ROWS, "the rows outlast the kill");
     scaler.kill();
     println!("killed the scaler with {before} of {ROWS} rows recorded");
-    let scaler = Scaler::start(&vhost, dir, "scaler-2.log");
+    let scaler = Scaler::start_with(&vhost, dir, "scaler-2.log", &[hold.env()]);
+    scaler.wait_ticks(1).await;
+    hold.release();
 
     wait_for(
         "every row processed after the restart",
@@ -215,7 +205,7 @@ async fn a_poison_row_is_dead_lettered_and_the_rest_are_processed() {
     let poison_aware = format!(
         r#"case "$(cat)" in *'"poison"'*) echo "cannot digest this row" >&2; exit 3;; esac; {RECORD_ROW}"#
     );
-    std::fs::write(dir.join("jobs.toml"), jobs(&poison_aware, 6, 3)).unwrap();
+    std::fs::write(dir.join("jobs.toml"), local_jobs(&poison_aware, 6, 3)).unwrap();
     let (producer, stop_producer) = start_producer(&vhost, dir).await;
     let scaler = Scaler::start(&vhost, dir, "scaler.log");
     let _reaper = WorkerReaper(dir);

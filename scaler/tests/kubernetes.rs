@@ -26,8 +26,8 @@ use cluster::{
 };
 use k8s_openapi::api::batch::v1::Job;
 use kube::{Api, api::ListParams};
-use spillway_common::testing::wait_for;
 use spillway_testkit::kube_api::{Fault, KubeApi, KubeApiConfig};
+use spillway_testkit::wait_for;
 use support::{free_port, numbered_csv, upload};
 
 /// Run in a child process (its environment is its own, and edition 2024 makes

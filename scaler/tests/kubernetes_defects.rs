@@ -337,9 +337,14 @@ async fn workers_of_no_configured_job_type_are_listed_and_drained() {
     cluster.workers_read(&format!(
         "{QUICK}\n[job_types.retired]\nqueue = \"retired\"\nhandler = \"simulate\"\n"
     ));
-    let template = job_template(&[("retired", "spillway-worker:dev")]);
-    let retired = worker_job(&template, "retired", "spillway-retired-left-over").unwrap();
-    let mut unlabelled = worker_job(&template, "retired", "spillway-unlabelled").unwrap();
+    let (template, env) = job_template(&[("retired", "spillway-worker:dev")]);
+    let retired = worker_job(
+        &template,
+        &env.spec("retired", "spillway-retired-left-over"),
+    )
+    .unwrap();
+    let mut unlabelled =
+        worker_job(&template, &env.spec("retired", "spillway-unlabelled")).unwrap();
     unlabelled
         .metadata
         .labels

@@ -24,12 +24,10 @@ use lapin::{
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use spillway_common::{
     events::{
-        BatchPublished, EVENTS_EXCHANGE, WorkerReport, WorkerState, batch_routing_key,
-        report_routing_key,
+        BatchPublished, EVENTS_EXCHANGE, WorkerReport, batch_routing_key, report_routing_key,
     },
     jobs_config::JobsConfig,
     rabbit_api::RabbitApi,
-    testing::{TestVhost, wait_for},
 };
 use spillway_scaler::{
     board::Board,
@@ -41,6 +39,7 @@ use spillway_scaler::{
     reports::Reports,
     tick::Scaler,
 };
+use spillway_testkit::{TestVhost, builders::worker_report, wait_for};
 use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -217,18 +216,8 @@ impl Harness {
     /// Publishes a report of `worker` (nothing in hand) and waits until the bus has it.
     async fn report(&self, worker: &str, processed: u64) {
         let report = WorkerReport {
-            worker: worker.into(),
-            job_type: "default".into(),
-            queue: "tasks".into(),
-            state: WorkerState::Running,
             processed,
-            failed: 0,
-            dead_lettered: 0,
-            in_flight: 0,
-            started_unix: 1,
-            last_activity_unix: 1,
-            sent_unix: 1,
-            batches: Default::default(),
+            ..worker_report(worker)
         };
         self.publish(
             &report_routing_key("default", worker),

@@ -9,8 +9,8 @@ use std::{
 };
 
 use serde_json::Value;
-use spillway_common::testing::wait_for;
 use spillway_scaler::launcher::{Launcher, local::LocalLauncher};
+use spillway_testkit::wait_for;
 
 /// `scaler workers` over the registry in `dir`.
 fn listing(dir: &Path) -> Vec<Value> {

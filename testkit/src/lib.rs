@@ -1,9 +1,18 @@
-//! Test doubles for Spillway's tests: stand-ins for the systems Spillway talks to that
-//! cannot run where the tests run, built to behave as the real ones do at the boundary
-//! Spillway uses, and reached the way production reaches the real ones.
+//! Spillway's test and benchmark tooling, a dev-dependency of every crate and a normal
+//! dependency of none: what the tests and benchmarks of more than one crate need, so
+//! that none of them copies a set-up block, and the stand-ins for systems Spillway
+//! talks to that cannot run where the tests run.
 //!
 //! # Layout
 //!
+//! - [`vhost`]: a throwaway vhost per test on the real broker ([`TestVhost`]), and
+//!   [`wait_for`], bounded waiting with a clear timeout message.
+//! - [`database`]: a throwaway PostgreSQL database per test ([`TestDatabase`]).
+//! - [`producer`]: the producer serving in the test's own process.
+//! - [`events`]: listening to worker reports and batch announcements.
+//! - [`builders`]: messages with defaults, so a test names only what its case is about.
+//! - [`local_workers`]: the local launcher's worker registry, read from outside.
+//! - [`bench`]: the benchmarks' baselines, processes and results table.
 //! - [`kube_api`]: a Kubernetes API server over real TLS that stores Jobs, serves list,
 //!   watch, pods and logs, and runs each Job's pod as a real process.
 //!   - `tls`: its CA, certificate, TLS listener, kubeconfig and in-cluster files.
@@ -12,4 +21,16 @@
 //!   - `kubelet`: the Job controller, garbage and TTL collectors, scheduler and kubelet.
 //!   - `admission`: decoding, validation, defaulting and Pod Security `restricted`.
 
+pub mod bench;
+pub mod builders;
+pub mod database;
+pub mod events;
 pub mod kube_api;
+pub mod local_workers;
+pub mod producer;
+pub mod vhost;
+
+// Defined in spillway-common only until the scaler's launcher tests import it from here.
+pub use database::TestDatabase;
+pub use spillway_common::testing::wait_for;
+pub use vhost::TestVhost;

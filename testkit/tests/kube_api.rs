@@ -20,8 +20,8 @@ use kube::{
     runtime::watcher,
 };
 use serde_json::{Value, json};
-use spillway_common::testing::wait_for;
 use spillway_testkit::kube_api::{Fault, KubeApi, KubeApiConfig};
+use spillway_testkit::wait_for;
 
 const NS: &str = "spillway";
 const PATIENCE: Duration = Duration::from_secs(20);

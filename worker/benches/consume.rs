@@ -18,7 +18,9 @@ use std::{
 };
 
 use lapin::{Channel, options::QueuePurgeOptions};
-use spillway_common::{
+use spillway_common::jobs_config::JobsConfig;
+use spillway_testkit::{
+    TestVhost,
     bench::{
         baseline::{
             Row, consume_acked, publish_confirmed, queue_counts, sample_rows, work_queue_channel,
@@ -26,8 +28,7 @@ use spillway_common::{
         process::{Process, release_binary},
         results::{Figure, Measure, record},
     },
-    jobs_config::JobsConfig,
-    testing::{TestVhost, wait_for},
+    wait_for,
 };
 
 const ROWS: u64 = 100_000;

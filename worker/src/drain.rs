@@ -7,44 +7,16 @@
 //! drain request has the same effect as SIGTERM: take no new rows, finish and ack the
 //! ones in hand, exit 0.
 
-use lapin::{
-    Channel, Consumer,
-    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
-};
-use spillway_common::events::{CONTROL_EXCHANGE, drain_routing_key};
+use lapin::{Channel, Consumer};
+use spillway_common::events::{CONTROL_EXCHANGE, drain_routing_key, subscribe};
 
 /// Consumes this worker's drain requests (auto-acked: a request is idempotent).
 pub async fn listen(channel: &Channel, worker: &str) -> Result<Consumer, lapin::Error> {
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            CONTROL_EXCHANGE.into(),
-            drain_routing_key(worker).as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .basic_consume(
-            queue.name().clone(),
-            format!("{worker}-control").as_str().into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
+    subscribe(
+        channel,
+        CONTROL_EXCHANGE,
+        &[&drain_routing_key(worker)],
+        &format!("{worker}-control"),
+    )
+    .await
 }

@@ -8,20 +8,13 @@ mod support;
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::{
-    BasicProperties, Connection, ConnectionProperties,
-    options::{BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
-};
+use lapin::{BasicProperties, options::BasicPublishOptions};
 use spillway_common::{
     envelope::RowMessage,
-    events::{
-        self, CONTROL_EXCHANGE, EVENTS_EXCHANGE, WorkerReport, WorkerState, drain_routing_key,
-    },
-    testing::wait_for,
+    events::{CONTROL_EXCHANGE, WorkerReport, WorkerState, drain_routing_key},
     topology::dead_queue_name,
 };
+use spillway_testkit::{events::EventListener, wait_for};
 use support::{PATIENCE, QUEUE, Rig};
 
 /// Records the row's line in $STARTED, sleeps $DELAY seconds, records it in $RECORD.
@@ -31,32 +24,7 @@ const RECORDING: &str = r#"echo "$SPILLWAY_LINE" >> "$STARTED"; sleep "${DELAY:-
 async fn every_row_is_processed_and_acked_exactly_once_and_reported() {
     let rig = Rig::new("happy", 5, RECORDING).await;
     rig.publish_rows(60).await;
-    let connection = Connection::connect(&rig.vhost.amqp_url, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    events::declare_exchanges(&channel).await.unwrap();
-    let reports = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            reports.name().clone(),
-            EVENTS_EXCHANGE.into(),
-            "worker.default.happy-1".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut reports = EventListener::start(&rig.vhost, &["worker.default.happy-1"]).await;
 
     let mut worker = rig.start_worker("happy-1", &[("CONCURRENCY", "4")]);
     rig.wait_recorded("record", 60, &mut worker).await;
@@ -74,23 +42,9 @@ async fn every_row_is_processed_and_acked_exactly_once_and_reported() {
     );
     assert_eq!(rig.ready(QUEUE).await, 0, "every row was acked");
 
-    let mut consumer = channel
-        .basic_consume(
-            reports.name().clone(),
-            "reports".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
     let mut last = None;
-    while let Ok(Some(Ok(delivery))) =
-        tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
-    {
-        last = Some(serde_json::from_slice::<WorkerReport>(&delivery.data).unwrap());
+    while let Some((_, report)) = reports.next::<WorkerReport>(Duration::from_secs(2)).await {
+        last = Some(report);
     }
     let last = last.expect("the worker published progress reports");
     assert_eq!(
@@ -338,9 +292,7 @@ async fn a_drain_request_from_the_scaler_stops_the_worker_cleanly() {
     rig.publish_rows(3).await;
     let mut worker = rig.start_worker("drain-1", &[]);
     rig.wait_recorded("record", 3, &mut worker).await;
-    let connection = Connection::connect(&rig.vhost.amqp_url, ConnectionProperties::default())
-        .await
-        .unwrap();
+    let connection = rig.vhost.connect().await;
     let channel = connection.create_channel().await.unwrap();
     let routing_key = drain_routing_key("drain-1");
     // The worker binds its drain queue at start; publish until it has taken effect.

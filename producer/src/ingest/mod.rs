@@ -10,29 +10,34 @@
 //! thread, publication in a task of its own) and what is recorded when a batch ends.
 
 pub mod publish;
+pub mod resume;
 pub mod spool;
 pub mod validate;
 
 use std::{
     io::{self, Read},
     path::Path,
-    sync::{Arc, atomic::Ordering},
-    time::Instant,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
+use backon::Retryable;
 use bytes::{Buf, Bytes};
 use futures_util::{Stream, StreamExt};
 use lapin::Channel;
-use spillway_common::events::{BatchPublished, unix_now};
+use spillway_common::{
+    events::{BatchPublished, unix_now},
+    retry,
+};
+use spillway_ledger::{Ledger, LedgerError};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
-use crate::{
-    batches::{Batch, BatchState},
-    broker::Broker,
-    metrics::Metrics,
-};
-use publish::PublishError;
+use crate::{broker::Broker, metrics::Metrics};
+use publish::{PublishError, RowSource};
 use spool::{Spool, SpoolWriter};
 use validate::{Rejection, Rows};
 
@@ -145,31 +150,55 @@ pub enum PublicationError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// Publishes a validated batch through `channel` (which it closes when done), then
-/// announces it and records the outcome on `batch` and in `metrics`.
+/// A batch being published: which it is, and how many of its rows RabbitMQ has
+/// confirmed, from the first.
+#[derive(Debug)]
+pub struct Publication {
+    pub batch_id: String,
+    pub job_type: String,
+    pub queue: String,
+    pub rows: u64,
+    pub confirmed: AtomicU64,
+}
+
+/// How often a batch's confirmed count is written to the ledger while it is
+/// published: the heartbeat that tells other producers it is in hand, and the point a
+/// resumed publication starts from.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A producer resumes a batch whose publication has written no progress for this long.
+pub const STALE_PUBLICATION: Duration = Duration::from_secs(30);
+
+/// Publishes the rows of `rows` through `channel` (which it closes when done), then
+/// announces the batch and records the outcome in the ledger and in `metrics`.
 ///
 /// Publishing runs in its own task, tracked by `tasks` so shutdown waits for it, and
 /// keeps its own books: a client that hangs up mid-way (dropping this future) does not
 /// leave a batch half-sent or its state stale.
 pub async fn publish_batch(
-    spool: Spool,
+    rows: impl RowSource + Send + 'static,
     channel: Channel,
-    batch: Arc<Batch>,
+    batch: Arc<Publication>,
     window: usize,
+    ledger: Ledger,
     metrics: Arc<Metrics>,
     tasks: &TaskTracker,
 ) -> Result<(), PublicationError> {
     let publishing = tasks.spawn(async move {
         let started = Instant::now();
-        let result = publish::publish(
-            spool,
+        let already = batch.confirmed.load(Ordering::Relaxed);
+        let sending = publish::publish(
+            rows,
             &channel,
             &batch.batch_id,
             &batch.queue,
             window,
             &batch.confirmed,
-        )
-        .await;
+        );
+        let result = tokio::select! {
+            result = sending => result,
+            never = write_progress(&ledger, &batch) => match never {},
+        };
         if result.is_ok() {
             let announcement = BatchPublished {
                 batch_id: batch.batch_id.clone(),
@@ -182,22 +211,50 @@ pub async fn publish_batch(
         }
         let _ = channel.close(200, "batch published".into()).await;
         let published = batch.confirmed.load(Ordering::Relaxed);
-        metrics.rows_published.inc_by(published);
+        metrics.rows_published.inc_by(published - already);
         match result {
             Ok(_) => {
-                batch.finish(BatchState::Published, None);
+                let recorded = (|| ledger.finish_publishing(&batch.batch_id))
+                    // PostgreSQL restarting: keep trying for less time than it takes
+                    // another producer to think the publication abandoned.
+                    .retry(retry::broker_backoff(STALE_PUBLICATION / 2))
+                    .when(LedgerError::is_unavailable)
+                    .await;
+                if let Err(error) = recorded {
+                    // Every row is published; the batch stays `publishing` in the
+                    // ledger, and a producer will publish its rows again (counted once).
+                    tracing::error!(batch_id = %batch.batch_id, %error, "cannot record the end of a publication");
+                }
                 metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
                 tracing::info!(batch_id = %batch.batch_id, rows = batch.rows, took = ?started.elapsed(), "batch published");
                 Ok(())
             }
             Err(error) => {
-                batch.finish(BatchState::Failed, Some(error.to_string()));
+                let message = error.to_string();
+                if let Err(e) = ledger.fail_publishing(&batch.batch_id, published, &message).await {
+                    tracing::error!(batch_id = %batch.batch_id, error = %e, "cannot record a failed publication");
+                }
                 tracing::error!(batch_id = %batch.batch_id, %error, published, rows = batch.rows, "batch failed");
                 Err(PublicationError::Stopped { error, published })
             }
         }
     });
     publishing.await?
+}
+
+/// Writes `batch`'s confirmed count to the ledger every [`PROGRESS_INTERVAL`]; never
+/// ends. A write that fails is logged and tried again at the next tick: publishing goes
+/// on, as the rows are already in the ledger.
+async fn write_progress(ledger: &Ledger, batch: &Publication) -> std::convert::Infallible {
+    let mut ticks = tokio::time::interval(PROGRESS_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let published = batch.confirmed.load(Ordering::Relaxed);
+        if let Err(error) = ledger.set_published(&batch.batch_id, published).await {
+            tracing::warn!(batch_id = %batch.batch_id, %error, "cannot record publishing progress");
+        }
+    }
 }
 
 /// A blocking [`Read`] over chunks arriving on a channel; the end of the channel is

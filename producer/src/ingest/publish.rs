@@ -18,7 +18,16 @@ use spillway_common::{
     retry,
 };
 
-use super::spool::Spool;
+/// Where the rows to publish come from: an upload's spool, or the ledger for a batch
+/// whose publication is resumed.
+pub trait RowSource {
+    /// Reads the next row's message body into `body`, replacing what it held, and
+    /// returns the file line the row started on; `None` after the last row.
+    fn next_into(
+        &mut self,
+        body: &mut Vec<u8>,
+    ) -> impl std::future::Future<Output = io::Result<Option<u64>>> + Send;
+}
 
 /// Why publishing stopped before every row was confirmed.
 #[derive(Debug, thiserror::Error)]
@@ -34,8 +43,8 @@ pub enum PublishError {
         "the row on line {line} could not be routed to its queue after {published} rows were confirmed"
     )]
     Unroutable { published: u64, line: u64 },
-    #[error("cannot read the spool file: {0}")]
-    Spool(#[from] io::Error),
+    #[error("cannot read the rows to publish: {0}")]
+    Source(#[from] io::Error),
 }
 
 /// Bytes of unconfirmed bodies kept for resending, whatever `window` allows: wide rows
@@ -49,11 +58,11 @@ struct InFlight {
     confirm: PublisherConfirm,
 }
 
-/// Publishes every spooled row to `queue` on `channel` (which must have confirms
+/// Publishes every row of `rows` to `queue` on `channel` (which must have confirms
 /// enabled), with at most `window` confirms outstanding. `confirmed` is advanced as
-/// confirms arrive.
+/// confirms arrive, in the order the rows were sent.
 pub async fn publish(
-    spool: Spool,
+    mut rows: impl RowSource,
     channel: &Channel,
     batch_id: &str,
     queue: &str,
@@ -66,7 +75,6 @@ pub async fn publish(
         queue,
         confirmed,
     };
-    let mut rows = spool.into_reader();
     let mut pending: VecDeque<InFlight> = VecDeque::with_capacity(window);
     let mut pending_bytes = 0;
     loop {

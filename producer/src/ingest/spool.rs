@@ -8,6 +8,10 @@
 //! private to this module, written by [`SpoolWriter`] and read by [`SpoolReader`]:
 //! per row, the file line it starts on (`u64`, little-endian), the body's length
 //! (`u32`, little-endian), then the body.
+//!
+//! Beside it, the same pass writes the rows as the ledger records them (a second
+//! temporary file, in [`spillway_ledger::copy`]'s COPY format), so recording a batch in
+//! PostgreSQL is one stream from disk, and neither file is parsed twice.
 
 use std::{
     fs::File,
@@ -16,9 +20,10 @@ use std::{
 };
 
 use spillway_common::envelope::RowMessageRef;
+use spillway_ledger::copy::RowsEncoder;
 use tokio::io::{AsyncReadExt, BufReader};
 
-use super::BatchInfo;
+use super::{BatchInfo, publish::RowSource};
 
 /// Buffer size on both sides: large enough that a row costs no system call.
 const BUFFER_BYTES: usize = 256 * 1024;
@@ -28,12 +33,16 @@ const BUFFER_BYTES: usize = 256 * 1024;
 #[derive(Debug)]
 pub struct Spool {
     file: File,
+    /// The rows as the ledger records them (see [`Spool::take_ledger_rows`]).
+    ledger_rows: Option<File>,
+    pub headers: Vec<String>,
     pub rows: u64,
 }
 
 /// Encodes rows into a new spool file, numbering them from 1 in the order pushed.
 pub struct SpoolWriter<'a> {
     out: BufWriter<File>,
+    ledger_rows: RowsEncoder<BufWriter<File>>,
     batch: &'a BatchInfo,
     headers: &'a [String],
     body: Vec<u8>,
@@ -45,6 +54,10 @@ impl<'a> SpoolWriter<'a> {
     pub fn create(dir: &Path, batch: &'a BatchInfo, headers: &'a [String]) -> io::Result<Self> {
         Ok(SpoolWriter {
             out: BufWriter::with_capacity(BUFFER_BYTES, tempfile::tempfile_in(dir)?),
+            ledger_rows: RowsEncoder::new(
+                BufWriter::with_capacity(BUFFER_BYTES, tempfile::tempfile_in(dir)?),
+                &batch.batch_id,
+            ),
             batch,
             headers,
             body: Vec::with_capacity(1024),
@@ -68,7 +81,8 @@ impl<'a> SpoolWriter<'a> {
         let len = u32::try_from(self.body.len()).map_err(io::Error::other)?;
         self.out.write_all(&line.to_le_bytes())?;
         self.out.write_all(&len.to_le_bytes())?;
-        self.out.write_all(&self.body)
+        self.out.write_all(&self.body)?;
+        self.ledger_rows.push(line, fields.iter())
     }
 
     /// Flushes the rows to disk and rewinds the file for reading.
@@ -78,14 +92,27 @@ impl<'a> SpoolWriter<'a> {
             .into_inner()
             .map_err(io::IntoInnerError::into_error)?;
         file.rewind()?;
+        let mut ledger_rows = self
+            .ledger_rows
+            .finish()?
+            .into_inner()
+            .map_err(io::IntoInnerError::into_error)?;
+        ledger_rows.rewind()?;
         Ok(Spool {
             file,
+            ledger_rows: Some(ledger_rows),
+            headers: self.headers.to_vec(),
             rows: self.rows,
         })
     }
 }
 
 impl Spool {
+    /// The rows in the ledger's COPY format, once.
+    pub fn take_ledger_rows(&mut self) -> Option<tokio::fs::File> {
+        self.ledger_rows.take().map(tokio::fs::File::from_std)
+    }
+
     pub fn into_reader(self) -> SpoolReader {
         SpoolReader {
             input: BufReader::with_capacity(BUFFER_BYTES, tokio::fs::File::from_std(self.file)),
@@ -100,11 +127,10 @@ pub struct SpoolReader {
     remaining: u64,
 }
 
-impl SpoolReader {
-    /// Reads the next row's message body into `body`, replacing what it held, and
-    /// returns the file line the row started on; `None` after the last row. Filling
-    /// the caller's buffer lets the publisher reuse the buffers of confirmed rows.
-    pub async fn next_into(&mut self, body: &mut Vec<u8>) -> io::Result<Option<u64>> {
+impl RowSource for SpoolReader {
+    /// Filling the caller's buffer lets the publisher reuse the buffers of confirmed
+    /// rows.
+    async fn next_into(&mut self, body: &mut Vec<u8>) -> io::Result<Option<u64>> {
         if self.remaining == 0 {
             return Ok(None);
         }

@@ -1,20 +1,19 @@
 //! A producer running in-process against its own vhost on the real broker, and the
 //! client calls the tests make to it.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 
-use clap::Parser;
 use lapin::{
-    Channel, Connection, ConnectionProperties,
-    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
+    Channel, Connection,
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
 };
 use reqwest::{StatusCode, multipart};
 use serde_json::Value;
-use spillway_common::{envelope::RowMessage, testing::TestVhost};
-use spillway_producer::config::Settings;
+use spillway_common::envelope::RowMessage;
+use spillway_testkit::TestVhost;
 use tokio_util::sync::CancellationToken;
 
 pub struct TestProducer {
@@ -33,29 +32,8 @@ impl TestProducer {
 
     /// Like [`start`](Self::start) but publishing to `amqp_url` instead of the vhost.
     pub async fn start_with_url(vhost: TestVhost, amqp_url: Option<&str>, args: &[&str]) -> Self {
-        let amqp_url = amqp_url.unwrap_or(&vhost.amqp_url).to_string();
-        let mut argv = vec![
-            "producer",
-            "--listen",
-            "127.0.0.1:0",
-            "--amqp-url",
-            &amqp_url,
-        ];
-        argv.extend_from_slice(args);
-        let settings = Settings::try_parse_from(argv).expect("valid test settings");
-        let jobs =
-            spillway_common::jobs_config::JobsConfig::load(settings.jobs.jobs_config.as_deref())
-                .expect("valid job types");
-        let state = spillway_producer::build_state(&settings, jobs);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base_url = format!("http://{}", listener.local_addr().unwrap());
-        let stop = CancellationToken::new();
-        let until = stop.clone();
-        tokio::spawn(spillway_producer::serve(
-            listener,
-            Arc::clone(&state),
-            async move { until.cancelled().await },
-        ));
+        let amqp_url = amqp_url.unwrap_or(&vhost.amqp_url);
+        let (base_url, stop) = spillway_testkit::producer::start(amqp_url, args).await;
         TestProducer {
             base_url,
             client: reqwest::Client::new(),
@@ -104,25 +82,14 @@ impl TestProducer {
     }
 
     pub async fn channel(&self) -> (Connection, Channel) {
-        let connection = Connection::connect(&self.vhost.amqp_url, ConnectionProperties::default())
-            .await
-            .expect("test connects to its vhost");
+        let connection = self.vhost.connect().await;
         let channel = connection.create_channel().await.unwrap();
         (connection, channel)
     }
 
     /// Ready messages in `queue`, or `None` when it does not exist.
     pub async fn depth(&self, queue: &str) -> Option<u32> {
-        let (_connection, channel) = self.channel().await;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        channel
-            .queue_declare(queue.into(), passive, FieldTable::default())
-            .await
-            .ok()
-            .map(|q| q.message_count())
+        self.vhost.ready(queue).await
     }
 
     /// Takes (and acks) every message ready in `queue` now, in order.

@@ -133,7 +133,8 @@ pub async fn summary(
 
 #[cfg(test)]
 mod tests {
-    use spillway_common::events::{BatchPublished, WorkerReport, WorkerState};
+    use spillway_common::events::{BatchPublished, WorkerReport};
+    use spillway_testkit::builders::worker_report;
 
     use std::sync::Arc;
 
@@ -156,18 +157,8 @@ mod tests {
         });
         reports.record(
             WorkerReport {
-                worker: "<script>alert(1)</script>".into(),
-                job_type: "default".into(),
-                queue: "tasks".into(),
-                state: WorkerState::Running,
                 processed: 7,
-                failed: 0,
-                dead_lettered: 0,
-                in_flight: 0,
-                started_unix: 1,
-                last_activity_unix: 1,
-                sent_unix: 1,
-                batches: Default::default(),
+                ..worker_report("<script>alert(1)</script>")
             },
             std::time::Instant::now(),
         );

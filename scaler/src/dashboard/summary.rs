@@ -211,7 +211,8 @@ pub fn render(board: &Board, color: bool) -> String {
 
 #[cfg(test)]
 mod tests {
-    use spillway_common::events::{WorkerReport, WorkerState};
+    use spillway_common::events::WorkerReport;
+    use spillway_testkit::builders::worker_report;
 
     use std::sync::Arc;
 
@@ -226,18 +227,10 @@ mod tests {
         let board = Board::new(Arc::clone(&reports));
         reports.record(
             WorkerReport {
-                worker: "w\x1b[2Jevil".into(),
-                job_type: "default".into(),
-                queue: "tasks".into(),
-                state: WorkerState::Running,
                 processed: 12,
                 failed: 1,
-                dead_lettered: 0,
                 in_flight: 2,
-                started_unix: 1,
-                last_activity_unix: 1,
-                sent_unix: 1,
-                batches: Default::default(),
+                ..worker_report("w\x1b[2Jevil")
             },
             std::time::Instant::now(),
         );

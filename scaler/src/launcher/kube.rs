@@ -1,6 +1,7 @@
 //! The Kubernetes launcher: workers as `batch/v1` Jobs in the scaler's namespace.
 //!
-//! Each worker is one Job with one pod, built by [`manifest::worker_job`]. The list of
+//! Each worker is one Job with one pod, built by [`manifest::worker_job`] from the
+//! worker's [`WorkerSpec`](super::spec::WorkerSpec). The list of
 //! workers comes from a watched cache of those Jobs (one watch, not a list per tick),
 //! and is refused until the cache has synced, so a restarted scaler never mistakes
 //! "not loaded yet" for "no workers", and while the watch is failing, so a cache that
@@ -25,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use futures_util::{FutureExt, StreamExt};
 use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
 use kube::{
@@ -32,6 +34,7 @@ use kube::{
     api::{DeleteParams, ListParams, LogParams, PostParams},
     runtime::{WatchStreamExt, reflector, watcher},
 };
+use spillway_common::jobs_config::JobsConfig;
 
 pub use self::{
     manifest::{
@@ -40,8 +43,11 @@ pub use self::{
     },
     status::{phase_of, waiting_of},
 };
-use super::{Cause, LaunchedWorker, Launcher, LauncherError, worker_name};
-use crate::policy::{Phase, Waiting};
+use super::{Cause, LaunchedWorker, Launcher, LauncherError, spec::WorkerEnv, worker_name};
+use crate::{
+    config::Settings,
+    policy::{Phase, Waiting},
+};
 
 /// How long a watch error keeps the cache suspect when no event has come since. The
 /// watch retries with a backoff of at most 30 s, so a watch that keeps failing renews
@@ -56,6 +62,7 @@ pub struct KubeLauncher {
     /// The watch's latest error and when it came, until an event arrives after it.
     watch_error: Arc<Mutex<Option<(Instant, String)>>>,
     template: JobTemplate,
+    env: WorkerEnv,
 }
 
 fn managed_by_selector() -> String {
@@ -63,13 +70,40 @@ fn managed_by_selector() -> String {
 }
 
 impl KubeLauncher {
-    /// A launcher for `namespace`, and the watch that keeps its cache: run the future
-    /// for as long as the launcher is used.
+    /// The scaler's launcher on `client` (in `KUBE_NAMESPACE`, else the client's
+    /// namespace), once the API server has admitted each job type's worker Job in a
+    /// dry run ([`Self::check_job_types`]); and the watch that keeps its cache.
+    pub async fn from_settings(
+        settings: &Settings,
+        jobs: &JobsConfig,
+        client: Client,
+    ) -> anyhow::Result<(Self, impl Future<Output = ()> + Send + 'static + use<>)> {
+        let namespace = settings
+            .kube_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        let (launcher, watch) = KubeLauncher::new(
+            client,
+            &namespace,
+            settings.job_template(jobs),
+            WorkerEnv::from_settings(settings),
+        );
+        launcher.check_job_types().await.context(
+            "the worker Jobs would be refused: fix the WORKER_* settings or the job types",
+        )?;
+        tracing::info!(%namespace, "workers run as Kubernetes Jobs");
+        Ok((launcher, watch))
+    }
+
+    /// A launcher for `namespace` whose workers are Jobs of `template` with `env`, and
+    /// the watch that keeps its cache: run the future for as long as the launcher is
+    /// used.
     pub fn new(
         client: Client,
         namespace: &str,
         template: JobTemplate,
-    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        env: WorkerEnv,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static + use<>) {
         let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
         let pods: Api<Pod> = Api::namespaced(client, namespace);
         let (cache, writer) = reflector::store();
@@ -101,6 +135,7 @@ impl KubeLauncher {
                 cache,
                 watch_error,
                 template,
+                env,
             },
             watch,
         )
@@ -116,11 +151,12 @@ impl KubeLauncher {
         };
         for job_type in self.template.images.keys() {
             let name = worker_name(job_type);
-            let job =
-                worker_job(&self.template, job_type, &name).map_err(|e| LauncherError::Spawn {
+            let job = worker_job(&self.template, &self.env.spec(job_type, &name)).map_err(|e| {
+                LauncherError::Spawn {
                     name: name.clone(),
                     source: e.into(),
-                })?;
+                }
+            })?;
             self.jobs
                 .create(&dry_run, &job)
                 .await
@@ -236,7 +272,8 @@ impl Launcher for KubeLauncher {
     }
 
     async fn spawn(&self, job_type: &str, name: &str) -> Result<(), LauncherError> {
-        let job = worker_job(&self.template, job_type, name).map_err(|e| LauncherError::Spawn {
+        let spec = self.env.spec(job_type, name);
+        let job = worker_job(&self.template, &spec).map_err(|e| LauncherError::Spawn {
             name: name.into(),
             source: e.into(),
         })?;

@@ -5,6 +5,17 @@
 //! group of its own with its log in `<dir>/<name>.log` and an entry in the
 //! [`registry`], so a restarted scaler finds the workers the previous one started.
 //!
+//! A worker's environment is the scaler's with its [`WorkerSpec`] laid over it: each
+//! variable of the spec is set to its local value, or removed when it has none, so a
+//! Spillway setting reaches the worker from the spec alone, never because the scaler
+//! happened to have it in its environment (a scaler given `--amqp-url` passes that URL
+//! on; one with no job-types file gives its workers none). The rest is passed on as a
+//! shell would, on purpose: `PATH`, `HOME` and the locale that the worker and its
+//! `exec` commands need, the worker's own tunables (`CONCURRENCY`, `PREFETCH`,
+//! `PROGRESS_SECONDS`, `EXEC_TIMEOUT_SECONDS`) and whatever an `exec` command reads.
+//! Clearing it would leave `exec` commands without a `PATH` and need a scaler setting
+//! for each of those.
+//!
 //! # Layout
 //!
 //! - [`registry`]: the worker registry, one file per worker.
@@ -12,6 +23,8 @@
 
 pub mod log_tail;
 pub mod registry;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::HashMap,
@@ -22,6 +35,7 @@ use std::{
 
 use std::os::unix::process::CommandExt;
 
+use anyhow::Context as _;
 use nix::{sys::signal, unistd::Pid};
 use spillway_common::events::unix_now;
 
@@ -29,24 +43,65 @@ use self::{
     log_tail::read_tail,
     registry::{Ended, Entry, Registry, find_worker_process, is_worker_process},
 };
-use super::{Cause, LaunchedWorker, Launcher, LauncherError, MAX_LOG_BYTES};
-use crate::policy::Phase;
+use super::{
+    Cause, LaunchedWorker, Launcher, LauncherError, MAX_LOG_BYTES,
+    spec::{WorkerEnv, WorkerSpec},
+};
+use crate::{config::Settings, policy::Phase};
 
 pub struct LocalLauncher {
     worker_bin: PathBuf,
     registry: Registry,
+    /// What every worker gets from the settings, besides its name and job type.
+    env: WorkerEnv,
     /// Workers this process started, so their exit status can be collected.
     children: Mutex<HashMap<String, Child>>,
 }
 
 impl LocalLauncher {
+    /// The scaler's launcher: `WORKER_BIN` (else the `worker` next to the scaler),
+    /// the registry in `WORKER_DIR`, and each worker's environment from the settings.
+    pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
+        let worker_bin = match &settings.worker_bin {
+            Some(bin) => bin.clone(),
+            None => worker_next_to_current_exe()
+                .context("cannot find the worker binary next to the scaler's: set WORKER_BIN")?,
+        };
+        let dir = &settings.worker_dir;
+        let launcher = LocalLauncher::new(worker_bin, dir.clone())
+            .with_context(|| format!("WORKER_DIR {} is not usable", dir.display()))?;
+        Ok(launcher.with_env(WorkerEnv::from_settings(settings)))
+    }
+
     /// Workers run `worker_bin`; registry and logs live in `dir`, created if needed.
+    /// Its workers get their name and job type only, until [`Self::with_env`].
     pub fn new(worker_bin: PathBuf, dir: PathBuf) -> std::io::Result<Self> {
         Ok(LocalLauncher {
             worker_bin,
             registry: Registry::open(dir)?,
+            env: WorkerEnv::default(),
             children: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Its workers get `env` besides their name and job type.
+    pub fn with_env(self, env: WorkerEnv) -> Self {
+        LocalLauncher { env, ..self }
+    }
+
+    /// The command that starts the worker of `spec`: the spec's environment over the
+    /// scaler's, in a process group of its own.
+    fn command(&self, spec: &WorkerSpec) -> Command {
+        let mut command = Command::new(&self.worker_bin);
+        for var in &spec.env {
+            match var.source.local_value() {
+                Some(value) => command.env(var.name, value),
+                None => command.env_remove(var.name),
+            };
+        }
+        // Its own group: Ctrl-C at the scaler's terminal does not reach it.
+        command.stdin(Stdio::null()).process_group(0);
+        command
     }
 
     /// Where worker `name` writes its log.
@@ -131,14 +186,9 @@ impl Launcher for LocalLauncher {
         let started = std::fs::File::create(self.log_path(name))
             .and_then(|log| Ok((log.try_clone()?, log)))
             .and_then(|(out, err)| {
-                Command::new(&self.worker_bin)
-                    .env("WORKER_NAME", name)
-                    .env("JOB_TYPE", job_type)
-                    .stdin(Stdio::null())
+                self.command(&self.env.spec(job_type, name))
                     .stdout(out)
                     .stderr(err)
-                    // Its own group: Ctrl-C at the scaler's terminal does not reach it.
-                    .process_group(0)
                     .spawn()
             });
         let child = match started {
@@ -247,158 +297,4 @@ impl LocalLauncher {
 pub fn worker_next_to_current_exe() -> std::io::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     Ok(exe.parent().unwrap_or(Path::new(".")).join("worker"))
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use spillway_common::testing::wait_for;
-
-    use super::*;
-
-    /// A stand-in worker: a shell that, once its TERM trap is set, marks itself ready
-    /// in `dir`, then sleeps until signalled and exits with `code`.
-    fn launcher_with_script(dir: &Path, code: i32) -> LocalLauncher {
-        let script = dir.join("fake-worker");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\ntrap 'exit {code}' TERM\ntouch '{}/'\"$WORKER_NAME\".ready\nwhile :; do sleep 0.05; done\n",
-                dir.display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        LocalLauncher::new(script, dir.join("workers")).unwrap()
-    }
-
-    async fn wait_ready(dir: &Path, name: &str) {
-        let marker = dir.join(format!("{name}.ready"));
-        wait_for(
-            &format!("{name} to be ready"),
-            Duration::from_secs(10),
-            || std::future::ready(marker.exists()),
-        )
-        .await;
-    }
-
-    async fn phase(launcher: &LocalLauncher, name: &str) -> Phase {
-        let workers = launcher.workers().await.unwrap();
-        workers
-            .into_iter()
-            .find(|w| w.name == name)
-            .expect("listed")
-            .phase
-    }
-
-    async fn wait_phase(launcher: &LocalLauncher, name: &str, wanted: Phase) {
-        let what = format!("{name} to be {wanted:?}");
-        wait_for(&what, Duration::from_secs(10), || async {
-            phase(launcher, name).await == wanted
-        })
-        .await;
-    }
-
-    #[tokio::test]
-    async fn spawned_workers_are_listed_running_then_with_their_exit_status() {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = launcher_with_script(dir.path(), 0);
-        ok.spawn("default", "w-ok").await.unwrap();
-        assert_eq!(phase(&ok, "w-ok").await, Phase::Running);
-        wait_ready(dir.path(), "w-ok").await;
-        ok.stop("w-ok").await.unwrap();
-        wait_phase(&ok, "w-ok", Phase::Succeeded).await;
-
-        let failing = launcher_with_script(dir.path(), 3);
-        failing.spawn("default", "w-bad").await.unwrap();
-        wait_ready(dir.path(), "w-bad").await;
-        failing.stop("w-bad").await.unwrap();
-        wait_phase(&failing, "w-bad", Phase::Failed).await;
-        let listed = failing.workers().await.unwrap();
-        assert_eq!(
-            listed
-                .iter()
-                .map(|w| w.job_type.as_str())
-                .collect::<Vec<_>>(),
-            ["default", "default"]
-        );
-    }
-
-    #[tokio::test]
-    async fn logs_are_readable_for_registered_workers_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let launcher = launcher_with_script(dir.path(), 0);
-        launcher.spawn("default", "w-log").await.unwrap();
-        wait_ready(dir.path(), "w-log").await;
-        std::fs::write(launcher.log_path("w-log"), "one\ntwo\nthree\n").unwrap();
-        assert_eq!(
-            launcher.logs("w-log", Some(2)).await.unwrap(),
-            "two\nthree\n"
-        );
-        for stranger in ["../../etc/passwd", "w-unknown"] {
-            assert!(matches!(
-                launcher.logs(stranger, None).await,
-                Err(LauncherError::NoSuchWorker(_))
-            ));
-        }
-        launcher.stop("w-log").await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_worker_whose_pid_was_never_recorded_is_found_by_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let launcher = launcher_with_script(dir.path(), 0);
-        // Unique on the machine: the search is by name over every process, and another
-        // run of this test may be searching at the same time.
-        let orphan_name = crate::launcher::worker_name("orphan");
-        let orphan_name = orphan_name.as_str();
-        // As if a scaler died between registering a worker and recording its pid.
-        let mut orphan = Command::new(dir.path().join("fake-worker"))
-            .env("WORKER_NAME", orphan_name)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_ready(dir.path(), orphan_name).await;
-        launcher
-            .registry
-            .write(&Entry {
-                name: orphan_name.into(),
-                job_type: "default".into(),
-                pid: 0,
-                started_unix: unix_now(),
-                ended: None,
-            })
-            .unwrap();
-        assert_eq!(phase(&launcher, orphan_name).await, Phase::Running);
-        let recorded = launcher
-            .registry
-            .entries()
-            .unwrap()
-            .into_iter()
-            .find(|e| e.name == orphan_name)
-            .unwrap();
-        assert_eq!(recorded.pid, orphan.id(), "its pid is recorded once found");
-        launcher.stop(orphan_name).await.unwrap();
-        assert!(orphan.wait().unwrap().success());
-    }
-
-    #[tokio::test]
-    async fn a_new_launcher_finds_the_workers_an_earlier_one_started() {
-        let dir = tempfile::tempdir().unwrap();
-        let first = launcher_with_script(dir.path(), 0);
-        first.spawn("default", "w-kept").await.unwrap();
-        wait_ready(dir.path(), "w-kept").await;
-
-        let second = launcher_with_script(dir.path(), 0);
-        assert_eq!(
-            phase(&second, "w-kept").await,
-            Phase::Running,
-            "found by pid and name"
-        );
-        second.stop("w-kept").await.unwrap();
-        // The second launcher did not start it, so the exit status is not its to see.
-        wait_phase(&second, "w-kept", Phase::Ended).await;
-    }
 }

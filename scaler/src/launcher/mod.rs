@@ -1,13 +1,21 @@
 //! Launchers: where workers run. The scaler decides; a launcher carries it out.
 //!
 //! Every side effect of scaling (starting a worker, stopping one, listing them) sits
-//! behind [`Launcher`], so the tick loop reads the same against local processes and,
-//! later, Kubernetes Jobs. A launcher rebuilds its list of workers from its own
-//! records (a pid registry for local processes), never from the scaler's memory, so
-//! a restarted scaler neither loses nor double-spawns workers.
+//! behind [`Launcher`], so the tick loop reads the same against local processes and
+//! Kubernetes Jobs. A launcher rebuilds its list of workers from its own records (a
+//! pid registry for local processes), never from the scaler's memory, so a restarted
+//! scaler neither loses nor double-spawns workers. Both start a worker from the same
+//! [`spec::WorkerSpec`]: what it gets (name, job type, environment) is decided once.
+//!
+//! # Layout
+//!
+//! - [`spec`]: what a worker is started with, from the scaler's settings.
+//! - [`local`]: workers as processes on this machine.
+//! - [`kube`]: workers as Kubernetes Jobs.
 
 pub mod kube;
 pub mod local;
+pub mod spec;
 
 use std::future::Future;
 

@@ -13,10 +13,11 @@ use std::{
 };
 
 use spillway_common::{
-    events::{WorkerReport, WorkerState, unix_now},
+    events::{WorkerReport, unix_now},
     jobs_config::JobsConfig,
     rabbit_api::{ApiError, QueueStats},
 };
+use spillway_testkit::builders::worker_report;
 
 use super::*;
 use crate::{
@@ -77,13 +78,13 @@ impl Launcher for FakeLauncher {
 
 /// Queue figures by queue name; a queue without figures answers as an unknown one.
 #[derive(Default)]
-struct FakeQueues {
+pub(crate) struct FakeQueues {
     figures: Mutex<HashMap<String, QueueStats>>,
     reads: AtomicUsize,
 }
 
 impl FakeQueues {
-    fn set(&self, queue: &str, ready: u64, unacked: u64) {
+    pub(crate) fn set(&self, queue: &str, ready: u64, unacked: u64) {
         self.figures.lock().unwrap().insert(
             queue.into(),
             QueueStats {
@@ -107,8 +108,9 @@ impl QueueFigures for FakeQueues {
     }
 }
 
+/// Drain requests, recorded; all refused while `refuse` is set.
 #[derive(Default)]
-struct FakeDrains {
+pub(crate) struct FakeDrains {
     asked: Mutex<Vec<String>>,
     refuse: AtomicBool,
 }
@@ -176,18 +178,8 @@ impl Fixture {
     /// A report from `worker` with `in_flight` rows in hand, arrived `seconds` in.
     fn report(&self, worker: &str, in_flight: u64, seconds: u64) {
         let report = WorkerReport {
-            worker: worker.into(),
-            job_type: "default".into(),
-            queue: "tasks".into(),
-            state: WorkerState::Running,
-            processed: 0,
-            failed: 0,
-            dead_lettered: 0,
             in_flight,
-            started_unix: 1,
-            last_activity_unix: 1,
-            sent_unix: 1,
-            batches: Default::default(),
+            ..worker_report(worker)
         };
         self.reports.record(report, self.at(seconds));
     }

@@ -22,9 +22,15 @@ use std::{
 use k8s_openapi::api::batch::v1::Job;
 use reqwest::StatusCode;
 use serde_json::Value;
-use spillway_common::{rabbit_api::QueueStats, testing::TestVhost};
-use spillway_scaler::launcher::kube::JobTemplate;
-use spillway_testkit::kube_api::{KubeApi, KubeApiConfig, RequestRecord};
+use spillway_common::rabbit_api::QueueStats;
+use spillway_scaler::{
+    config::Settings,
+    launcher::{kube::JobTemplate, spec::WorkerEnv},
+};
+use spillway_testkit::{
+    TestVhost,
+    kube_api::{KubeApi, KubeApiConfig, RequestRecord},
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{Scaler, free_port, start_producer};
@@ -140,19 +146,16 @@ pub fn every_job(api: &KubeApi) -> Vec<Job> {
     jobs
 }
 
-/// A worker Job template for Jobs a test creates itself (left-overs of another
-/// scaler), reading the same Secret and ConfigMap as the scaler's.
-pub fn job_template(images: &[(&str, &str)]) -> JobTemplate {
-    JobTemplate {
+/// A worker Job template and environment for Jobs a test creates itself (left-overs
+/// of another scaler), reading the same Secret and ConfigMap as the scaler's: the
+/// environment is the scaler's own `WorkerEnv::from_settings`.
+pub fn job_template(images: &[(&str, &str)]) -> (JobTemplate, WorkerEnv) {
+    let template = JobTemplate {
         images: images
             .iter()
             .map(|(job_type, image)| (job_type.to_string(), image.to_string()))
             .collect(),
         image_pull_policy: "IfNotPresent".into(),
-        secret_name: SECRET.0.into(),
-        secret_key: SECRET.1.into(),
-        config_map: CONFIG_MAP.0.into(),
-        config_map_key: CONFIG_MAP.1.into(),
         ttl_seconds_after_finished: 60,
         termination_grace_seconds: 5,
         cpu_request: "100m".into(),
@@ -160,7 +163,15 @@ pub fn job_template(images: &[(&str, &str)]) -> JobTemplate {
         cpu_limit: "1".into(),
         memory_limit: "256Mi".into(),
         tmp_size_limit: "16Mi".into(),
-    }
+    };
+    let settings = <Settings as clap::Parser>::parse_from([
+        "scaler",
+        &format!("--worker-secret={}", SECRET.0),
+        &format!("--worker-secret-key={}", SECRET.1),
+        &format!("--worker-configmap={}", CONFIG_MAP.0),
+        &format!("--worker-configmap-key={}", CONFIG_MAP.1),
+    ]);
+    (template, WorkerEnv::from_settings(&settings))
 }
 
 /// Everything but the scaler: RabbitMQ (a vhost of its own), the double, a producer.

@@ -8,12 +8,12 @@ use std::{
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::Arc,
 };
 
-use clap::Parser;
 use reqwest::StatusCode;
-use spillway_common::{jobs_config::JobsConfig, testing::TestVhost};
+use serde_json::Value;
+use spillway_common::events::{WorkerReport, unix_now};
+use spillway_testkit::{TestVhost, events::EventListener, local_workers::registry};
 use tokio_util::sync::CancellationToken;
 
 /// A free port on 127.0.0.1 (free when asked; good enough for a test).
@@ -68,16 +68,70 @@ impl Scaler {
         }
     }
 
-    /// A counter or gauge from /metrics, 0 when absent or unreachable.
-    pub async fn metric(&self, line_prefix: &str) -> u64 {
-        let Ok(response) = reqwest::get(format!("{}/metrics", self.url)).await else {
-            return 0;
-        };
-        let text = response.text().await.unwrap_or_default();
+    /// Waits until the scaler answers `/readyz` with 200.
+    pub async fn wait_ready(&self) {
+        let readyz = format!("{}/readyz", self.url);
+        spillway_testkit::wait_for(
+            "the scaler to be ready",
+            std::time::Duration::from_secs(60),
+            || async {
+                reqwest::get(&readyz)
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            },
+        )
+        .await;
+    }
+
+    /// Waits until the scaler has finished `ticks` ticks: observed, decided and acted.
+    pub async fn wait_ticks(&self, ticks: u64) {
+        self.wait_ready().await;
+        // A tick is counted as it starts: once one more has started, this one is done.
+        spillway_testkit::wait_for(
+            &format!("the scaler to finish {ticks} ticks"),
+            std::time::Duration::from_secs(60),
+            || async { self.metric("spillway_scaler_ticks_total").await > ticks },
+        )
+        .await;
+    }
+
+    /// A counter or gauge from /metrics, named with its labels as the text shows it
+    /// (`spillway_scaler_decisions_total{job_type="default",action="spawn"}`).
+    ///
+    /// Panics when the scaler does not answer or does not show the metric: a test
+    /// that reads "spawned nothing" from a metric that was renamed must fail, not pass.
+    pub async fn metric(&self, metric: &str) -> u64 {
+        let text = self.get("/metrics").await.text().await.unwrap_or_default();
         text.lines()
-            .find_map(|line| line.strip_prefix(line_prefix))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+            .find_map(|line| line.strip_prefix(metric)?.strip_prefix(' '))
+            .map(|value| {
+                value.trim().parse().unwrap_or_else(|e| {
+                    panic!("metric {metric} has a value that is not a count: {value:?}: {e}")
+                })
+            })
+            .unwrap_or_else(|| panic!("the scaler's /metrics has no {metric}:\n{text}"))
+    }
+
+    /// The scaler's scaling events (`/api/events`), newest first.
+    pub async fn events(&self) -> Vec<Value> {
+        self.get("/api/events")
+            .await
+            .json()
+            .await
+            .expect("the scaler's events are a JSON list")
+    }
+
+    /// GET `path` on the scaler; panics unless it answers 200.
+    async fn get(&self, path: &str) -> reqwest::Response {
+        let response = reqwest::get(format!("{}{path}", self.url))
+            .await
+            .unwrap_or_else(|e| panic!("the scaler at {} does not answer {path}: {e}", self.url));
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "GET {path} on the scaler"
+        );
+        response
     }
 
     pub fn terminate(&mut self) {
@@ -101,62 +155,6 @@ impl Drop for Scaler {
     }
 }
 
-/// Workers in the registry: (spawned in all, still running).
-pub fn registry(dir: &Path) -> (usize, usize) {
-    let mut spawned = 0;
-    let mut running = 0;
-    for entry in std::fs::read_dir(dir.join("workers"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let path = entry.path();
-        if path.extension().is_some_and(|e| e == "json") {
-            spawned += 1;
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            if text.contains("\"ended\":null") {
-                running += 1;
-            }
-        }
-    }
-    (spawned, running)
-}
-
-/// Name and pid of each worker the registry shows running whose process is still that
-/// worker (a pid can be reused once its process is gone).
-pub fn running_workers(dir: &Path) -> Vec<(String, u32)> {
-    std::fs::read_dir(dir.join("workers"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter_map(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .filter(|entry| entry["ended"].is_null())
-        .filter_map(|entry| {
-            let pid = entry["pid"].as_u64().filter(|&pid| pid > 0)?;
-            Some((entry["name"].as_str()?.to_string(), pid as u32))
-        })
-        .filter(|(name, pid)| {
-            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
-                environ
-                    .split(|&b| b == 0)
-                    .any(|var| var == format!("WORKER_NAME={name}").as_bytes())
-            })
-        })
-        .collect()
-}
-
-pub fn first_worker(dir: &Path) -> String {
-    std::fs::read_dir(dir.join("workers"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "json"))
-        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-        .expect("a registered worker")
-}
-
 pub fn recorded(dir: &Path) -> BTreeSet<u64> {
     std::fs::read_to_string(dir.join("record"))
         .unwrap_or_default()
@@ -165,6 +163,7 @@ pub fn recorded(dir: &Path) -> BTreeSet<u64> {
         .collect()
 }
 
+/// The in-process producer, publishing to `vhost` with the job types in `dir/jobs.toml`.
 pub async fn start_producer(vhost: &TestVhost, dir: &Path) -> (String, CancellationToken) {
     start_producer_with(vhost, dir, &[]).await
 }
@@ -175,31 +174,99 @@ pub async fn start_producer_with(
     dir: &Path,
     args: &[&str],
 ) -> (String, CancellationToken) {
-    let jobs_path = dir.join("jobs.toml");
-    let settings = spillway_producer::config::Settings::try_parse_from(
-        [
-            "producer",
-            "--amqp-url",
-            &vhost.amqp_url,
-            "--jobs-config",
-            jobs_path.to_str().unwrap(),
-        ]
-        .into_iter()
-        .chain(args.iter().copied()),
+    let jobs = dir.join("jobs.toml");
+    let jobs = jobs.to_str().expect("a UTF-8 temporary path");
+    let args: Vec<&str> = ["--jobs-config", jobs]
+        .iter()
+        .chain(args)
+        .copied()
+        .collect();
+    spillway_testkit::producer::start(&vhost.amqp_url, &args).await
+}
+
+/// A job-types file for the local-launcher runs: one `default` job type on `tasks`
+/// whose rows run `command` through `sh -c`, ticking every second and idle after 3 s.
+pub fn local_jobs(command: &str, max_jobs: usize, delivery_limit: u32) -> String {
+    let command = command.replace('\\', "\\\\").replace('"', "\\\"");
+    format!(
+        r#"
+tick_seconds = 1
+idle_seconds = 3
+
+[job_types.default]
+queue = "tasks"
+handler = "exec"
+command = ["sh", "-c", "{command}"]
+max_jobs = {max_jobs}
+delivery_limit = {delivery_limit}
+"#
     )
-    .unwrap();
-    let jobs = JobsConfig::load(Some(&jobs_path)).unwrap();
-    let state = spillway_producer::build_state(&settings, jobs);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let until = stop.clone();
-    tokio::spawn(spillway_producer::serve(
-        listener,
-        Arc::clone(&state),
-        async move { until.cancelled().await },
-    ));
-    (url, stop)
+}
+
+/// `command` behind a hold: a row after file line `line` waits while the [`Hold`]
+/// exists, then runs `command`. A test that needs rows left at some moment holds them
+/// rather than racing the workers, so it passes on a slow machine and a fast one alike.
+pub fn held_after(line: usize, command: &str) -> String {
+    format!(
+        r#"if [ "$SPILLWAY_LINE" -gt {line} ]; then while [ -e "$HOLD" ]; do sleep 0.05; done; fi; {command}"#
+    )
+}
+
+/// The file that holds rows back (see [`held_after`]): `HOLD` in the environment of
+/// the scaler and so of its workers. Rows flow once it is released or dropped.
+pub struct Hold(PathBuf);
+
+impl Hold {
+    pub fn new(dir: &Path) -> Self {
+        let path = dir.join("hold");
+        std::fs::write(&path, "").unwrap();
+        Hold(path)
+    }
+
+    /// The environment variable naming the hold.
+    pub fn env(&self) -> (&'static str, &str) {
+        ("HOLD", self.0.to_str().expect("a UTF-8 temporary path"))
+    }
+
+    pub fn release(self) {}
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Waits until the scaler in `dir` has spawned `workers` workers, they have recorded
+/// the `free_rows` rows before a [`held_after`] hold, and each has then reported rows
+/// in hand (taken and not settled, so held) in a report sent after that: by the
+/// workers' own account, not by how much time passed.
+pub async fn wait_rows_held(
+    dir: &Path,
+    reports: &mut EventListener,
+    workers: usize,
+    free_rows: usize,
+) {
+    spillway_testkit::wait_for(
+        &format!("{workers} workers spawned and the {free_rows} rows before the hold recorded"),
+        std::time::Duration::from_secs(90),
+        || async { registry(dir).0 >= workers && recorded_rows(dir).len() >= free_rows },
+    )
+    .await;
+    let called = unix_now();
+    let mut in_hand = BTreeMap::new();
+    reports
+        .wait_for(
+            &format!("{workers} workers to report rows in hand"),
+            std::time::Duration::from_secs(60),
+            |report: &WorkerReport| {
+                if report.sent_unix > called {
+                    in_hand.insert(report.worker.clone(), report.in_flight);
+                }
+                in_hand.len() >= workers && in_hand.values().all(|&rows| rows > 0)
+            },
+        )
+        .await;
 }
 
 /// Uploads `csv` to the producer at `producer`: its status and JSON answer.
@@ -305,20 +372,5 @@ impl std::fmt::Display for Account {
             self.lost.len(),
             self.duplicates
         )
-    }
-}
-
-/// Stops, on drop, every worker the registry in `dir` shows running, so that no test
-/// leaves workers behind, even one that fails.
-pub struct WorkerReaper<'a>(pub &'a Path);
-
-impl Drop for WorkerReaper<'_> {
-    fn drop(&mut self) {
-        for (_, pid) in running_workers(self.0) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
     }
 }

@@ -444,7 +444,7 @@ mod tests {
     }
 
     async fn wait_gone(pid: u32, what: &str) {
-        spillway_common::testing::wait_for(what, Duration::from_secs(10), || {
+        spillway_testkit::wait_for(what, Duration::from_secs(10), || {
             std::future::ready(!running(pid))
         })
         .await;

@@ -11,15 +11,15 @@ use std::{
 };
 
 use lapin::{
-    Connection, ConnectionProperties,
-    options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
-    types::{AMQPValue, FieldTable},
+    Connection,
+    options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions},
+    types::AMQPValue,
 };
 use spillway_common::{
     envelope::{RowMessage, row_properties},
-    testing::{TestVhost, wait_for},
     topology::{self, dead_queue_name},
 };
+use spillway_testkit::{TestVhost, bench::process::peak_rss_kib, wait_for};
 
 pub const QUEUE: &str = "rows";
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -74,9 +74,7 @@ impl Rig {
     }
 
     async fn connection(&self) -> Connection {
-        Connection::connect(&self.vhost.amqp_url, ConnectionProperties::default())
-            .await
-            .expect("test connects to its vhost")
+        self.vhost.connect().await
     }
 
     /// A well-formed row of this rig's batch at `line`.
@@ -153,17 +151,7 @@ impl Rig {
 
     /// Ready messages in `queue` (needs no management-API delay).
     pub async fn ready(&self, queue: &str) -> u32 {
-        let connection = self.connection().await;
-        let channel = connection.create_channel().await.unwrap();
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        channel
-            .queue_declare(queue.into(), passive, FieldTable::default())
-            .await
-            .expect("queue exists")
-            .message_count()
+        self.vhost.ready(queue).await.expect("queue exists")
     }
 
     /// Starts a worker named `name`; `env` adds to its environment.
@@ -287,15 +275,7 @@ impl WorkerProcess {
 
     /// The most memory the worker has held resident so far (`VmHWM`), in bytes.
     pub fn peak_rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("the worker is running");
-        let kib = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmHWM:"))
-            .and_then(|value| value.trim().strip_suffix("kB"))
-            .and_then(|kib| kib.trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no VmHWM in /proc/<pid>/status:\n{status}"));
-        kib * 1024
+        peak_rss_kib(self.child.id()) * 1024
     }
 
     /// The exit status, if the worker has exited.

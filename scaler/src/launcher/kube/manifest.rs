@@ -1,12 +1,13 @@
 //! The worker Job manifest: what a Spillway worker is on Kubernetes, as a pure
-//! function of the job type, the worker's name and the [`JobTemplate`].
+//! function of the [`JobTemplate`] and the worker's [`WorkerSpec`].
 //!
 //! Kept apart from the launcher's API calls so that the Job can be built, inspected
 //! and written out (for the same schema and Pod Security checks as the deploy
 //! manifests) without a cluster. One Job runs one pod: `backoffLimit: 0` (a failed
 //! worker is the scaler's to replace, not Kubernetes's to retry), a TTL after it
-//! finishes, resources, a non-root read-only container with a size-limited `/tmp`,
-//! the broker URL from a Secret and the job types from a ConfigMap.
+//! finishes, resources, a non-root read-only container with a size-limited `/tmp`.
+//! Its environment is the spec's: a Secret's key is referred to (`valueFrom`), never
+//! written in, and a ConfigMap file is a read-only volume.
 
 use std::collections::BTreeMap;
 
@@ -23,6 +24,8 @@ use k8s_openapi::{
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
 };
 
+use crate::launcher::spec::{Source, Var, WorkerSpec};
+
 /// Label every Spillway worker Job carries, and the selector of the watch.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "spillway-scaler");
 pub const NAME_LABEL: (&str, &str) = ("app.kubernetes.io/name", "spillway-worker");
@@ -31,12 +34,10 @@ pub const PART_OF: (&str, &str) = ("app.kubernetes.io/part-of", "spillway");
 pub const JOB_TYPE_LABEL: &str = "spillway.dev/job-type";
 pub const WORKER_LABEL: &str = "spillway.dev/worker";
 
-/// Where the job types are mounted in a worker's container.
-const CONFIG_DIR: &str = "/etc/spillway";
 /// The uid and gid the images create for their one user.
 const WORKER_UID: i64 = 10001;
 
-/// Everything a worker Job is made of besides its name and job type.
+/// Everything a worker Job is made of besides its [`WorkerSpec`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobTemplate {
     /// Container image per job type: its own `image`, else `WORKER_IMAGE`.
@@ -44,12 +45,6 @@ pub struct JobTemplate {
     /// `imagePullPolicy`, set explicitly: a `:latest` image would otherwise be pulled
     /// every time, which fails on clusters whose images are built in place.
     pub image_pull_policy: String,
-    /// Secret holding the broker URL, and its key.
-    pub secret_name: String,
-    pub secret_key: String,
-    /// ConfigMap holding the job types, and its key.
-    pub config_map: String,
-    pub config_map_key: String,
     pub ttl_seconds_after_finished: i32,
     /// Time a deleted worker gets to finish the rows it holds.
     pub termination_grace_seconds: i64,
@@ -66,12 +61,29 @@ pub struct JobTemplate {
 #[error("no image for job type {0:?}")]
 pub struct NoImage(pub String);
 
-/// The Job that runs worker `name` on `job_type`.
-pub fn worker_job(t: &JobTemplate, job_type: &str, name: &str) -> Result<Job, NoImage> {
+/// The Job that runs the worker of `spec`.
+pub fn worker_job(t: &JobTemplate, spec: &WorkerSpec) -> Result<Job, NoImage> {
+    let (job_type, name) = (spec.job_type.as_str(), spec.name.as_str());
     let image = t
         .images
         .get(job_type)
         .ok_or_else(|| NoImage(job_type.into()))?;
+    let (mut volumes, mut volume_mounts): (Vec<Volume>, Vec<VolumeMount>) =
+        spec.env.iter().filter_map(config_map_file).unzip();
+    // `exec` commands write temporary files; the root file system is read-only.
+    volumes.push(Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(Quantity(t.tmp_size_limit.clone())),
+            ..EmptyDirVolumeSource::default()
+        }),
+        ..Volume::default()
+    });
+    volume_mounts.push(VolumeMount {
+        name: "tmp".into(),
+        mount_path: "/tmp".into(),
+        ..VolumeMount::default()
+    });
     let labels = BTreeMap::from([
         (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
         (NAME_LABEL.0.to_string(), NAME_LABEL.1.to_string()),
@@ -83,24 +95,7 @@ pub fn worker_job(t: &JobTemplate, job_type: &str, name: &str) -> Result<Job, No
         name: "worker".into(),
         image: Some(image.clone()),
         image_pull_policy: Some(t.image_pull_policy.clone()),
-        env: Some(vec![
-            env("WORKER_NAME", name),
-            env("JOB_TYPE", job_type),
-            env("JOBS_CONFIG", &format!("{CONFIG_DIR}/jobs.toml")),
-            env("LOG_FORMAT", "json"),
-            EnvVar {
-                name: "AMQP_URL".into(),
-                value_from: Some(EnvVarSource {
-                    secret_key_ref: Some(SecretKeySelector {
-                        name: t.secret_name.clone(),
-                        key: t.secret_key.clone(),
-                        optional: Some(false),
-                    }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
-        ]),
+        env: Some(spec.env.iter().map(env_var).collect()),
         resources: Some(ResourceRequirements {
             requests: Some(quantities(&t.cpu_request, &t.memory_request)),
             limits: Some(quantities(&t.cpu_limit, &t.memory_limit)),
@@ -116,45 +111,9 @@ pub fn worker_job(t: &JobTemplate, job_type: &str, name: &str) -> Result<Job, No
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "jobs-config".into(),
-                mount_path: CONFIG_DIR.into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "tmp".into(),
-                mount_path: "/tmp".into(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(volume_mounts),
         ..Container::default()
     };
-    let volumes = vec![
-        Volume {
-            name: "jobs-config".into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: t.config_map.clone(),
-                items: Some(vec![KeyToPath {
-                    key: t.config_map_key.clone(),
-                    path: "jobs.toml".into(),
-                    ..KeyToPath::default()
-                }]),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
-        // `exec` commands write temporary files; the root file system is read-only.
-        Volume {
-            name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource {
-                size_limit: Some(Quantity(t.tmp_size_limit.clone())),
-                ..EmptyDirVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
-    ];
     Ok(Job {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -196,12 +155,68 @@ pub fn worker_job(t: &JobTemplate, job_type: &str, name: &str) -> Result<Job, No
     })
 }
 
-fn env(name: &str, value: &str) -> EnvVar {
+/// A variable of the spec as a container's: a Secret's key by reference, a ConfigMap
+/// file by the path it is mounted at.
+fn env_var(var: &Var) -> EnvVar {
+    let (value, value_from) = match &var.source {
+        Source::Value(value)
+        | Source::PerLauncher {
+            kubernetes: value, ..
+        } => (Some(value.clone()), None),
+        Source::SecretKey { name, key, .. } => (
+            None,
+            Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: name.clone(),
+                    key: key.clone(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+        ),
+        Source::ConfigMapFile { path, .. } => (Some(path.clone()), None),
+    };
     EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..EnvVar::default()
+        name: var.name.into(),
+        value,
+        value_from,
     }
+}
+
+/// The volume and mount of a ConfigMap file: its key as the one file of a read-only
+/// directory, named after the variable (`JOBS_CONFIG` -> `jobs-config`).
+fn config_map_file(var: &Var) -> Option<(Volume, VolumeMount)> {
+    let Source::ConfigMapFile {
+        name, key, path, ..
+    } = &var.source
+    else {
+        return None;
+    };
+    // An absolute path: a relative one has no directory and the API server refuses
+    // the Job (at the dry run at start).
+    let (dir, file) = path.rsplit_once('/').unwrap_or(("", path));
+    let volume = var.name.to_ascii_lowercase().replace('_', "-");
+    Some((
+        Volume {
+            name: volume.clone(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: key.clone(),
+                    path: file.into(),
+                    ..KeyToPath::default()
+                }]),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        VolumeMount {
+            name: volume,
+            mount_path: dir.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    ))
 }
 
 fn quantities(cpu: &str, memory: &str) -> BTreeMap<String, Quantity> {
@@ -211,20 +226,18 @@ fn quantities(cpu: &str, memory: &str) -> BTreeMap<String, Quantity> {
     ])
 }
 
+/// The template and worker environment the launcher's tests build Jobs from.
 #[cfg(test)]
-mod tests {
-    use serde_json::{Value, json};
+pub(crate) mod tests {
+    use serde_json::json;
 
     use super::*;
+    use crate::launcher::spec::WorkerEnv;
 
-    fn template() -> JobTemplate {
+    pub(crate) fn template() -> JobTemplate {
         JobTemplate {
             images: BTreeMap::from([("default".into(), "spillway-worker:1.0".into())]),
             image_pull_policy: "IfNotPresent".into(),
-            secret_name: "spillway-rabbitmq".into(),
-            secret_key: "amqp-url".into(),
-            config_map: "spillway-jobs".into(),
-            config_map_key: "jobs.toml".into(),
             ttl_seconds_after_finished: 300,
             termination_grace_seconds: 600,
             cpu_request: "100m".into(),
@@ -235,9 +248,44 @@ mod tests {
         }
     }
 
+    /// The broker URL from a Secret, the job types from a ConfigMap, JSON logs: what
+    /// `WorkerEnv::from_settings` gives by default.
+    pub(crate) fn env() -> WorkerEnv {
+        WorkerEnv::new(vec![
+            Var::new(
+                "JOBS_CONFIG",
+                Source::ConfigMapFile {
+                    local: None,
+                    name: "spillway-jobs".into(),
+                    key: "jobs.toml".into(),
+                    path: "/etc/spillway/jobs.toml".into(),
+                },
+            ),
+            Var::new(
+                "LOG_FORMAT",
+                Source::PerLauncher {
+                    local: "human".into(),
+                    kubernetes: "json".into(),
+                },
+            ),
+            Var::new(
+                "AMQP_URL",
+                Source::SecretKey {
+                    local: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+                    name: "spillway-rabbitmq".into(),
+                    key: "amqp-url".into(),
+                },
+            ),
+        ])
+    }
+
+    fn job(job_type: &str, name: &str) -> Result<Job, NoImage> {
+        worker_job(&template(), &env().spec(job_type, name))
+    }
+
     #[test]
     fn a_worker_job_is_labelled_locked_down_and_built_from_the_template() {
-        let job = worker_job(&template(), "default", "spillway-default-1").unwrap();
+        let job = job("default", "spillway-default-1").unwrap();
         let body = serde_json::to_value(job).unwrap();
         assert_eq!(body["metadata"]["name"], "spillway-default-1");
         let labels = &body["metadata"]["labels"];
@@ -280,26 +328,27 @@ mod tests {
             json!({"requests": {"cpu": "100m", "memory": "64Mi"},
                    "limits": {"cpu": "1", "memory": "256Mi"}})
         );
-        let env = container["env"].as_array().unwrap();
-        let var = |name: &str| {
-            env.iter()
-                .find(|v| v["name"] == name)
-                .cloned()
-                .unwrap_or(Value::Null)
-        };
-        assert_eq!(var("WORKER_NAME")["value"], "spillway-default-1");
-        assert_eq!(var("JOB_TYPE")["value"], "default");
-        assert_eq!(var("JOBS_CONFIG")["value"], "/etc/spillway/jobs.toml");
         assert_eq!(
-            var("AMQP_URL")["valueFrom"]["secretKeyRef"],
-            json!({"name": "spillway-rabbitmq", "key": "amqp-url", "optional": false}),
+            container["env"],
+            json!([
+                {"name": "WORKER_NAME", "value": "spillway-default-1"},
+                {"name": "JOB_TYPE", "value": "default"},
+                {"name": "JOBS_CONFIG", "value": "/etc/spillway/jobs.toml"},
+                {"name": "LOG_FORMAT", "value": "json"},
+                {"name": "AMQP_URL", "valueFrom": {"secretKeyRef":
+                    {"name": "spillway-rabbitmq", "key": "amqp-url", "optional": false}}},
+            ]),
+            "the spec's variables, each in its Kubernetes form"
+        );
+        assert!(
+            !body.to_string().contains("guest:guest"),
             "credentials come from the Secret, never inline"
         );
     }
 
     #[test]
     fn a_worker_has_a_size_limited_writable_tmp_and_the_job_types_read_only() {
-        let job = worker_job(&template(), "default", "w").unwrap();
+        let job = job("default", "w").unwrap();
         let body = serde_json::to_value(job).unwrap();
         let pod = &body["spec"]["template"]["spec"];
         assert_eq!(
@@ -321,9 +370,6 @@ mod tests {
 
     #[test]
     fn an_unknown_job_type_has_no_job() {
-        assert_eq!(
-            worker_job(&template(), "resize", "w"),
-            Err(NoImage("resize".into()))
-        );
+        assert_eq!(job("resize", "w"), Err(NoImage("resize".into())));
     }
 }

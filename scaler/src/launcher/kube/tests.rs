@@ -1,147 +1,27 @@
-//! The launcher against a mocked API server: each request it sends is checked
-//! (method, path, selector, body) and answered as Kubernetes would. Reads of the
-//! pods of pending workers are answered by a router from a fixed pod list, so the
-//! tests script only the requests they are about.
+//! The launcher against a mocked API server ([`api_server`]): each request it sends is
+//! checked (method, path, selector, body) and answered as Kubernetes would; the tests
+//! script only the requests they are about.
+//!
+//! # Layout
+//!
+//! - [`api_server`]: the mocked API server and its answers.
+//! - [`scaler`]: start-up from the settings, and a scaler ticking on this launcher.
+
+mod api_server;
+mod scaler;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use kube::client::Body;
 use serde_json::{Value, json};
 use spillway_common::testing::wait_for;
-use tokio::sync::mpsc;
 
-use super::*;
-
-type Exchange = (
-    Request<Body>,
-    tower_test::mock::SendResponse<Response<Body>>,
-);
-
-/// The requests a test scripts: every one but the pod lists the router answers.
-struct Requests(mpsc::UnboundedReceiver<Exchange>);
-
-impl Requests {
-    async fn next_request(&mut self) -> Option<Exchange> {
-        self.0.recv().await
-    }
-}
-
-const NAMESPACE: &str = "spillway";
-const SELECTOR: &str = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dspillway-scaler";
-
-fn template() -> JobTemplate {
-    JobTemplate {
-        images: BTreeMap::from([("default".into(), "spillway-worker:1.0".into())]),
-        image_pull_policy: "IfNotPresent".into(),
-        secret_name: "spillway-rabbitmq".into(),
-        secret_key: "amqp-url".into(),
-        config_map: "spillway-jobs".into(),
-        config_map_key: "jobs.toml".into(),
-        ttl_seconds_after_finished: 300,
-        termination_grace_seconds: 600,
-        cpu_request: "100m".into(),
-        memory_request: "64Mi".into(),
-        cpu_limit: "1".into(),
-        memory_limit: "256Mi".into(),
-        tmp_size_limit: "64Mi".into(),
-    }
-}
-
-fn launcher() -> (
-    KubeLauncher,
-    impl Future<Output = ()> + Send + 'static,
-    Requests,
-) {
-    launcher_with_pods(json!([]))
-}
-
-/// A launcher whose pod lists (of Spillway's workers) answer `pods`.
-fn launcher_with_pods(
-    pods: Value,
-) -> (
-    KubeLauncher,
-    impl Future<Output = ()> + Send + 'static,
-    Requests,
-) {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let (scripted, requests) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some((request, respond)) = handle.next_request().await {
-            let query = request.uri().query().unwrap_or_default();
-            if request.uri().path() == "/api/v1/namespaces/spillway/pods"
-                && query.contains(SELECTOR)
-            {
-                answer(
-                    respond,
-                    StatusCode::OK,
-                    &json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods}),
-                );
-            } else if scripted.send((request, respond)).is_err() {
-                return;
-            }
-        }
-    });
-    let client = Client::new(service, NAMESPACE);
-    let (launcher, watch) = KubeLauncher::new(client, NAMESPACE, template());
-    (launcher, watch, Requests(requests))
-}
-
-/// The next request: its method, path, query and JSON body (`Null` when empty).
-async fn next(
-    handle: &mut Requests,
-) -> (
-    Method,
-    String,
-    String,
-    Value,
-    tower_test::mock::SendResponse<Response<Body>>,
-) {
-    let (request, respond) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-        .await
-        .expect("a request within 5 s")
-        .expect("the client is alive");
-    let (parts, body) = request.into_parts();
-    let bytes = body.collect_bytes().await.unwrap();
-    let json = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
-    };
-    let query = parts.uri.query().unwrap_or_default().to_string();
-    (
-        parts.method,
-        parts.uri.path().to_string(),
-        query,
-        json,
-        respond,
-    )
-}
-
-fn answer(
-    respond: tower_test::mock::SendResponse<Response<Body>>,
-    status: StatusCode,
-    body: &Value,
-) {
-    let response = Response::builder()
-        .status(status)
-        .body(Body::from(serde_json::to_vec(body).unwrap()))
-        .unwrap();
-    respond.send_response(response);
-}
-
-fn job(name: &str, status: Value) -> Value {
-    json!({
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {
-            "name": name, "namespace": NAMESPACE, "resourceVersion": "1",
-            "creationTimestamp": "2026-11-23T10:00:00Z",
-            "labels": {"app.kubernetes.io/managed-by": "spillway-scaler", "spillway.dev/job-type": "default"}
-        },
-        "spec": {"template": {"spec": {"containers": []}}},
-        "status": status
-    })
-}
+use self::api_server::{NAMESPACE, SELECTOR, answer, job, launcher, launcher_with_pods, next};
+use super::{
+    manifest::tests::{env, template},
+    *,
+};
 
 #[tokio::test]
 async fn spawning_posts_the_worker_job_of_the_manifest() {
@@ -159,7 +39,7 @@ async fn spawning_posts_the_worker_job_of_the_manifest() {
     assert_eq!(method, Method::POST);
     assert_eq!(path, "/apis/batch/v1/namespaces/spillway/jobs");
     assert!(!query.contains("dryRun"), "a real create: {query}");
-    let expected = worker_job(&template(), "default", "spillway-default-1").unwrap();
+    let expected = worker_job(&template(), &env().spec("default", "spillway-default-1")).unwrap();
     assert_eq!(body, serde_json::to_value(expected).unwrap());
 }
 

@@ -3,7 +3,7 @@
 //!
 //! They put on the wire what Spillway's producer and worker put there (the same
 //! message bodies and properties, publisher confirms, manual acks) on the same kind of
-//! queue, a quorum work queue declared by [`crate::topology`] with the job type's
+//! queue, a quorum work queue declared by [`spillway_common::topology`] with the job type's
 //! arguments, and do nothing else. A ratio near 1 means Spillway adds little on top of
 //! what RabbitMQ itself takes.
 
@@ -23,7 +23,7 @@ use lapin::{
     types::FieldTable,
 };
 
-use crate::{
+use spillway_common::{
     envelope::{RowMessage, RowMessageRef, message_id, row_properties},
     jobs_config::JobType,
     topology,

@@ -1,4 +1,4 @@
-//! Benchmark support (feature `test-support`): the baselines `./manage.sh bench` divides
+//! Benchmark support: the baselines `./manage.sh bench` divides
 //! Spillway's figures by, the processes it measures, and the one table it prints.
 //!
 //! Every figure is a ratio against a baseline measured in the same run, because the

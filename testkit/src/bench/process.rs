@@ -16,13 +16,13 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::testing::wait_for;
+use crate::wait_for;
 
 /// The workspace's root directory.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("the common crate sits in the workspace")
+        .expect("the testkit crate sits in the workspace")
         .to_path_buf()
 }
 

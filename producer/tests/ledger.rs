@@ -1,0 +1,264 @@
+//! The producer and its ledger, against a real RabbitMQ and a real PostgreSQL: an
+//! upload is answered only once the ledger holds every row; the batches API reads
+//! the ledger; results download row for row; without PostgreSQL uploads get 503 and
+//! nothing is published; a publication whose producer stopped is resumed.
+
+mod support;
+
+use reqwest::StatusCode;
+use spillway_ledger::{BatchState, Ledger, NewBatch, copy::RowsEncoder};
+use spillway_testkit::{TestDatabase, TestVhost, wait_for};
+use std::time::Duration;
+use support::TestProducer;
+
+const CSV: &str = "name,note\r\n\
+                   \"Widget, large\",\"say \"\"hi\"\"\"\r\n\
+                   \"two\r\nlines\",東京 🚲\r\n\
+                   plain,\r\n";
+
+fn fields_of(csv: &str) -> Vec<Vec<String>> {
+    csv::Reader::from_reader(csv.as_bytes())
+        .records()
+        .map(|r| r.unwrap().iter().map(String::from).collect())
+        .collect()
+}
+
+async fn producer_with_ledger(label: &str) -> (TestProducer, TestDatabase, Ledger) {
+    let db = TestDatabase::new(label).await;
+    let producer = TestProducer::start(label, &["--database-url", &db.url]).await;
+    let ledger = Ledger::open(&db.url, 2).unwrap();
+    (producer, db, ledger)
+}
+
+#[tokio::test]
+async fn an_upload_is_answered_once_the_ledger_holds_every_row_and_results_come_back_row_for_row() {
+    let (producer, _db, ledger) = producer_with_ledger("ledger-upload").await;
+    let (status, body) = producer.upload(CSV).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let id = body["batch_id"].as_str().unwrap();
+
+    // The answer came: the ledger holds the batch, every row published.
+    let batch = ledger
+        .batch(id)
+        .await
+        .unwrap()
+        .expect("the batch is in the ledger");
+    assert_eq!((batch.rows, batch.published, batch.pending), (3, 3, 3));
+    assert_eq!(batch.state, BatchState::Queued);
+    assert_eq!(batch.header, ["name", "note"]);
+    assert_eq!(batch.file_name.as_deref(), Some("data.csv"));
+
+    let (status, view) = producer.get(&format!("/batches/{id}")).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    for (field, value) in [
+        ("rows", 3),
+        ("published", 3),
+        ("pending", 3),
+        ("done", 0),
+        ("dead", 0),
+    ] {
+        assert_eq!(view[field], value, "{field} in {view}");
+    }
+    assert_eq!(view["state"], "queued");
+    assert_eq!(view["job_type"], "default");
+
+    let response = producer
+        .client
+        .get(format!("{}/batches/{id}/results", producer.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
+    let results = response.text().await.unwrap();
+    let mut reader = csv::Reader::from_reader(results.as_bytes());
+    assert_eq!(
+        reader.headers().unwrap().iter().collect::<Vec<_>>(),
+        [
+            "name",
+            "note",
+            "spillway_line",
+            "spillway_status",
+            "spillway_result",
+            "spillway_error",
+            "spillway_attempts"
+        ]
+    );
+    let rows: Vec<Vec<String>> = reader
+        .records()
+        .map(|r| r.unwrap().iter().map(String::from).collect())
+        .collect();
+    let expected = fields_of(CSV);
+    assert_eq!(rows.len(), expected.len());
+    for ((row, fields), line) in rows.iter().zip(&expected).zip(["2", "3", "5"]) {
+        assert_eq!(&row[..2], &fields[..]);
+        assert_eq!(&row[2..4], [line, "pending"]);
+    }
+
+    let jsonl = producer
+        .client
+        .get(format!(
+            "{}/batches/{id}/results?format=jsonl&status=pending",
+            producer.base_url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let first: serde_json::Value = serde_json::from_str(jsonl.lines().next().unwrap()).unwrap();
+    assert_eq!(first["fields"]["note"], "say \"hi\"");
+    assert_eq!(jsonl.lines().count(), 3);
+    assert_eq!(
+        producer.drain("tasks").await.len(),
+        3,
+        "every row was published"
+    );
+}
+
+#[tokio::test]
+async fn the_batches_api_lists_filters_and_refuses_what_it_cannot_do() {
+    let (producer, _db, _ledger) = producer_with_ledger("ledger-api").await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (status, body) = producer.upload("n\n1\n").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        ids.push(body["batch_id"].as_str().unwrap().to_string());
+    }
+    let (status, page) = producer.get("/batches?limit=2").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let listed: Vec<&str> = page["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["batch_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [ids[2].as_str(), ids[1].as_str()], "newest first");
+    let next = page["next_before"].as_str().expect("a next page");
+    let (_, page) = producer
+        .get(&format!("/batches?limit=2&before={next}"))
+        .await;
+    assert_eq!(page["batches"][0]["batch_id"], ids[0].as_str());
+    assert!(page.get("next_before").is_none(), "{page}");
+    let (_, page) = producer.get("/batches?state=done").await;
+    assert_eq!(page["batches"].as_array().unwrap().len(), 0);
+
+    // (request, status, what the error names)
+    let refusals = [
+        (
+            "/batches?state=finished",
+            StatusCode::BAD_REQUEST,
+            "unknown batch state",
+        ),
+        ("/batches?limit=0", StatusCode::BAD_REQUEST, "limit"),
+        ("/batches/nope", StatusCode::NOT_FOUND, "no batch"),
+        ("/batches/nope/results", StatusCode::NOT_FOUND, "no batch"),
+    ];
+    for (path, expected, names) in refusals {
+        let (status, body) = producer.get(path).await;
+        assert_eq!(status, expected, "{path}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(names),
+            "{path}: {body}"
+        );
+    }
+    let (status, body) = producer
+        .get(&format!("/batches/{}/results?format=xml", ids[0]))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = producer
+        .get(&format!("/batches/{}/results?status=lost", ids[0]))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    let delete = |id: &str| {
+        producer
+            .client
+            .delete(format!("{}/batches/{id}", producer.base_url))
+            .send()
+    };
+    let response = delete(&ids[0]).await.unwrap();
+    let (status, body) = TestProducer::decode(response).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a queued batch is not deleted: {body}"
+    );
+    assert!(body["error"].as_str().unwrap().contains("queued"), "{body}");
+}
+
+#[tokio::test]
+async fn without_postgresql_an_upload_is_a_503_and_nothing_is_published() {
+    // Nothing listens on port 1.
+    let producer = TestProducer::start(
+        "ledger-down",
+        &["--database-url", "postgres://postgres@127.0.0.1:1/spillway"],
+    )
+    .await;
+    let (status, body) = producer.upload("n\n1\n2\n").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("PostgreSQL"),
+        "{body}"
+    );
+    let (status, body) = producer.get("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(producer.depth("tasks").await.unwrap_or(0), 0);
+}
+
+#[tokio::test]
+async fn a_publication_whose_producer_stopped_is_resumed_from_the_ledger() {
+    let db = TestDatabase::new("ledger-resume").await;
+    let vhost = TestVhost::new("ledger-resume").await;
+    let ledger = Ledger::open(&db.url, 2).unwrap();
+    ledger.ready().await.unwrap();
+    // A batch of 5 rows whose producer confirmed 2, then stopped a while ago.
+    let header = vec!["n".to_string()];
+    let mut encoder = RowsEncoder::new(Vec::new(), "abandoned");
+    for n in 0..5u64 {
+        encoder.push(n + 2, [n.to_string().as_str()]).unwrap();
+    }
+    let rows = encoder.finish().unwrap();
+    let batch = NewBatch {
+        batch_id: "abandoned",
+        job_type: "default",
+        queue: "tasks",
+        file_name: None,
+        header: &header,
+        rows: 5,
+    };
+    ledger.create_batch(&batch, &rows[..]).await.unwrap();
+    ledger.set_published("abandoned", 2).await.unwrap();
+    sqlx::query("UPDATE batches SET heartbeat_at = now() - interval '1 hour'")
+        .execute(ledger.pool())
+        .await
+        .unwrap();
+
+    let producer = TestProducer::start_with_url(vhost, None, &["--database-url", &db.url]).await;
+    wait_for(
+        "the resumed batch to be published",
+        Duration::from_secs(30),
+        || async { ledger.batch("abandoned").await.unwrap().unwrap().state == BatchState::Queued },
+    )
+    .await;
+    let published = producer.drain("tasks").await;
+    let resumed: Vec<(u64, u64, String)> = published
+        .into_iter()
+        .map(|(_, _, row)| (row.line, row.row, row.fields[0].clone()))
+        .collect();
+    assert_eq!(
+        resumed,
+        [
+            (4, 3, "2".to_string()),
+            (5, 4, "3".into()),
+            (6, 5, "4".into())
+        ],
+        "the rows after the 2 confirmed, numbered as the first producer numbered them"
+    );
+}
