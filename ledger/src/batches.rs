@@ -135,6 +135,7 @@ impl Ledger {
         batch: &NewBatch<'_>,
         rows: impl AsyncRead + Unpin,
     ) -> Result<()> {
+        self.schema().await?;
         let mut tx = self.pool().begin().await?;
         sqlx::query(
             "INSERT INTO batches (batch_id, job_type, queue, file_name, header, rows, pending)
@@ -167,6 +168,7 @@ impl Ledger {
     /// Advances the count of rows RabbitMQ has confirmed, from the first, and renews
     /// the publication's heartbeat.
     pub async fn set_published(&self, batch_id: &str, published: u64) -> Result<()> {
+        self.schema().await?;
         sqlx::query(
             "UPDATE batches SET published = greatest(published, $2), heartbeat_at = now()
              WHERE batch_id = $1",
@@ -181,6 +183,7 @@ impl Ledger {
     /// Every row is confirmed: the batch is queued (or already finished, if workers
     /// settled every row while it was being published).
     pub async fn finish_publishing(&self, batch_id: &str) -> Result<()> {
+        self.schema().await?;
         sqlx::query(
             "UPDATE batches SET published = rows, published_at = now(), state = 'queued'
              WHERE batch_id = $1 AND state = 'publishing'",
@@ -193,6 +196,7 @@ impl Ledger {
 
     /// Publication stopped for good: the batch is `failed`, with the reason.
     pub async fn fail_publishing(&self, batch_id: &str, published: u64, error: &str) -> Result<()> {
+        self.schema().await?;
         sqlx::query(
             "UPDATE batches SET state = 'failed', error = $3, finished_at = now(),
                     published = greatest(published, $2)
@@ -209,6 +213,7 @@ impl Ledger {
     /// Claims the oldest batch still `publishing` whose heartbeat is older than
     /// `stale`, renewing its heartbeat so that no other producer claims it too.
     pub async fn claim_stale_publication(&self, stale: Duration) -> Result<Option<BatchRecord>> {
+        self.schema().await?;
         let sql = concat!(
             "WITH claimed AS (
                  UPDATE batches SET heartbeat_at = now()
@@ -231,6 +236,7 @@ impl Ledger {
     /// The file line after which the rows of `batch_id` not among the first
     /// `published` start (0 for all of them).
     pub async fn resume_after(&self, batch_id: &str, published: u64) -> Result<u64> {
+        self.schema().await?;
         if published == 0 {
             return Ok(0);
         }
@@ -253,6 +259,7 @@ impl Ledger {
         after: u64,
         limit: u32,
     ) -> Result<Vec<(u64, Vec<String>)>> {
+        self.schema().await?;
         let rows: Vec<(i64, Vec<String>)> = sqlx::query_as(
             "SELECT line, fields FROM batch_rows WHERE batch_id = $1 AND line > $2
              ORDER BY line LIMIT $3",
@@ -269,6 +276,7 @@ impl Ledger {
     }
 
     pub async fn batch(&self, batch_id: &str) -> Result<Option<BatchRecord>> {
+        self.schema().await?;
         let sql = concat!(
             "SELECT ",
             batch_columns!(),
@@ -283,6 +291,7 @@ impl Ledger {
 
     /// Batches newest first, as `filter` selects them.
     pub async fn batches(&self, filter: &BatchFilter) -> Result<Vec<BatchRecord>> {
+        self.schema().await?;
         let sql = concat!(
             "SELECT ",
             batch_columns!(),
@@ -306,6 +315,7 @@ impl Ledger {
 
     /// Removes a finished batch and its rows.
     pub async fn delete_batch(&self, batch_id: &str) -> Result<Deleted> {
+        self.schema().await?;
         let mut tx = self.pool().begin().await?;
         let state: Option<String> =
             sqlx::query_scalar("SELECT state FROM batches WHERE batch_id = $1 FOR UPDATE")

@@ -238,6 +238,14 @@ impl Ledger {
     /// success. Migrations take PostgreSQL's advisory lock, so processes starting at
     /// once apply them one at a time, and each only once.
     pub async fn ready(&self) -> Result<()> {
+        self.schema().await?;
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Applies the migrations if this process has not yet: every statement of the
+    /// ledger runs after this, so a process works whichever of them starts first.
+    pub(crate) async fn schema(&self) -> Result<()> {
         self.migrated
             .get_or_try_init(|| async {
                 MIGRATOR.run(&self.pool).await.map_err(|e| match e {
@@ -246,7 +254,6 @@ impl Ledger {
                 })
             })
             .await?;
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 

@@ -63,6 +63,7 @@ impl Ledger {
     /// Records `outcomes` as settled by `worker`. Outcomes of one row are applied in
     /// the order given.
     pub async fn record(&self, worker: &str, outcomes: &[Outcome]) -> Result<Recorded> {
+        self.schema().await?;
         let mut recorded = Recorded::default();
         if outcomes.is_empty() {
             return Ok(recorded);
@@ -165,6 +166,7 @@ impl Ledger {
     /// The status of one row, or `None` if the ledger does not hold it. A worker asks
     /// this of a redelivered row only, to ack a row already done without running it.
     pub async fn row_status(&self, batch_id: &str, line: u64) -> Result<Option<RowStatus>> {
+        self.schema().await?;
         let status: Option<String> =
             sqlx::query_scalar("SELECT status FROM batch_rows WHERE batch_id = $1 AND line = $2")
                 .bind(batch_id)

@@ -8,6 +8,7 @@ use spillway_common::{
     config::{BrokerSettings, JobsSettings, LogSettings},
     jobs_config::JobsConfig,
 };
+use spillway_ledger::DatabaseSettings;
 
 use crate::launcher::kube::JobTemplate;
 
@@ -100,6 +101,24 @@ pub struct Settings {
         default_value = "amqp-url"
     )]
     pub worker_secret_key: String,
+
+    /// Kubernetes launcher: Secret holding the workers' DATABASE_URL.
+    #[arg(
+        long = "worker-database-secret",
+        env = "WORKER_DATABASE_SECRET",
+        value_name = "WORKER_DATABASE_SECRET",
+        default_value = "spillway-postgres"
+    )]
+    pub worker_database_secret: String,
+
+    /// Kubernetes launcher: key of DATABASE_URL in WORKER_DATABASE_SECRET.
+    #[arg(
+        long = "worker-database-secret-key",
+        env = "WORKER_DATABASE_SECRET_KEY",
+        value_name = "WORKER_DATABASE_SECRET_KEY",
+        default_value = "url"
+    )]
+    pub worker_database_secret_key: String,
 
     /// Kubernetes launcher: ConfigMap holding the job-types file.
     #[arg(
@@ -216,6 +235,9 @@ pub struct Settings {
 
     #[command(flatten)]
     pub jobs: JobsSettings,
+
+    #[command(flatten)]
+    pub database: DatabaseSettings,
 
     #[command(flatten)]
     pub log: LogSettings,

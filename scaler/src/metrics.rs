@@ -99,6 +99,16 @@ impl Metrics {
         let _ = self.drain_failures.get_or_create(&labels);
     }
 
+    /// How many `action`s (`spawn`, `drain`, `stop`) were taken for `job_type` so far.
+    pub fn decision_count(&self, job_type: &str, action: &'static str) -> u64 {
+        self.decisions
+            .get_or_create(&ActionLabels {
+                job_type: job_type.into(),
+                action,
+            })
+            .get()
+    }
+
     /// The gauges of one job type's observation: queue depth and workers by phase.
     pub fn record_observation(&self, job_type: &str, observation: &Observation) {
         let labels = JobLabels {

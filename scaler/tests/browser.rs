@@ -22,8 +22,8 @@ const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const PATIENCE: Duration = Duration::from_secs(60);
 const PAYLOAD: &str = "<script>alert(1)</script>";
 
-/// Rows print their own JSON (so the worker's log holds the CSV values), then take
-/// a moment, so workers are still there to be looked at.
+/// Rows print their own JSON on stderr (so the worker's log, its diary, holds the CSV
+/// values), then take a moment, so workers are still there to be looked at.
 const JOBS: &str = r#"
 tick_seconds = 1
 idle_seconds = 300
@@ -31,7 +31,7 @@ idle_seconds = 300
 [job_types.default]
 queue = "tasks"
 handler = "exec"
-command = ["sh", "-c", "cat; echo; sleep 0.2"]
+command = ["sh", "-c", "cat >&2; echo >&2; sleep 0.2"]
 max_jobs = 3
 "#;
 

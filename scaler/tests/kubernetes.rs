@@ -18,6 +18,7 @@
 mod cluster;
 mod support;
 
+use spillway_ledger::{BatchFilter, BatchState, Ledger};
 use std::process::{Child, Command, Stdio};
 
 use cluster::{
@@ -306,6 +307,23 @@ async fn uploaded_rows_are_processed_by_worker_jobs_that_end_complete() {
         (queue.ready, queue.unacked, queue.acked_total),
         (0, 0, ROWS),
         "nothing lost, nothing left"
+    );
+    // The Job pods read DATABASE_URL from their Secret: every outcome is in the ledger.
+    let ledger = Ledger::open(&cluster.database.url, 1).unwrap();
+    let batches = ledger
+        .batches(&BatchFilter {
+            limit: 10,
+            ..BatchFilter::default()
+        })
+        .await
+        .unwrap();
+    let [batch] = &batches[..] else {
+        panic!("one batch in the ledger, not {batches:?}")
+    };
+    assert_eq!(
+        (batch.state, batch.done, batch.pending),
+        (BatchState::Done, ROWS, 0),
+        "every row done in the ledger"
     );
     let deletes = api
         .requests()

@@ -270,7 +270,7 @@ idle_seconds = 30
 [job_types.default]
 queue = "tasks"
 handler = "exec"
-command = ["sh", "-c", "echo row-started; sleep 5"]
+command = ["sh", "-c", "echo row-started >&2; sleep 5"]
 max_jobs = 1
 "#;
     let cluster = Cluster::start("k8s-stopping", SLOW_ROW, Cluster::double()).await;

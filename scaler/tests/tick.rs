@@ -34,7 +34,7 @@ use spillway_scaler::{
     bus::Bus,
     context::{Context, Timing},
     launcher::{LaunchedWorker, Launcher, LauncherError},
-    metrics::{ActionLabels, JobLabels, Metrics},
+    metrics::{JobLabels, Metrics},
     policy::Phase,
     reports::Reports,
     tick::Scaler,
@@ -262,15 +262,7 @@ impl Harness {
     }
 
     fn decisions(&self, action: &'static str) -> u64 {
-        self.scaler
-            .ctx
-            .metrics
-            .decisions
-            .get_or_create(&ActionLabels {
-                job_type: "default".into(),
-                action,
-            })
-            .get()
+        self.scaler.ctx.metrics.decision_count("default", action)
     }
 }
 
@@ -337,15 +329,7 @@ async fn workers_of_no_configured_job_type_are_listed_and_drained() {
         );
     }
     let metrics = Arc::clone(&h.scaler.ctx.metrics);
-    let drains = |job_type: &str| {
-        metrics
-            .decisions
-            .get_or_create(&ActionLabels {
-                job_type: job_type.into(),
-                action: "drain",
-            })
-            .get()
-    };
+    let drains = |job_type: &str| metrics.decision_count(job_type, "drain");
     assert_eq!((drains("retired"), drains("")), (1, 1));
     h.scaler.tick(Instant::now()).await;
     assert_eq!(

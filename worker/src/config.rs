@@ -7,6 +7,7 @@ use clap::Parser;
 use spillway_common::config::{
     BROKER_RETRY_MAX_SECONDS, BrokerSettings, JobsSettings, LogSettings, Process,
 };
+use spillway_ledger::DatabaseSettings;
 
 /// Spillway worker: consumes one job type's queue and runs its handler on each row.
 ///
@@ -38,6 +39,12 @@ pub struct Settings {
           default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub exec_timeout_seconds: u64,
 
+    /// The most bytes a row's result (an `exec` command's stdout) may hold; a command
+    /// that prints more fails its row, saying so.
+    #[arg(long = "result-max-bytes", env = "RESULT_MAX_BYTES", value_name = "RESULT_MAX_BYTES",
+          default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
+    pub result_max_bytes: u64,
+
     /// Seconds between two progress reports.
     #[arg(long = "progress-seconds", env = "PROGRESS_SECONDS", value_name = "PROGRESS_SECONDS",
           default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
@@ -59,6 +66,9 @@ pub struct Settings {
 
     #[command(flatten)]
     pub jobs: JobsSettings,
+
+    #[command(flatten)]
+    pub database: DatabaseSettings,
 
     #[command(flatten)]
     pub log: LogSettings,

@@ -10,12 +10,21 @@
 //! broker delivers the row again, and its own delivery limit dead-letters a row that
 //! kills workers.
 //!
+//! A row's outcome (done with its result, failed, dead) is recorded in the ledger
+//! ([`crate::record`]) before its delivery is settled: a row is acked only once its
+//! outcome is committed, and one whose outcome cannot be recorded goes back to the
+//! queue. A redelivered row the ledger already has as done (or dead) is acked without
+//! running again: at-least-once delivery, effectively-once results.
+//!
 //! A lost connection is re-established with backoff for up to
 //! `BROKER_RETRY_SECONDS`; rows in hand at that moment are redelivered by the broker.
 //! A drain (SIGTERM or a request from the scaler) cancels the consumer, finishes and
 //! acks the rows already received, and ends the run.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use std::panic::AssertUnwindSafe;
 
@@ -34,6 +43,7 @@ use spillway_common::{
     events::{self, WorkerState},
     retry, topology,
 };
+use spillway_ledger::{Ledger, LedgerError, Outcome, Recorded, RowStatus};
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +51,7 @@ use crate::{
     drain,
     handler::{Handler, RowFailed},
     progress::{Progress, Tally},
+    record::{RecordError, RecordObserver, Recorder},
 };
 
 /// Everything a worker needs to run, resolved from its settings.
@@ -55,6 +66,8 @@ pub struct Worker {
     pub prefetch: u16,
     pub progress_interval: Duration,
     pub give_up_after: Duration,
+    /// Where rows' outcomes are recorded.
+    pub ledger: Ledger,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,8 +98,16 @@ enum Failure {
     Poison(String),
 }
 
+/// A row as the ledger keys it.
+struct RowKey {
+    batch_id: String,
+    line: u64,
+}
+
 /// What a row task needs to settle its delivery.
 struct Settler {
+    recorder: Recorder,
+    ledger: Ledger,
     /// The job type whose rows this worker runs; any other is not a row for it.
     job_type: String,
     publisher: Channel,
@@ -100,6 +121,24 @@ impl Worker {
     /// Runs until drained by `stop` or by a drain request; returns when every row
     /// received has been settled and the final report sent.
     pub async fn run(self, stop: CancellationToken) -> Result<(), WorkerError> {
+        let (recorder, recording) = Recorder::start(
+            self.ledger.clone(),
+            self.name.clone(),
+            stop.clone(),
+            LogRecords,
+        );
+        let ran = self.sessions(&recorder, &stop).await;
+        drop(recorder);
+        let _ = recording.await;
+        ran
+    }
+
+    /// Connects and consumes, reconnecting after a lost connection, until drained.
+    async fn sessions(
+        &self,
+        recorder: &Recorder,
+        stop: &CancellationToken,
+    ) -> Result<(), WorkerError> {
         let progress = Arc::new(Progress::new(
             self.name.clone(),
             self.job_type.clone(),
@@ -122,7 +161,7 @@ impl Worker {
                     source,
                 })?,
             };
-            match self.session(&connection, &progress, &stop).await? {
+            match self.session(&connection, &progress, recorder, stop).await? {
                 SessionEnd::Drained => {
                     let _ = connection.close(200, "drained".into()).await;
                     let report = progress.report();
@@ -149,6 +188,7 @@ impl Worker {
         &self,
         connection: &Connection,
         progress: &Arc<Progress>,
+        recorder: &Recorder,
         stop: &CancellationToken,
     ) -> Result<SessionEnd, WorkerError> {
         let setup = |source| WorkerError::Setup {
@@ -181,6 +221,8 @@ impl Worker {
             .map_err(setup)?;
 
         let settler = Arc::new(Settler {
+            recorder: recorder.clone(),
+            ledger: self.ledger.clone(),
             job_type: self.job_type.clone(),
             publisher: publisher.clone(),
             queue: self.queue.clone(),
@@ -307,6 +349,7 @@ async fn report_every(interval: Duration, progress: Arc<Progress>, channel: Chan
 
 /// Handles one delivery and settles it.
 async fn process(delivery: Delivery, handler: &Handler, settler: &Settler) {
+    let started_unix = unix_seconds();
     let row = serde_json::from_slice::<RowMessage>(&delivery.data)
         .map_err(|e| e.to_string())
         .and_then(|row| {
@@ -314,8 +357,15 @@ async fn process(delivery: Delivery, handler: &Handler, settler: &Settler) {
                 .map(|()| row)
                 .map_err(|e| e.to_string())
         });
-    let (batch_id, outcome) = match row {
+    let (key, outcome) = match row {
         Ok(row) => {
+            if delivery.redelivered && already_settled(settler, &row).await {
+                // Its outcome is committed: running it again would only repeat work.
+                if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(%error, "cannot ack a row already done; the broker will redeliver it");
+                }
+                return;
+            }
             // A handler that panics fails its row like any other failure: the row is
             // still settled, never left unacked.
             let result = AssertUnwindSafe(handler.handle(&row, &delivery.data))
@@ -323,7 +373,11 @@ async fn process(delivery: Delivery, handler: &Handler, settler: &Settler) {
                 .await
                 .unwrap_or_else(|_| Err(RowFailed("the handler panicked".into())));
             tracing::debug!(batch_id = %row.batch_id, line = row.line, ok = result.is_ok(), "row handled");
-            (Some(row.batch_id), result.map_err(Failure::Handler))
+            let key = RowKey {
+                batch_id: row.batch_id,
+                line: row.line,
+            };
+            (Some(key), result.map_err(Failure::Handler))
         }
         // Not counted under the batch it names: that batch may not be this job
         // type's, or not exist at all.
@@ -334,22 +388,62 @@ async fn process(delivery: Delivery, handler: &Handler, settler: &Settler) {
             ))),
         ),
     };
-    if let Err(error) = settle(&delivery, batch_id.as_deref(), outcome, settler).await {
-        // The channel is gone; the broker will deliver the row again.
+    if let Err(error) = settle(&delivery, key.as_ref(), outcome, started_unix, settler).await {
+        // The channel or the ledger is gone; the broker will deliver the row again.
         tracing::warn!(%error, "cannot settle a row; the broker will redeliver it");
     }
 }
 
-/// The one place a delivery is acked, returned to the queue or dead-lettered.
+/// Whether the ledger already has `row` as done or dead. When it cannot say, the row
+/// runs: at-least-once.
+async fn already_settled(settler: &Settler, row: &RowMessage) -> bool {
+    match settler.ledger.row_status(&row.batch_id, row.line).await {
+        Ok(Some(status)) => status.is_final(),
+        Ok(None) => false,
+        Err(error) => {
+            tracing::warn!(%error, batch_id = %row.batch_id, line = row.line, "cannot tell whether a redelivered row is done; running it");
+            false
+        }
+    }
+}
+
+/// The one place a delivery is acked, returned to the queue or dead-lettered, each
+/// after its outcome is recorded.
 async fn settle(
     delivery: &Delivery,
-    batch_id: Option<&str>,
-    outcome: Result<(), Failure>,
+    key: Option<&RowKey>,
+    outcome: Result<String, Failure>,
+    started_unix: f64,
     settler: &Settler,
 ) -> Result<(), SettleError> {
     let progress = &settler.progress;
+    let batch_id = key.map(|k| k.batch_id.as_str());
+    let attempts = delivery_count(&delivery.properties) + 1;
+    let record = |status: RowStatus, result: Option<String>, error: Option<&str>| {
+        let outcome = key.map(|key| Outcome {
+            batch_id: key.batch_id.clone(),
+            line: key.line,
+            status,
+            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+            error: error.map(String::from),
+            result,
+            started_unix,
+        });
+        async move {
+            match outcome {
+                Some(outcome) => settler.recorder.record(outcome).await,
+                None => Ok(()),
+            }
+        }
+    };
     let (reason, retry) = match outcome {
-        Ok(()) => {
+        Ok(result) => {
+            if let Err(error) = record(RowStatus::Done, Some(result), None).await {
+                delivery
+                    .reject(BasicRejectOptions { requeue: true })
+                    .await?;
+                return Err(error.into());
+            }
             sent(delivery.ack(BasicAckOptions::default()).await?)?;
             progress.tally(batch_id, Tally::Processed);
             return Ok(());
@@ -357,9 +451,12 @@ async fn settle(
         Err(Failure::Handler(RowFailed(reason))) => (reason, true),
         Err(Failure::Poison(reason)) => (reason, false),
     };
-    let attempts = delivery_count(&delivery.properties) + 1;
     if retry && attempts < u64::from(settler.delivery_limit) {
         tracing::warn!(attempts, limit = settler.delivery_limit, %reason, "row failed; returning it to the queue");
+        // Returned either way: a failure not recorded only leaves the row `pending`.
+        if let Err(error) = record(RowStatus::Failed, None, Some(&reason)).await {
+            tracing::warn!(%error, "cannot record a failed attempt");
+        }
         sent(
             delivery
                 .reject(BasicRejectOptions { requeue: true })
@@ -369,7 +466,15 @@ async fn settle(
         return Ok(());
     }
     tracing::error!(attempts, %reason, queue = %topology::dead_queue_name(&settler.queue), "row failed for good; dead-lettering it");
-    if let Err(error) = dead_letter(delivery, &reason, attempts, settler).await {
+    // The copy first: a row recorded dead is one a redelivery will not run again, so
+    // its copy must already be safe in `<queue>.dead`.
+    let recorded = match dead_letter(delivery, &reason, attempts, settler).await {
+        Ok(()) => record(RowStatus::Dead, None, Some(&reason))
+            .await
+            .map_err(SettleError::from),
+        Err(error) => Err(error),
+    };
+    if let Err(error) = recorded {
         delivery
             .reject(BasicRejectOptions { requeue: true })
             .await?;
@@ -378,6 +483,31 @@ async fn settle(
     sent(delivery.ack(BasicAckOptions::default()).await?)?;
     progress.tally(batch_id, Tally::DeadLettered);
     Ok(())
+}
+
+fn unix_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The recorder's news, in the worker's log.
+struct LogRecords;
+
+impl RecordObserver for LogRecords {
+    fn recorded(&self, rows: usize, took: Duration, recorded: Recorded) {
+        tracing::debug!(rows, ?took, ?recorded, "outcomes recorded");
+        if recorded.unknown > 0 {
+            tracing::warn!(
+                rows = recorded.unknown,
+                "outcomes of rows the ledger does not hold (a deleted batch?) were not recorded"
+            );
+        }
+    }
+
+    fn unavailable(&self, error: &LedgerError) {
+        tracing::warn!(%error, "cannot record outcomes: PostgreSQL is unreachable; rows wait, unacked, until it is back");
+    }
 }
 
 /// Publishes the row to `<queue>.dead` with why it failed, and waits for the confirm,
@@ -436,6 +566,8 @@ fn sent(was_sent: bool) -> Result<(), SettleError> {
 enum SettleError {
     #[error(transparent)]
     Broker(#[from] lapin::Error),
+    #[error(transparent)]
+    Ledger(#[from] RecordError),
     #[error("the channel is gone, so the row could not be settled")]
     NotSent,
     #[error("RabbitMQ did not take the dead-letter copy; the row returns to the queue")]

@@ -5,6 +5,7 @@
 //!
 //! - [`config`]: the worker's settings, from the environment.
 //! - [`consume`]: the consume loop, reconnection, and settling each delivery once.
+//! - [`record`]: rows' outcomes written to the ledger in batches before their acks.
 //! - [`handler`]: what is done with a row: `simulate` or `exec`.
 //! - [`drain`]: drain requests from the scaler over RabbitMQ.
 //! - [`progress`]: counters and the progress reports on the events exchange.
@@ -14,15 +15,25 @@ pub mod consume;
 pub mod drain;
 pub mod handler;
 pub mod progress;
+pub mod record;
 
 use std::time::Duration;
 
 use spillway_common::jobs_config::{JobsConfig, UnknownJobType};
+use spillway_ledger::LedgerError;
 
 use crate::{config::Settings, consume::Worker, handler::Handler};
 
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    JobType(#[from] UnknownJobType),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
 /// Resolves the settings and job types into a runnable worker.
-pub fn build(settings: &Settings, jobs: &JobsConfig) -> Result<Worker, UnknownJobType> {
+pub fn build(settings: &Settings, jobs: &JobsConfig) -> Result<Worker, BuildError> {
     let job_type = settings
         .job_type
         .clone()
@@ -33,7 +44,12 @@ pub fn build(settings: &Settings, jobs: &JobsConfig) -> Result<Worker, UnknownJo
         job_type,
         queue: job.queue.clone(),
         delivery_limit: job.delivery_limit,
-        handler: Handler::for_job_type(job, Duration::from_secs(settings.exec_timeout_seconds)),
+        handler: Handler::for_job_type(
+            job,
+            Duration::from_secs(settings.exec_timeout_seconds),
+            usize::try_from(settings.result_max_bytes).unwrap_or(usize::MAX),
+        ),
+        ledger: settings.database.open()?,
         amqp_url: settings.broker.amqp_url.clone(),
         concurrency: usize::from(settings.concurrency),
         prefetch: settings.prefetch(),

@@ -195,9 +195,10 @@ const LOGGED_LINE_BYTES: u64 = 16 * 1024;
 
 #[tokio::test]
 async fn a_huge_output_line_is_logged_capped_and_the_worker_stays_small() {
-    // Row 1 prints nothing, to measure the worker at rest; row 2 prints the line.
+    // Row 1 prints nothing, to measure the worker at rest; row 2 prints the line, on
+    // stderr (the diary, logged line by line; stdout is the row's result).
     let script = format!(
-        r#"[ "$SPILLWAY_LINE" = 1 ] || head -c {HUGE_LINE_BYTES} /dev/zero | tr '\0' x; {RECORDING}"#
+        r#"[ "$SPILLWAY_LINE" = 1 ] || head -c {HUGE_LINE_BYTES} /dev/zero | tr '\0' x >&2; {RECORDING}"#
     );
     let rig = Rig::new("hugeline", 5, &script).await;
     let env = [

@@ -116,6 +116,14 @@ impl WorkerEnv {
                     key: s.worker_secret_key.clone(),
                 },
             ),
+            Var::new(
+                "DATABASE_URL",
+                Source::SecretKey {
+                    local: s.database.database_url.clone(),
+                    name: s.worker_database_secret.clone(),
+                    key: s.worker_database_secret_key.clone(),
+                },
+            ),
         ])
     }
 
@@ -159,6 +167,12 @@ mod tests {
             "job-types",
             "--worker-configmap-key",
             "types.toml",
+            "--database-url",
+            "postgres://ledger@db:5432/spillway",
+            "--worker-database-secret",
+            "ledger-creds",
+            "--worker-database-secret-key",
+            "dsn",
         ];
         Settings::try_parse_from(flags.iter().chain(extra)).unwrap()
     }
@@ -199,6 +213,14 @@ mod tests {
                     key: "url".into(),
                 },
             ),
+            (
+                "DATABASE_URL",
+                Source::SecretKey {
+                    local: "postgres://ledger@db:5432/spillway".into(),
+                    name: "ledger-creds".into(),
+                    key: "dsn".into(),
+                },
+            ),
         ];
         let actual: Vec<(&str, Source)> =
             spec.env.into_iter().map(|v| (v.name, v.source)).collect();
@@ -226,6 +248,10 @@ mod tests {
                 (
                     "AMQP_URL",
                     Some(OsStr::new("amqp://spill:way@rabbit:5672/prod"))
+                ),
+                (
+                    "DATABASE_URL",
+                    Some(OsStr::new("postgres://ledger@db:5432/spillway"))
                 ),
             ]
         );

@@ -185,15 +185,7 @@ impl Fixture {
     }
 
     fn decisions(&self, action: &'static str) -> u64 {
-        self.scaler
-            .ctx
-            .metrics
-            .decisions
-            .get_or_create(&ActionLabels {
-                job_type: "default".into(),
-                action,
-            })
-            .get()
+        self.scaler.ctx.metrics.decision_count("default", action)
     }
 
     fn spawned(&self) -> usize {

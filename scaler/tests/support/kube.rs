@@ -28,12 +28,12 @@ use spillway_scaler::{
     launcher::{kube::JobTemplate, spec::WorkerEnv},
 };
 use spillway_testkit::{
-    TestVhost,
+    TestDatabase, TestVhost,
     kube_api::{KubeApi, KubeApiConfig, RequestRecord},
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Scaler, free_port, start_producer};
+use crate::support::{Scaler, free_port, start_producer_with};
 
 pub const NAMESPACE: &str = "spillway";
 /// How long any one thing may take before a test gives up on it.
@@ -43,6 +43,8 @@ pub const MANAGED_BY_SELECTOR: &str =
     "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dspillway-scaler";
 /// The Secret and ConfigMap the worker Jobs read (the scaler's defaults).
 pub const SECRET: (&str, &str) = ("spillway-rabbitmq", "amqp-url");
+/// The Secret the worker Jobs read `DATABASE_URL` from (the scaler's default).
+pub const DATABASE_SECRET: (&str, &str) = ("spillway-postgres", "url");
 pub const CONFIG_MAP: (&str, &str) = ("spillway-jobs", "jobs.toml");
 
 /// The `worker` binary cargo built next to the scaler: what the double's pods run.
@@ -183,6 +185,8 @@ pub struct Cluster {
     pub vhost: TestVhost,
     pub producer: String,
     stop_producer: CancellationToken,
+    /// The ledger the producer, the scaler and the workers share.
+    pub database: TestDatabase,
     dir: tempfile::TempDir,
 }
 
@@ -193,15 +197,22 @@ impl Cluster {
         let vhost = TestVhost::new(label).await;
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("jobs.toml"), jobs).unwrap();
+        let database = TestDatabase::new(label).await;
         let api = KubeApi::start(double);
         api.put_secret(SECRET.0, [(SECRET.1, vhost.amqp_url.as_str())]);
+        api.put_secret(
+            DATABASE_SECRET.0,
+            [(DATABASE_SECRET.1, database.url.as_str())],
+        );
         api.put_config_map(CONFIG_MAP.0, [(CONFIG_MAP.1, jobs)]);
-        let (producer, stop_producer) = start_producer(&vhost, dir.path()).await;
+        let (producer, stop_producer) =
+            start_producer_with(&vhost, dir.path(), &["--database-url", &database.url]).await;
         Cluster {
             api,
             vhost,
             producer,
             stop_producer,
+            database,
             dir,
         }
     }
@@ -226,6 +237,7 @@ impl Cluster {
     pub fn scaler_env(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
         let kubeconfig = self.api.kubeconfig_path().display().to_string();
         let base = [
+            ("DATABASE_URL", self.database.url.as_str()),
             ("LAUNCHER", "kubernetes"),
             ("KUBECONFIG", kubeconfig.as_str()),
             ("KUBE_NAMESPACE", NAMESPACE),

@@ -10,10 +10,12 @@
 //! its output open, neither holds the row until the timeout nor outlives it. The pipes
 //! are then read for at most [`OUTPUT_GRACE`] more, for output not yet logged.
 //!
-//! Each line the command prints goes to the worker's log, tagged with batch and line.
-//! Output is read to its end as bytes in bounded chunks, whatever it holds, and decoded
-//! lossily: a reader that stopped at a byte that is not UTF-8 would close the pipe and
-//! kill a command that was doing its job. A line longer than [`MAX_LINE_BYTES`] is cut
+//! Standard output is the row's answer, its result in the ledger: UTF-8, one trailing
+//! newline trimmed, at most `RESULT_MAX_BYTES` (more fails the row, saying so).
+//! Standard error is the diary: each line goes to the worker's log, tagged with batch
+//! and line. Both are read to their end as bytes in bounded chunks, whatever they hold
+//! (a reader that stopped early would close the pipe and kill a command that was doing
+//! its job); stderr is decoded lossily, and a line longer than [`MAX_LINE_BYTES`] is cut
 //! there and the rest counted, so one endless line cannot take the worker's memory.
 
 use std::{fmt, pin::pin, process::Stdio, time::Duration};
@@ -50,10 +52,13 @@ pub struct Exec {
     /// Program and arguments; never empty (the job-types file is validated).
     pub command: Vec<String>,
     pub timeout: Duration,
+    /// The most a row's result (its command's stdout) may hold.
+    pub result_max_bytes: usize,
 }
 
 impl Exec {
-    pub async fn handle(&self, row: &RowMessage, body: &[u8]) -> Result<(), RowFailed> {
+    /// Runs the command on `row`; its stdout is the row's result.
+    pub async fn handle(&self, row: &RowMessage, body: &[u8]) -> Result<String, RowFailed> {
         let (program, args) = self
             .command
             .split_first()
@@ -84,8 +89,9 @@ impl Exec {
             let _ = stdin.write_all(&body).await;
         });
         let mut last_error_line = None;
+        let mut answer = Answer::new(self.result_max_bytes);
         let exited = {
-            let stdout = read_lines(child.stdout.take(), |line| log_line(row, "stdout", &line));
+            let stdout = read_chunks(child.stdout.take(), |chunk| answer.push(chunk));
             let stderr = read_lines(child.stderr.take(), |line| {
                 log_line(row, "stderr", &line);
                 if !line.text.trim().is_empty() {
@@ -123,7 +129,7 @@ impl Exec {
                 self.timeout
             ))),
             (Ok(Err(e)), _) => Err(RowFailed(format!("cannot wait for {program:?}: {e}"))),
-            (Ok(Ok(status)), _) if status.success() => Ok(()),
+            (Ok(Ok(status)), _) if status.success() => answer.result(program),
             (Ok(Ok(status)), None) => Err(RowFailed(format!("{program:?} failed: {status}"))),
             (Ok(Ok(status)), Some(said)) => Err(RowFailed(format!(
                 "{program:?} failed: {status}; its last error line: {said}"
@@ -186,15 +192,21 @@ fn log_line(row: &RowMessage, stream: &str, line: &Line) {
 
 /// Reads `output` to its end, whatever its bytes, and hands each line to `each`.
 async fn read_lines(output: Option<impl AsyncRead + Unpin>, mut each: impl FnMut(Line)) {
+    let mut lines = LineSplitter::default();
+    read_chunks(output, |chunk| lines.push(chunk, &mut each)).await;
+    lines.finish(&mut each);
+}
+
+/// Reads `output` to its end in bounded chunks, handing each to `each`.
+async fn read_chunks(output: Option<impl AsyncRead + Unpin>, mut each: impl FnMut(&[u8])) {
     let Some(mut output) = output else {
         return;
     };
     let mut chunk = vec![0; READ_CHUNK_BYTES];
-    let mut lines = LineSplitter::default();
     loop {
         match output.read(&mut chunk).await {
             Ok(0) => break,
-            Ok(read) => lines.push(&chunk[..read], &mut each),
+            Ok(read) => each(&chunk[..read]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(error) => {
                 tracing::warn!(%error, "cannot read the command's output");
@@ -202,7 +214,58 @@ async fn read_lines(output: Option<impl AsyncRead + Unpin>, mut each: impl FnMut
             }
         }
     }
-    lines.finish(&mut each);
+}
+
+/// A command's stdout, kept up to the result's limit; past it, only counted.
+struct Answer {
+    bytes: Vec<u8>,
+    max: usize,
+    over: u64,
+}
+
+impl Answer {
+    fn new(max: usize) -> Self {
+        Answer {
+            bytes: Vec::new(),
+            max,
+            over: 0,
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        let kept = chunk.len().min(self.max - self.bytes.len());
+        self.bytes.extend_from_slice(&chunk[..kept]);
+        self.over += (chunk.len() - kept) as u64;
+    }
+
+    /// The row's result: stdout as UTF-8 with one trailing newline trimmed, or why it
+    /// cannot be one.
+    fn result(mut self, program: &str) -> Result<String, RowFailed> {
+        if self.over > 0 {
+            return Err(RowFailed(format!(
+                "{program:?} printed {} bytes on stdout, more than RESULT_MAX_BYTES ({}): stdout is the row's result; write bulky output elsewhere",
+                self.bytes.len() as u64 + self.over,
+                self.max
+            )));
+        }
+        if self.bytes.ends_with(b"\n") {
+            self.bytes.pop();
+            if self.bytes.ends_with(b"\r") {
+                self.bytes.pop();
+            }
+        }
+        if self.bytes.contains(&0) {
+            return Err(RowFailed(format!(
+                "{program:?} printed a NUL byte on stdout: a result is text"
+            )));
+        }
+        String::from_utf8(self.bytes).map_err(|e| {
+            RowFailed(format!(
+                "{program:?} printed bytes that are not UTF-8 on stdout (at byte {}): a result is UTF-8 text",
+                e.utf8_error().valid_up_to()
+            ))
+        })
+    }
 }
 
 /// Cuts a stream of bytes into [`Line`]s, holding at most one capped line however
@@ -267,6 +330,7 @@ mod tests {
         Exec {
             command: vec!["sh".into(), "-c".into(), script.into()],
             timeout: Duration::from_millis(timeout_ms),
+            result_max_bytes: 1024,
         }
     }
 
@@ -275,8 +339,53 @@ mod tests {
         let check = r#"input=$(cat); [ "$input" = '{"row":6}' ] && [ "$SPILLWAY_BATCH_ID:$SPILLWAY_LINE:$SPILLWAY_ROW" = b1:7:6 ]"#;
         assert_eq!(
             exec(check, 5000).handle(&row(), br#"{"row":6}"#).await,
-            Ok(())
+            Ok(String::new())
         );
+    }
+
+    #[tokio::test]
+    async fn stdout_is_the_result_and_stderr_only_the_diary() {
+        let ok = |result: &str| Ok(result.to_string());
+        // (name, script, the row's result or what its failure says)
+        let cases: [(&str, &str, Result<String, &str>); 7] = [
+            ("one line", "echo 42", ok("42")),
+            (
+                "trailing CRLF trimmed once",
+                r"printf 'a\n\nb\r\n'",
+                ok("a\n\nb"),
+            ),
+            (
+                "stderr is not the result",
+                "echo diary >&2; printf done",
+                ok("done"),
+            ),
+            ("unicode", "printf '東京 🚲'", ok("東京 🚲")),
+            (
+                "exactly the limit",
+                "head -c 1024 /dev/zero | tr '\\0' x",
+                Ok("x".repeat(1024)),
+            ),
+            (
+                "over the limit",
+                "head -c 1025 /dev/zero | tr '\\0' x",
+                Err("printed 1025 bytes on stdout, more than RESULT_MAX_BYTES (1024)"),
+            ),
+            (
+                "not UTF-8",
+                r"printf 'caf\351'",
+                Err("not UTF-8 on stdout (at byte 3)"),
+            ),
+        ];
+        for (name, script, expected) in cases {
+            let outcome = exec(script, 5000).handle(&row(), b"{}").await;
+            match (&expected, &outcome) {
+                (Ok(result), Ok(got)) => assert_eq!(got, result, "{name}"),
+                (Err(says), Err(failed)) => assert!(failed.0.contains(says), "{name}: {failed}"),
+                _ => panic!("{name}: expected {expected:?}, got {outcome:?}"),
+            }
+        }
+        let nul = exec(r"printf 'a\000b'", 5000).handle(&row(), b"{}").await;
+        assert!(nul.unwrap_err().0.contains("NUL"));
     }
 
     #[tokio::test]
@@ -307,6 +416,7 @@ mod tests {
         let missing = Exec {
             command: vec!["/nonexistent/spillway-cmd".into()],
             timeout: Duration::from_secs(1),
+            result_max_bytes: 1024,
         };
         assert!(
             missing
@@ -452,10 +562,17 @@ mod tests {
 
     #[tokio::test]
     async fn output_that_is_not_utf8_is_read_to_the_end_and_exit_0_is_done() {
-        // Latin-1 "café", then far more than a pipe's buffer: a reader that stopped at
-        // the first bad byte would leave the command to die of SIGPIPE.
-        let script = r#"printf 'caf\351\n'; i=0; while [ $i -lt 20000 ]; do echo "line $i"; i=$((i+1)); done; exit 0"#;
-        assert_eq!(exec(script, 30_000).handle(&row(), b"{}").await, Ok(()));
+        // Latin-1 "café", then far more than a pipe's buffer, on both streams: a reader
+        // that stopped at the first bad byte, or at the result's limit, would leave the
+        // command to die of SIGPIPE.
+        let script = r#"printf 'caf\351\n' >&2; i=0; while [ $i -lt 20000 ]; do echo "line $i" >&2; i=$((i+1)); done; echo ok"#;
+        assert_eq!(
+            exec(script, 30_000).handle(&row(), b"{}").await,
+            Ok("ok".to_string())
+        );
+        let flood = "yes | head -c 1000000; exit 0";
+        let failed = exec(flood, 30_000).handle(&row(), b"{}").await.unwrap_err();
+        assert!(failed.0.contains("printed 1000000 bytes"), "{failed}");
     }
 
     #[tokio::test]
@@ -464,6 +581,8 @@ mod tests {
         let pid_file = dir.path().join("grandchild");
         let timeout = Duration::from_secs(20);
         for (exit, expected) in [(0, Ok(())), (3, Err("exit status: 3"))] {
+            let outcome_of =
+                |o: &Result<String, RowFailed>| o.as_ref().map(drop).map_err(Clone::clone);
             let script = format!(
                 r#"( sleep 40; echo late ) & echo $! > '{}'; echo started; exit {exit}"#,
                 pid_file.display()
@@ -473,7 +592,7 @@ mod tests {
                 .handle(&row(), b"{}")
                 .await;
             let took = started.elapsed();
-            match (expected, &outcome) {
+            match (expected, outcome_of(&outcome)) {
                 (Ok(()), Ok(())) => {}
                 (Err(status), Err(failed)) if failed.0.contains(status) => {}
                 _ => panic!("exit {exit}: expected {expected:?}, got {outcome:?}"),

@@ -1,8 +1,9 @@
 //! Handlers: what a worker does with one row.
 //!
-//! A handler only says whether the row succeeded; settling the delivery (ack,
-//! requeue, dead-letter) happens in one place, [`crate::consume`], whatever the
-//! handler. The job type chooses the handler (`handler = "simulate" | "exec"`).
+//! A handler only says whether the row succeeded, and with what result; recording the
+//! outcome and settling the delivery (ack, requeue, dead-letter) happen in one place,
+//! [`crate::consume`], whatever the handler. The job type chooses the handler
+//! (`handler = "simulate" | "exec"`).
 
 pub mod exec;
 pub mod simulate;
@@ -27,7 +28,7 @@ pub enum Handler {
 }
 
 impl Handler {
-    pub fn for_job_type(job: &JobType, exec_timeout: Duration) -> Self {
+    pub fn for_job_type(job: &JobType, exec_timeout: Duration, result_max_bytes: usize) -> Self {
         match job.handler {
             HandlerKind::Simulate => Handler::Simulate(simulate::Simulate {
                 per_row: Duration::from_millis(job.simulate_ms),
@@ -36,11 +37,13 @@ impl Handler {
             HandlerKind::Exec => Handler::Exec(exec::Exec {
                 command: job.command.clone(),
                 timeout: exec_timeout,
+                result_max_bytes,
             }),
         }
     }
 
-    pub async fn handle(&self, row: &RowMessage, body: &[u8]) -> Result<(), RowFailed> {
+    /// Runs the row; `Ok` holds its result, as the ledger records it.
+    pub async fn handle(&self, row: &RowMessage, body: &[u8]) -> Result<String, RowFailed> {
         match self {
             Handler::Simulate(simulate) => simulate.handle().await,
             Handler::Exec(exec) => exec.handle(row, body).await,

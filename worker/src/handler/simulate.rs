@@ -13,7 +13,8 @@ pub struct Simulate {
 }
 
 impl Simulate {
-    pub async fn handle(&self) -> Result<(), RowFailed> {
+    /// Waits, then fails at the chosen rate; the result says how long it "worked".
+    pub async fn handle(&self) -> Result<String, RowFailed> {
         // A zero-length sleep still waits for the timer's next millisecond tick.
         if !self.per_row.is_zero() {
             tokio::time::sleep(self.per_row).await;
@@ -24,7 +25,7 @@ impl Simulate {
                 self.fail_rate
             )));
         }
-        Ok(())
+        Ok(serde_json::json!({ "simulated_ms": self.per_row.as_millis() as u64 }).to_string())
     }
 }
 
@@ -45,6 +46,9 @@ mod tests {
             fail_rate: 0.0,
             ..always
         };
-        assert_eq!(never.handle().await, Ok(()));
+        assert_eq!(
+            never.handle().await,
+            Ok(r#"{"simulated_ms":2000}"#.to_string())
+        );
     }
 }

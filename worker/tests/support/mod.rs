@@ -2,6 +2,9 @@
 //! starting `worker` binaries with an `exec` handler that records what it did, and
 //! reading the records and the dead-lettered rows back.
 
+// Each test binary that includes this module uses a part of it.
+#![allow(dead_code)]
+
 use std::{
     collections::BTreeMap,
     os::unix::process::CommandExt,
@@ -19,14 +22,17 @@ use spillway_common::{
     envelope::{RowMessage, row_properties},
     topology::{self, dead_queue_name},
 };
-use spillway_testkit::{TestVhost, bench::process::peak_rss_kib, wait_for};
+use spillway_ledger::{Ledger, NewBatch, copy::RowsEncoder};
+use spillway_testkit::{TestDatabase, TestVhost, bench::process::peak_rss_kib, wait_for};
 
 pub const QUEUE: &str = "rows";
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
-/// A vhost with a work queue, and a directory for job types, logs and records.
+/// A vhost with a work queue, a ledger database, and a directory for job types, logs
+/// and records.
 pub struct Rig {
     pub vhost: TestVhost,
+    pub database: TestDatabase,
     pub dir: tempfile::TempDir,
     pub batch_id: String,
     delivery_limit: u32,
@@ -54,6 +60,7 @@ impl Rig {
     /// and whose rows run `script` through `sh -c`.
     pub async fn new(label: &str, delivery_limit: u32, script: &str) -> Self {
         let vhost = TestVhost::new(label).await;
+        let database = TestDatabase::new(label).await;
         let dir = tempfile::tempdir().unwrap();
         let command = serde_json::to_string(&["sh", "-c", script]).unwrap();
         let jobs = format!(
@@ -63,6 +70,7 @@ impl Rig {
         std::fs::write(dir.path().join("jobs.toml"), jobs).unwrap();
         Rig {
             vhost,
+            database,
             dir,
             batch_id: format!("batch-{label}"),
             delivery_limit,
@@ -87,6 +95,34 @@ impl Rig {
             headers: vec!["n".into()],
             fields: vec![line.to_string()],
         }
+    }
+
+    /// The rig's ledger.
+    pub fn ledger(&self) -> Ledger {
+        Ledger::open(&self.database.url, 2).expect("a valid URL")
+    }
+
+    /// Records this rig's batch with rows at lines 1..=rows in the ledger, as the
+    /// producer does before publishing them, all published.
+    pub async fn record_batch(&self, rows: u64) -> Ledger {
+        let ledger = self.ledger();
+        let mut encoder = RowsEncoder::new(Vec::new(), &self.batch_id);
+        for line in 1..=rows {
+            encoder.push(line, [line.to_string().as_str()]).unwrap();
+        }
+        let encoded = encoder.finish().unwrap();
+        let header = vec!["n".to_string()];
+        let batch = NewBatch {
+            batch_id: &self.batch_id,
+            job_type: "default",
+            queue: QUEUE,
+            file_name: None,
+            header: &header,
+            rows,
+        };
+        ledger.create_batch(&batch, &encoded[..]).await.unwrap();
+        ledger.finish_publishing(&self.batch_id).await.unwrap();
+        ledger
     }
 
     /// Publishes rows with lines 1..=rows, confirmed.
@@ -160,6 +196,7 @@ impl Rig {
         let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
         command
             .env("AMQP_URL", &self.vhost.amqp_url)
+            .env("DATABASE_URL", &self.database.url)
             .env("JOBS_CONFIG", self.path("jobs.toml"))
             .env("WORKER_NAME", name)
             .env("PROGRESS_SECONDS", "1")

@@ -36,6 +36,8 @@ fn settings() -> Settings {
         "--worker-image=registry.example/worker:7",
         "--worker-secret=rabbit-creds",
         "--worker-secret-key=url",
+        "--worker-database-secret=ledger-creds",
+        "--worker-database-secret-key=dsn",
         "--worker-configmap=job-types",
         "--worker-configmap-key=types.toml",
         "--worker-ttl-seconds=60",
@@ -96,6 +98,8 @@ async fn a_scaler_started_from_its_settings_dry_runs_then_spawns_their_jobs() {
                 {"name": "LOG_FORMAT", "value": "json"},
                 {"name": "AMQP_URL", "valueFrom": {"secretKeyRef":
                     {"name": "rabbit-creds", "key": "url", "optional": false}}},
+                {"name": "DATABASE_URL", "valueFrom": {"secretKeyRef":
+                    {"name": "ledger-creds", "key": "dsn", "optional": false}}},
             ],
             "volumes": [
                 {"name": "jobs-config", "configMap": {"name": "job-types",
