@@ -15,9 +15,8 @@
 //! - [`metrics`]: a metrics registry as the OpenMetrics text `/metrics` serves.
 //! - [`telemetry`]: tracing setup, human-readable or JSON lines.
 //! - [`shutdown`]: turning SIGTERM/SIGINT into a cancellation token.
-//! - `testing` (feature `test-support`): `wait_for`, until the launcher's tests take it
-//!   from `spillway-testkit`, the dev-only crate holding every other test and benchmark
-//!   helper.
+//!
+//! Test and benchmark helpers live in the dev-only `spillway-testkit` crate.
 
 pub mod config;
 pub mod envelope;
@@ -28,6 +27,4 @@ pub mod rabbit_api;
 pub mod retry;
 pub mod shutdown;
 pub mod telemetry;
-#[cfg(feature = "test-support")]
-pub mod testing;
 pub mod topology;

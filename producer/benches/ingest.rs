@@ -14,7 +14,7 @@
 use lapin::options::QueuePurgeOptions;
 use spillway_common::jobs_config::JobsConfig;
 use spillway_testkit::{
-    TestVhost,
+    TestDatabase, TestVhost,
     bench::{
         baseline::{CONFIRM_WINDOW, csv_rows, publish_confirmed, work_queue_channel},
         process::{Producer, generate_csv, peak_rss_kib},
@@ -29,6 +29,7 @@ async fn main() {
         .job_type(&jobs.default_job_type)
         .expect("the default job type");
     let vhost = TestVhost::new("bench-ingest").await;
+    let database = TestDatabase::new("bench-ingest").await;
     let workdir = tempfile::tempdir().expect("a temp dir");
 
     let mut figures = Vec::new();
@@ -47,7 +48,7 @@ async fn main() {
         );
         purge(&channel, &job.queue).await;
 
-        let producer = Producer::start(&vhost.amqp_url, None).await;
+        let producer = Producer::start(&vhost.amqp_url, None, &database.url).await;
         let (elapsed, answer) = producer.upload(&csv).await;
         assert_eq!(answer["rows"].as_u64(), Some(rows), "{answer}");
         let rss = peak_rss_kib(producer.process.pid());

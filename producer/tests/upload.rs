@@ -100,7 +100,7 @@ async fn concurrent_uploads_all_land_with_distinct_batch_ids() {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(
             (view["published"].as_u64(), view["state"].as_str()),
-            (Some(500), Some("published")),
+            (Some(500), Some("queued")),
             "{view}"
         );
     }

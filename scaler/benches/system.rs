@@ -29,7 +29,7 @@ use spillway_common::{
     topology::dead_queue_name,
 };
 use spillway_testkit::{
-    TestVhost,
+    TestDatabase, TestVhost,
     bench::{
         baseline::{
             CONFIRM_WINDOW, Row, consume_acked, csv_rows, publish_confirmed, queue_counts,
@@ -120,6 +120,7 @@ async fn end_to_end() -> Figure {
 /// Time from the start of the upload until the queue holds no row.
 async fn through_spillway(jobs_path: &Path, job: &JobType, csv: &Path, dir: &Path) -> Duration {
     let vhost = TestVhost::new("bench-e2e").await;
+    let database = TestDatabase::new("bench-e2e").await;
     let (_connection, channel) = work_queue_channel(&vhost.amqp_url, job).await;
     // Dropped after the scaler: no worker outlives a failed run.
     let _reaper = WorkerReaper(dir);
@@ -130,10 +131,11 @@ async fn through_spillway(jobs_path: &Path, job: &JobType, csv: &Path, dir: &Pat
         &[
             ("CONCURRENCY", PREFETCH.to_string()),
             ("PREFETCH", PREFETCH.to_string()),
+            ("DATABASE_URL", database.url.clone()),
         ],
     )
     .await;
-    let producer = Producer::start(&vhost.amqp_url, Some(jobs_path)).await;
+    let producer = Producer::start(&vhost.amqp_url, Some(jobs_path), &database.url).await;
 
     let started = Instant::now();
     let upload = producer.upload(csv);

@@ -5,8 +5,8 @@
 //!
 //! # Layout
 //!
-//! - [`vhost`]: a throwaway vhost per test on the real broker ([`TestVhost`]), and
-//!   [`wait_for`], bounded waiting with a clear timeout message.
+//! - [`vhost`]: a throwaway vhost per test on the real broker ([`TestVhost`]).
+//! - [`wait`]: [`wait_for`], bounded waiting with a clear timeout message.
 //! - [`database`]: a throwaway PostgreSQL database per test ([`TestDatabase`]).
 //! - [`producer`]: the producer serving in the test's own process.
 //! - [`events`]: listening to worker reports and batch announcements.
@@ -29,8 +29,8 @@ pub mod kube_api;
 pub mod local_workers;
 pub mod producer;
 pub mod vhost;
+pub mod wait;
 
-// Defined in spillway-common only until the scaler's launcher tests import it from here.
 pub use database::TestDatabase;
-pub use spillway_common::testing::wait_for;
 pub use vhost::TestVhost;
+pub use wait::wait_for;

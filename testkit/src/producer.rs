@@ -14,12 +14,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::TestDatabase;
 
+/// A producer serving in the test's process.
+pub struct Started {
+    /// Its base URL, `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// Cancel to stop it.
+    pub stop: CancellationToken,
+    /// Its ledger's `DATABASE_URL`, for the scaler and workers of the same test.
+    pub database_url: String,
+}
+
 /// Starts a producer publishing to `amqp_url`, with `args` as extra command-line
-/// flags; returns its base URL (`http://127.0.0.1:<port>`) and the token that stops it.
-/// It serves from the moment this returns: the listener is bound already. Unless
-/// `args` name a `--database-url`, its ledger is a [`TestDatabase`] of its own, dropped
-/// when the producer stops.
-pub async fn start(amqp_url: &str, args: &[&str]) -> (String, CancellationToken) {
+/// flags. It serves from the moment this returns: the listener is bound already.
+/// Unless `args` name a `--database-url`, its ledger is a [`TestDatabase`] of its own,
+/// dropped when the producer stops.
+pub async fn start(amqp_url: &str, args: &[&str]) -> Started {
     let database = match args.contains(&"--database-url") {
         true => None,
         false => Some(TestDatabase::new("producer").await),
@@ -36,6 +45,7 @@ pub async fn start(amqp_url: &str, args: &[&str]) -> (String, CancellationToken)
                 .flatten(),
         );
     let settings = Settings::try_parse_from(argv).expect("valid test settings for the producer");
+    let database_url = settings.database.database_url.clone();
     let jobs = JobsConfig::load(settings.jobs.jobs_config.as_deref()).expect("valid job types");
     let state = spillway_producer::build_state(&settings, jobs).expect("a valid DATABASE_URL");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -52,5 +62,9 @@ pub async fn start(amqp_url: &str, args: &[&str]) -> (String, CancellationToken)
         state.ledger.close().await;
         drop(database);
     });
-    (url, stop)
+    Started {
+        url,
+        stop,
+        database_url,
+    }
 }

@@ -4,7 +4,9 @@
 //! # Layout
 //!
 //! - [`config`]: the worker's settings, from the environment.
-//! - [`consume`]: the consume loop, reconnection, and settling each delivery once.
+//! - [`consume`]: the consume loop, reconnection, draining.
+//! - [`settle`]: one delivery's fate: run, record its outcome, then ack, requeue or
+//!   dead-letter it, once.
 //! - [`record`]: rows' outcomes written to the ledger in batches before their acks.
 //! - [`handler`]: what is done with a row: `simulate` or `exec`.
 //! - [`drain`]: drain requests from the scaler over RabbitMQ.
@@ -16,6 +18,7 @@ pub mod drain;
 pub mod handler;
 pub mod progress;
 pub mod record;
+pub mod settle;
 
 use std::time::Duration;
 

@@ -33,7 +33,11 @@ impl TestProducer {
     /// Like [`start`](Self::start) but publishing to `amqp_url` instead of the vhost.
     pub async fn start_with_url(vhost: TestVhost, amqp_url: Option<&str>, args: &[&str]) -> Self {
         let amqp_url = amqp_url.unwrap_or(&vhost.amqp_url);
-        let (base_url, stop) = spillway_testkit::producer::start(amqp_url, args).await;
+        let spillway_testkit::producer::Started {
+            url: base_url,
+            stop,
+            ..
+        } = spillway_testkit::producer::start(amqp_url, args).await;
         TestProducer {
             base_url,
             client: reqwest::Client::new(),

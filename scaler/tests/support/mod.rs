@@ -46,8 +46,13 @@ impl Scaler {
             "{} is missing: build it first (`cargo test --workspace` does)",
             worker.display()
         );
+        // The ledger of the producer started in `dir`; without one, nothing answers
+        // there, and workers keep the rows they cannot record.
+        let database_url = std::fs::read_to_string(dir.join(DATABASE_URL_FILE))
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:1/none".into());
         let child = Command::new(&scaler)
             .env("AMQP_URL", &vhost.amqp_url)
+            .env("DATABASE_URL", database_url)
             .env("RABBITMQ_API_URL", &vhost.api_url)
             .env("JOBS_CONFIG", dir.join("jobs.toml"))
             .env("WORKER_BIN", &worker)
@@ -181,8 +186,14 @@ pub async fn start_producer_with(
         .chain(args)
         .copied()
         .collect();
-    spillway_testkit::producer::start(&vhost.amqp_url, &args).await
+    let started = spillway_testkit::producer::start(&vhost.amqp_url, &args).await;
+    // The scaler started in `dir` (and so its workers) share the producer's ledger.
+    std::fs::write(dir.join(DATABASE_URL_FILE), &started.database_url).unwrap();
+    (started.url, started.stop)
 }
+
+/// Where [`start_producer`] leaves its ledger's URL for [`Scaler::start_with`].
+const DATABASE_URL_FILE: &str = "database-url";
 
 /// A job-types file for the local-launcher runs: one `default` job type on `tasks`
 /// whose rows run `command` through `sh -c`, ticking every second and idle after 3 s.

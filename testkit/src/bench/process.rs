@@ -130,13 +130,15 @@ pub struct Producer {
 
 impl Producer {
     /// Starts the producer on `amqp_url` with `jobs_config` (or the built-in job
-    /// types) and waits until it serves.
-    pub async fn start(amqp_url: &str, jobs_config: Option<&Path>) -> Self {
+    /// types), recording batches in the ledger at `database_url`, and waits until it
+    /// serves.
+    pub async fn start(amqp_url: &str, jobs_config: Option<&Path>, database_url: &str) -> Self {
         let addr = free_local_addr();
         let mut command = Command::new(release_binary("producer"));
         command
             .env("PRODUCER_LISTEN", addr.to_string())
             .env("AMQP_URL", amqp_url)
+            .env("DATABASE_URL", database_url)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null());
         match jobs_config {

@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, time::Duration};
 use http::{Method, Response, StatusCode};
 use kube::client::Body;
 use serde_json::{Value, json};
-use spillway_common::testing::wait_for;
+use spillway_testkit::wait_for;
 
 use self::api_server::{NAMESPACE, SELECTOR, answer, job, launcher, launcher_with_pods, next};
 use super::{

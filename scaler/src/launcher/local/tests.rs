@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use spillway_common::testing::wait_for;
+use spillway_testkit::wait_for;
 
 use super::*;
 

@@ -11,7 +11,8 @@ use std::{
 use clap::Parser;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
-use spillway_common::{jobs_config::JobsConfig, testing::wait_for};
+use spillway_common::jobs_config::JobsConfig;
+use spillway_testkit::wait_for;
 
 use super::api_server::{answer, api_server, next};
 use crate::{

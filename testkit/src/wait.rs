@@ -1,9 +1,5 @@
-//! Bounded waiting for a condition, for tests (feature `test-support`).
-//!
-//! Everything else tests and benchmarks share lives in the dev-only `spillway-testkit`
-//! crate, which re-exports this as `spillway_testkit::wait_for`. It stays here only
-//! while the scaler's launcher unit tests import it from this path; once they import
-//! `spillway_testkit::wait_for`, it moves into the testkit and the feature goes.
+//! Bounded waiting for a condition, with a clear message when it never comes: the
+//! tests' way to wait for something that no event announces.
 
 use std::{future::Future, time::Duration};
 
