@@ -49,6 +49,12 @@ pub struct Settings {
           value_parser = clap::value_parser!(u64).range(1..=65_535))]
     pub publish_window: u64,
 
+    /// Seconds without a heartbeat after which a batch still `publishing` (its
+    /// producer died) is resumed by another producer; publishing writes one a second.
+    #[arg(long = "publication-stale-seconds", env = "PUBLICATION_STALE_SECONDS", value_name = "PUBLICATION_STALE_SECONDS",
+          default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3_600))]
+    pub publication_stale_seconds: u64,
+
     /// Directory for spool files of uploads being validated (default: the system temp dir).
     #[arg(long = "spool-dir", env = "SPOOL_DIR", value_name = "SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,

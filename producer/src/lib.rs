@@ -25,7 +25,7 @@ pub mod metrics;
 pub mod routes;
 pub mod strict;
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use spillway_common::jobs_config::JobsConfig;
 use tokio::net::TcpListener;
@@ -42,6 +42,7 @@ pub fn build_state(settings: &Settings, jobs: JobsConfig) -> anyhow::Result<Arc<
         limits: settings.limits(),
         body_idle_timeout: settings.body_idle_timeout(),
         publish_window: usize::try_from(settings.publish_window).unwrap_or(2000),
+        publication_stale: Duration::from_secs(settings.publication_stale_seconds),
         spool_dir: settings.spool_dir(),
         ledger: settings.database.open()?,
         metrics: Arc::new(Metrics::new()),

@@ -47,6 +47,8 @@ pub struct AppState {
     /// How long the client may send nothing while its upload is read.
     pub body_idle_timeout: Duration,
     pub publish_window: usize,
+    /// A batch `publishing` without a heartbeat for this long is resumed.
+    pub publication_stale: Duration,
     pub spool_dir: PathBuf,
     pub ledger: Ledger,
     pub metrics: Arc<Metrics>,

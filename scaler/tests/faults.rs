@@ -1,6 +1,9 @@
-//! Faults on the local launcher with a real broker: workers killed with SIGKILL while
-//! they work, the scaler killed and restarted, a poison row among good ones. Each run
-//! accounts for every row: "N rows in, N processed at least once, 0 lost, D duplicates".
+//! Faults on the local launcher with a real broker and ledger: workers killed with
+//! SIGKILL while they work, the scaler killed and restarted, the producer killed while
+//! it publishes and started again, a poison row among good ones. Each run accounts for
+//! every row twice: as the workers ran them, "N rows in, N processed at least once, 0
+//! lost, D duplicates", and as the ledger holds them, "N rows in, N outcomes, 0 lost, 0
+//! counted twice". (PostgreSQL restarted mid-run is in `postgres_restart.rs`.)
 //! (The broker restart is in `broker_restart.rs`: it stops the whole broker, so it runs
 //! in a test binary of its own, never beside these.)
 
@@ -28,8 +31,9 @@ use spillway_testkit::{
     wait_for,
 };
 use support::{
-    Account, Hold, RECORD_ROW, Scaler, expected_rows, held_after, local_jobs, numbered_csv,
-    recorded_rows, start_producer, upload, wait_rows_held,
+    Account, Hold, RECORD_ROW, Scaler, expected_rows, held_after,
+    ledger::{LedgerAccount, ledger_of, wait_finished},
+    local_jobs, numbered_csv, recorded_rows, start_producer, upload, wait_rows_held,
 };
 
 /// The three scenarios share two cores: one at a time keeps their pacing honest.
@@ -126,6 +130,11 @@ async fn workers_killed_while_they_work_lose_no_row() {
         },
     )
     .await;
+    let ledger = ledger_of(dir);
+    wait_finished(&ledger, &batch, Duration::from_secs(60)).await;
+    let ledger_account = LedgerAccount::of(&ledger, &batch).await;
+    println!("{ledger_account} ({kills} workers killed with SIGKILL)");
+    ledger_account.assert_whole();
 
     drop(scaler);
     stop_producer.cancel();
@@ -182,6 +191,11 @@ async fn a_scaler_killed_and_restarted_mid_run_loses_and_doubles_nothing() {
         account.lost
     );
     assert_eq!(account.processed, ROWS, "{account}");
+    let ledger = ledger_of(dir);
+    wait_finished(&ledger, &batch, Duration::from_secs(60)).await;
+    let ledger_account = LedgerAccount::of(&ledger, &batch).await;
+    println!("{ledger_account} (scaler killed with SIGKILL and restarted)");
+    ledger_account.assert_whole();
 
     wait_for(
         "the restarted scaler to drain every worker",
@@ -192,6 +206,142 @@ async fn a_scaler_killed_and_restarted_mid_run_loses_and_doubles_nothing() {
     assert_eq!(registry(dir).0, MAX_JOBS, "no worker lost or added");
     drop(scaler);
     stop_producer.cancel();
+}
+
+/// The `producer` binary, killed when dropped.
+struct ProducerProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl ProducerProcess {
+    /// Starts the producer publishing to `vhost` into the ledger at `database_url`,
+    /// one confirm at a time (so a batch takes a while to publish), resuming abandoned
+    /// publications after 3 s without a heartbeat.
+    fn start(vhost: &TestVhost, dir: &std::path::Path, database_url: &str, log: &str) -> Self {
+        let binary =
+            std::path::PathBuf::from(env!("CARGO_BIN_EXE_scaler")).with_file_name("producer");
+        assert!(
+            binary.exists(),
+            "{} is missing: build it first (`cargo test --workspace` does)",
+            binary.display()
+        );
+        let port = support::free_port();
+        let child = std::process::Command::new(binary)
+            .env("AMQP_URL", &vhost.amqp_url)
+            .env("DATABASE_URL", database_url)
+            .env("JOBS_CONFIG", dir.join("jobs.toml"))
+            .env("PRODUCER_LISTEN", format!("127.0.0.1:{port}"))
+            .env("PUBLISH_WINDOW", "1")
+            .env("PUBLICATION_STALE_SECONDS", "3")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join(log)).unwrap())
+            .spawn()
+            .expect("start the producer");
+        ProducerProcess {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    async fn wait_ready(&self) {
+        let readyz = format!("{}/readyz", self.url);
+        wait_for(
+            "the producer to be ready",
+            Duration::from_secs(60),
+            || async {
+                reqwest::get(&readyz)
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            },
+        )
+        .await;
+    }
+}
+
+impl Drop for ProducerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_killed_while_publishing_is_resumed_and_loses_no_row() {
+    const ROWS: usize = 3_000;
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let vhost = TestVhost::new("fault-producer").await;
+    let database = spillway_testkit::TestDatabase::new("fault-producer").await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::write(dir.join("jobs.toml"), local_jobs(RECORD_ROW, 4, 5)).unwrap();
+    std::fs::write(dir.join(support::DATABASE_URL_FILE), &database.url).unwrap();
+    let ledger = ledger_of(dir);
+    let mut first = ProducerProcess::start(&vhost, dir, &database.url, "producer-1.log");
+    first.wait_ready().await;
+    let scaler = Scaler::start(&vhost, dir, "scaler.log");
+    let _reaper = WorkerReaper(dir);
+
+    // The upload's answer never comes: its producer dies first.
+    let uploading = tokio::spawn(support::try_upload_to_death(
+        first.url.clone(),
+        numbered_csv(ROWS),
+    ));
+    let newest = || async {
+        let filter = spillway_ledger::BatchFilter {
+            limit: 1,
+            ..Default::default()
+        };
+        ledger
+            .batches(&filter)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .next()
+    };
+    wait_for(
+        "the batch to be part published",
+        Duration::from_secs(60),
+        || async { newest().await.is_some_and(|b| b.published >= 100) },
+    )
+    .await;
+    let batch = newest().await.expect("the batch").batch_id;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let _ = uploading.await;
+    let left = ledger.batch(&batch).await.unwrap().unwrap();
+    assert_eq!(
+        left.state,
+        spillway_ledger::BatchState::Publishing,
+        "killed mid-publication: {} of {ROWS} rows published",
+        left.published
+    );
+    println!(
+        "killed the producer with {} of {ROWS} rows published",
+        left.published
+    );
+
+    let second = ProducerProcess::start(&vhost, dir, &database.url, "producer-2.log");
+    second.wait_ready().await;
+    let finished = wait_finished(&ledger, &batch, Duration::from_secs(180)).await;
+    assert!(
+        finished.published_at.is_some(),
+        "the second producer finished publishing"
+    );
+    let ledger_account = LedgerAccount::of(&ledger, &batch).await;
+    println!(
+        "{ledger_account} (producer killed with SIGKILL while publishing, then started again)"
+    );
+    ledger_account.assert_whole();
+    let expected = expected_rows(&batch, ROWS);
+    let account = Account::of(&expected, &recorded_rows(dir), &dead_rows(&vhost).await);
+    println!("{account} (producer killed with SIGKILL while publishing, then started again)");
+    assert!(
+        account.lost.is_empty(),
+        "{account}: lost {:?}",
+        account.lost
+    );
+    drop(scaler);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -166,9 +166,6 @@ pub struct Publication {
 /// resumed publication starts from.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A producer resumes a batch whose publication has written no progress for this long.
-pub const STALE_PUBLICATION: Duration = Duration::from_secs(30);
-
 /// Publishes the rows of `rows` through `channel` (which it closes when done), then
 /// announces the batch and records the outcome in the ledger and in `metrics`.
 ///
@@ -215,9 +212,9 @@ pub async fn publish_batch(
         match result {
             Ok(_) => {
                 let recorded = (|| ledger.finish_publishing(&batch.batch_id))
-                    // PostgreSQL restarting: keep trying for less time than it takes
-                    // another producer to think the publication abandoned.
-                    .retry(retry::broker_backoff(STALE_PUBLICATION / 2))
+                    // PostgreSQL restarting: keep trying for a while; should it take
+                    // longer, another producer publishes the rows again (counted once).
+                    .retry(retry::broker_backoff(Duration::from_secs(30)))
                     .when(LedgerError::is_unavailable)
                     .await;
                 if let Err(error) = recorded {

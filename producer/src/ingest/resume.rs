@@ -4,7 +4,7 @@
 //! A batch is in the ledger, all its rows with it, before its first row is published,
 //! and the producer publishing it writes its confirmed count as a heartbeat. Every
 //! producer looks for batches still `publishing` whose heartbeat stopped (at start,
-//! then every [`STALE_PUBLICATION`]), claims one at a time, and publishes the rows
+//! then every `PUBLICATION_STALE_SECONDS`), claims one at a time, and publishes the rows
 //! after the confirmed count from the ledger, encoded as the spool would have them.
 //! Rows the dead producer sent after its last heartbeat are sent again: at-least-once
 //! delivery, and the ledger counts each row once.
@@ -19,7 +19,7 @@ use spillway_common::envelope::RowMessageRef;
 use spillway_ledger::{BatchRecord, Ledger};
 use tokio_util::sync::CancellationToken;
 
-use super::{Publication, STALE_PUBLICATION, publish::RowSource, publish_batch};
+use super::{Publication, publish::RowSource, publish_batch};
 use crate::routes::AppState;
 
 /// Rows read from the ledger a page at a time.
@@ -67,22 +67,19 @@ impl RowSource for LedgerRows {
     }
 }
 
-/// Resumes abandoned publications until `stop`: every [`STALE_PUBLICATION`], each
+/// Resumes abandoned publications until `stop`: every `PUBLICATION_STALE_SECONDS`, each
 /// batch still `publishing` without a heartbeat is claimed and its remaining rows
 /// published. A ledger or broker that cannot be reached is tried again next round.
 pub async fn resume_abandoned(state: Arc<AppState>, stop: CancellationToken) {
-    let mut rounds = tokio::time::interval(STALE_PUBLICATION);
+    let stale = state.publication_stale;
+    let mut rounds = tokio::time::interval(stale);
     loop {
         tokio::select! {
             _ = rounds.tick() => {}
             () = stop.cancelled() => return,
         }
         loop {
-            match state
-                .ledger
-                .claim_stale_publication(STALE_PUBLICATION)
-                .await
-            {
+            match state.ledger.claim_stale_publication(stale).await {
                 Ok(Some(batch)) => resume(&state, batch).await,
                 Ok(None) => break,
                 Err(error) => {

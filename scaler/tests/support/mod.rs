@@ -3,6 +3,8 @@
 // Each test crate including this module uses part of it.
 #![allow(dead_code)]
 
+pub mod ledger;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::TcpListener,
@@ -193,7 +195,7 @@ pub async fn start_producer_with(
 }
 
 /// Where [`start_producer`] leaves its ledger's URL for [`Scaler::start_with`].
-const DATABASE_URL_FILE: &str = "database-url";
+pub const DATABASE_URL_FILE: &str = "database-url";
 
 /// A job-types file for the local-launcher runs: one `default` job type on `tasks`
 /// whose rows run `command` through `sh -c`, ticking every second and idle after 3 s.
@@ -294,6 +296,20 @@ pub async fn try_upload(producer: &str, csv: String) -> (StatusCode, serde_json:
         .unwrap();
     let status = response.status();
     (status, response.json().await.unwrap_or_default())
+}
+
+/// Uploads `csv` to a producer that is to die mid-upload: whatever answer comes (or
+/// none), it is not the test's business.
+pub async fn try_upload_to_death(producer: String, csv: String) {
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(csv.into_bytes()).file_name("rows.csv"),
+    );
+    let _ = reqwest::Client::new()
+        .post(format!("{producer}/upload"))
+        .multipart(form)
+        .send()
+        .await;
 }
 
 /// Uploads `csv`, expects it accepted, and returns its batch id.
