@@ -17,11 +17,13 @@
 //! - [`outcomes`]: recording rows' outcomes, idempotently, in batches.
 //! - [`results`]: a batch's rows and results streamed out as CSV or JSON Lines.
 //! - [`copy`]: rows encoded for `COPY ... FROM STDIN`.
+//! - [`totals`]: rows by job type and status, for `/metrics`.
 
 pub mod batches;
 pub mod copy;
 pub mod outcomes;
 pub mod results;
+pub mod totals;
 
 use std::{str::FromStr, time::Duration};
 

@@ -225,6 +225,24 @@ async fn a_batch_runs_then_finishes_as_its_rows_settle_and_redeliveries_count_on
         csv.contains("\n1,2,done,a,,1\n"),
         "the first result stands: {csv}"
     );
+    let totals: Vec<(RowStatus, u64)> = ledger
+        .row_totals()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.job_type == "default")
+        .map(|t| (t.status, t.rows))
+        .collect();
+    assert_eq!(
+        totals,
+        [
+            (RowStatus::Pending, 0),
+            (RowStatus::Done, 2),
+            (RowStatus::Failed, 0),
+            (RowStatus::Dead, 1),
+            (RowStatus::Cancelled, 0)
+        ]
+    );
 }
 
 #[tokio::test]

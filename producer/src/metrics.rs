@@ -2,14 +2,21 @@
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+use spillway_ledger::totals::RowTotal;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     /// `accepted`, `rejected` (the client's fault) or `failed` (the broker's or ours).
     pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RowLabels {
+    pub job_type: String,
+    pub status: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -28,6 +35,8 @@ pub struct Metrics {
     pub ledger_seconds: Histogram,
     /// Rows per batch recorded.
     pub batch_rows: Histogram,
+    /// Rows in the ledger by job type and status, read at scrape time.
+    pub ledger_rows: Family<RowLabels, Gauge>,
 }
 
 impl Metrics {
@@ -72,10 +81,17 @@ impl Metrics {
             ledger_seconds.clone(),
         );
         registry.register("batch_rows", "Rows per batch recorded", batch_rows.clone());
+        let ledger_rows = Family::<RowLabels, Gauge>::default();
+        registry.register(
+            "ledger_rows",
+            "Rows in the ledger by job type and status (final: done, dead, cancelled)",
+            ledger_rows.clone(),
+        );
         Metrics {
             registry,
             ledger_seconds,
             batch_rows,
+            ledger_rows,
             uploads,
             rows_published,
             rejections,
@@ -92,6 +108,19 @@ impl Metrics {
         self.rejections
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    /// Sets the ledger's row gauges to `totals`.
+    pub fn set_row_totals(&self, totals: &[RowTotal]) {
+        for total in totals {
+            let labels = RowLabels {
+                job_type: total.job_type.clone(),
+                status: total.status.as_str(),
+            };
+            self.ledger_rows
+                .get_or_create(&labels)
+                .set(i64::try_from(total.rows).unwrap_or(i64::MAX));
+        }
     }
 
     pub fn render(&self) -> String {

@@ -56,6 +56,9 @@ pub struct AppState {
     pub tasks: TaskTracker,
 }
 
+/// How long `/metrics` waits for the ledger's row totals.
+const LEDGER_SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Room for multipart framing and small fields around the file itself.
 const MULTIPART_SLACK: u64 = 1 << 20;
 
@@ -295,6 +298,17 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::V
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    // The ledger's figures are read at scrape time; without PostgreSQL the rest is
+    // still served, and the gauges keep their last values.
+    match tokio::time::timeout(LEDGER_SCRAPE_TIMEOUT, state.ledger.row_totals()).await {
+        Ok(Ok(totals)) => state.metrics.set_row_totals(&totals),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "cannot read the ledger's row totals for /metrics")
+        }
+        Err(_) => tracing::warn!(
+            "the ledger's row totals took over {LEDGER_SCRAPE_TIMEOUT:?}; /metrics served without them"
+        ),
+    }
     (
         [(
             header::CONTENT_TYPE,

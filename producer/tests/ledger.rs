@@ -120,6 +120,27 @@ async fn an_upload_is_answered_once_the_ledger_holds_every_row_and_results_come_
         3,
         "every row was published"
     );
+
+    let metrics = producer
+        .client
+        .get(format!("{}/metrics", producer.base_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"spillway_producer_ledger_rows{job_type="default",status="pending"} 3"#,
+        r#"spillway_producer_ledger_rows{job_type="default",status="done"} 0"#,
+        "spillway_producer_batch_rows_count 1",
+        "spillway_producer_ledger_write_seconds_count 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]
