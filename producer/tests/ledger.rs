@@ -101,17 +101,10 @@ async fn an_upload_is_answered_once_the_ledger_holds_every_row_and_results_come_
     }
 
     let jsonl = producer
-        .client
-        .get(format!(
-            "{}/batches/{id}/results?format=jsonl&status=pending",
-            producer.base_url
+        .text(&format!(
+            "/batches/{id}/results?format=jsonl&status=pending"
         ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .await;
     let first: serde_json::Value = serde_json::from_str(jsonl.lines().next().unwrap()).unwrap();
     assert_eq!(first["fields"]["note"], "say \"hi\"");
     assert_eq!(jsonl.lines().count(), 3);
@@ -121,15 +114,7 @@ async fn an_upload_is_answered_once_the_ledger_holds_every_row_and_results_come_
         "every row was published"
     );
 
-    let metrics = producer
-        .client
-        .get(format!("{}/metrics", producer.base_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = producer.text("/metrics").await;
     for line in [
         r#"spillway_producer_ledger_rows{job_type="default",status="pending"} 3"#,
         r#"spillway_producer_ledger_rows{job_type="default",status="done"} 0"#,

@@ -1,6 +1,9 @@
 //! A producer running in-process against its own vhost on the real broker, and the
 //! client calls the tests make to it.
 
+// Each test binary that includes this module uses a part of it.
+#![allow(dead_code)]
+
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -75,6 +78,18 @@ impl TestProducer {
             .await
             .expect("producer answers");
         Self::decode(response).await
+    }
+
+    /// GETs `path` and returns its body as text, whatever its status.
+    pub async fn text(&self, path: &str) -> String {
+        self.client
+            .get(format!("{}{path}", self.base_url))
+            .send()
+            .await
+            .expect("producer answers")
+            .text()
+            .await
+            .expect("a text body")
     }
 
     pub async fn decode(response: reqwest::Response) -> (StatusCode, Value) {

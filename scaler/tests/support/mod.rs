@@ -284,16 +284,7 @@ pub async fn wait_rows_held(
 
 /// Uploads `csv` to the producer at `producer`: its status and JSON answer.
 pub async fn try_upload(producer: &str, csv: String) -> (StatusCode, serde_json::Value) {
-    let form = reqwest::multipart::Form::new().part(
-        "file",
-        reqwest::multipart::Part::bytes(csv.into_bytes()).file_name("rows.csv"),
-    );
-    let response = reqwest::Client::new()
-        .post(format!("{producer}/upload"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let response = send_upload(producer, csv).await.unwrap();
     let status = response.status();
     (status, response.json().await.unwrap_or_default())
 }
@@ -301,15 +292,20 @@ pub async fn try_upload(producer: &str, csv: String) -> (StatusCode, serde_json:
 /// Uploads `csv` to a producer that is to die mid-upload: whatever answer comes (or
 /// none), it is not the test's business.
 pub async fn try_upload_to_death(producer: String, csv: String) {
+    let _ = send_upload(&producer, csv).await;
+}
+
+/// POSTs `csv` to the producer's `/upload` as the `file` field.
+async fn send_upload(producer: &str, csv: String) -> reqwest::Result<reqwest::Response> {
     let form = reqwest::multipart::Form::new().part(
         "file",
         reqwest::multipart::Part::bytes(csv.into_bytes()).file_name("rows.csv"),
     );
-    let _ = reqwest::Client::new()
+    reqwest::Client::new()
         .post(format!("{producer}/upload"))
         .multipart(form)
         .send()
-        .await;
+        .await
 }
 
 /// Uploads `csv`, expects it accepted, and returns its batch id.
