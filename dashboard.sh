@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Spillway in a terminal: a summary of queues, workers, batches and scaling, from the
-# scaler's API. Needs bash and curl only.
+# scaler's API (batches as the ledger in PostgreSQL holds them). Needs bash and curl only.
 set -euo pipefail
 
 SCALER_URL="${SCALER_URL:-http://localhost:8080}"
@@ -13,7 +13,8 @@ Usage: ./dashboard.sh [options]
 
   (no options)    a one-shot summary: queues, workers, batches, recent scaling
   -w [SECONDS]    watch: refresh the summary every SECONDS (default 2); Ctrl-C stops
-  --json          the raw JSON behind the summary (stats, jobs, batches, events)
+  --json          the raw JSON behind the summary (stats, jobs, batches, events);
+                  "batches" is {"error": ...} while PostgreSQL cannot be read
   logs <worker>   a worker's log (--tail N for its last N lines)
   -h, --help      this text
 
@@ -29,16 +30,29 @@ Is Spillway running? Start it with './manage.sh local', or for a cluster run
 './manage.sh forward' in another terminal; set SCALER_URL if it listens elsewhere."
 }
 
+# GET a path of the scaler's API: prints the body, then a line with the status.
+get() {
+    curl -sS --max-time 10 -w '\n%{http_code}' "$SCALER_URL$1" 2>/dev/null || unreachable
+}
+
 # GET a path of the scaler's API; fails with the API's own error message on 4xx/5xx.
 fetch() {
     local body status
-    body=$(curl -sS --max-time 10 -w '\n%{http_code}' "$SCALER_URL$1" 2>/dev/null) || unreachable
+    body=$(get "$1")
     status=${body##*$'\n'}
     body=${body%$'\n'*}
     if [[ "$status" != 2* ]]; then
         die "the scaler answered $status for $1: $body"
     fi
     printf '%s' "$body"
+}
+
+# GET a JSON path of the scaler's API, its {"error": ...} answer included: batches
+# come from PostgreSQL, which may be unreachable while the scaler is not.
+fetch_json() {
+    local body
+    body=$(get "$1")
+    printf '%s' "${body%$'\n'*}"
 }
 
 colour_flag() {
@@ -67,7 +81,7 @@ cmd_watch() {
 
 cmd_json() {
     printf '{"stats":%s,"jobs":%s,"batches":%s,"events":%s}\n' \
-        "$(fetch /api/stats)" "$(fetch /api/jobs)" "$(fetch /api/batches)" "$(fetch /api/events)"
+        "$(fetch /api/stats)" "$(fetch /api/jobs)" "$(fetch_json /api/batches)" "$(fetch /api/events)"
 }
 
 cmd_logs() {

@@ -8,8 +8,6 @@
 //! [`drain_routing_key`]; each worker listens on an exclusive queue bound to its own key.
 //! Whoever listens does so through [`subscribe`].
 
-use std::collections::BTreeMap;
-
 use lapin::{
     Channel, Consumer, ExchangeKind,
     options::{BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
@@ -65,19 +63,6 @@ pub struct WorkerReport {
     /// When a row last started or finished, or the worker started.
     pub last_activity_unix: u64,
     pub sent_unix: u64,
-    /// This worker's counts per batch it has touched (the most recent ones).
-    #[serde(default)]
-    pub batches: BTreeMap<String, BatchCounts>,
-}
-
-/// One worker's rows of one batch, by outcome.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BatchCounts {
-    pub processed: u64,
-    pub failed: u64,
-    pub dead_lettered: u64,
-    /// When this worker last settled a row of the batch.
-    pub last_unix: u64,
 }
 
 /// What the producer announces once every row of a batch is confirmed.

@@ -53,6 +53,36 @@ pub struct BatchRecord {
     pub seconds_running: Option<f64>,
 }
 
+impl BatchRecord {
+    /// Rows settled (done, dead, or failed with attempts left) per second since the
+    /// first row was; `None` before any row is.
+    pub fn rows_per_second(&self) -> Option<f64> {
+        let settled = self.done + self.dead + self.failed;
+        self.seconds_running
+            .filter(|s| *s > 0.0 && settled > 0)
+            .map(|s| settled as f64 / s)
+    }
+
+    /// Seconds until every row is settled at [`BatchRecord::rows_per_second`], while
+    /// the batch is queued or running.
+    pub fn eta_seconds(&self) -> Option<f64> {
+        let left = self.pending + self.failed;
+        match (self.state, self.rows_per_second()) {
+            (BatchState::Running | BatchState::Queued, Some(rate)) => Some(left as f64 / rate),
+            _ => None,
+        }
+    }
+}
+
+/// A row that failed on its last attempt, or could not run at all.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadRow {
+    pub line: u64,
+    pub attempts: u32,
+    pub error: Option<String>,
+    pub fields: Vec<String>,
+}
+
 /// Which batches to list, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct BatchFilter {
@@ -311,6 +341,29 @@ impl Ledger {
             .fetch_all(self.pool())
             .await?;
         rows.iter().map(batch_of).collect()
+    }
+
+    /// The first `limit` dead rows of `batch_id`, in line order: what a batch's page
+    /// shows of them (the results download has them all).
+    pub async fn dead_rows(&self, batch_id: &str, limit: u32) -> Result<Vec<DeadRow>> {
+        self.schema().await?;
+        let rows: Vec<(i64, i32, Option<String>, Vec<String>)> = sqlx::query_as(
+            "SELECT line, attempts, error, fields FROM batch_rows
+             WHERE batch_id = $1 AND status = 'dead' ORDER BY line LIMIT $2",
+        )
+        .bind(batch_id)
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(line, attempts, error, fields)| DeadRow {
+                line: u64::try_from(line).unwrap_or(0),
+                attempts: u32::try_from(attempts).unwrap_or(0),
+                error,
+                fields,
+            })
+            .collect())
     }
 
     /// Removes a finished batch and its rows.

@@ -34,7 +34,7 @@ use sqlx::{
 };
 use tokio::sync::OnceCell;
 
-pub use batches::{BatchFilter, BatchRecord, NewBatch};
+pub use batches::{BatchFilter, BatchRecord, DeadRow, NewBatch};
 pub use outcomes::{Outcome, Recorded};
 
 /// The default `DATABASE_URL`.

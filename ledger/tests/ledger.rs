@@ -225,6 +225,20 @@ async fn a_batch_runs_then_finishes_as_its_rows_settle_and_redeliveries_count_on
         csv.contains("\n1,2,done,a,,1\n"),
         "the first result stands: {csv}"
     );
+    let dead = ledger.dead_rows("b1", 10).await.unwrap();
+    let dead: Vec<_> = dead
+        .into_iter()
+        .map(|d| (d.line, d.attempts, d.error, d.fields))
+        .collect();
+    assert_eq!(
+        dead,
+        [(
+            4,
+            1,
+            Some("line 4 failed".to_string()),
+            vec!["3".to_string()]
+        )]
+    );
     let totals: Vec<(RowStatus, u64)> = ledger
         .row_totals()
         .await

@@ -18,9 +18,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
-use spillway_ledger::{
-    BatchFilter, BatchRecord, BatchState, RowStatus, batches::Deleted, results::Format,
-};
+use spillway_ledger::{BatchFilter, BatchRecord, RowStatus, batches::Deleted, results::Format};
 
 use crate::routes::{ApiError, AppState};
 
@@ -41,20 +39,10 @@ pub struct BatchView {
 
 impl BatchView {
     pub fn of(record: BatchRecord) -> Self {
-        let settled = record.done + record.dead + record.failed;
-        let rows_per_second = record
-            .seconds_running
-            .filter(|s| *s > 0.0 && settled > 0)
-            .map(|s| settled as f64 / s);
-        let left = record.pending + record.failed;
-        let eta_seconds = match (record.state, rows_per_second) {
-            (BatchState::Running | BatchState::Queued, Some(rate)) => Some(left as f64 / rate),
-            _ => None,
-        };
         BatchView {
+            rows_per_second: record.rows_per_second(),
+            eta_seconds: record.eta_seconds(),
             record,
-            rows_per_second,
-            eta_seconds,
         }
     }
 }
@@ -179,74 +167,5 @@ pub async fn delete(
             batch_id: id,
             state,
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(state: BatchState, done: u64, pending: u64, seconds: Option<f64>) -> BatchRecord {
-        BatchRecord {
-            batch_id: "b".into(),
-            job_type: "default".into(),
-            queue: "tasks".into(),
-            file_name: None,
-            header: vec!["n".into()],
-            state,
-            error: None,
-            rows: done + pending,
-            published: done + pending,
-            pending,
-            failed: 0,
-            done,
-            dead: 0,
-            cancelled: 0,
-            received_at: "2026-12-01T00:00:00.000Z".into(),
-            published_at: None,
-            started_at: None,
-            finished_at: None,
-            seconds_running: seconds,
-        }
-    }
-
-    #[test]
-    fn rate_and_time_to_finish_follow_from_the_rows_settled() {
-        // (name, record, rows/s, eta)
-        let cases = [
-            // 100 rows in 10 s is 10 rows/s; 50 left take 5 s.
-            (
-                "running",
-                record(BatchState::Running, 100, 50, Some(10.0)),
-                Some(10.0),
-                Some(5.0),
-            ),
-            (
-                "finished: no eta",
-                record(BatchState::Done, 100, 0, Some(20.0)),
-                Some(5.0),
-                None,
-            ),
-            (
-                "not started",
-                record(BatchState::Queued, 0, 10, None),
-                None,
-                None,
-            ),
-            (
-                "no time yet",
-                record(BatchState::Running, 1, 9, Some(0.0)),
-                None,
-                None,
-            ),
-        ];
-        for (name, record, rate, eta) in cases {
-            let view = BatchView::of(record);
-            assert_eq!(
-                (view.rows_per_second, view.eta_seconds),
-                (rate, eta),
-                "{name}"
-            );
-        }
     }
 }

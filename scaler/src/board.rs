@@ -1,27 +1,18 @@
-//! What the dashboard shows: the latest observation of every job type, the workers
-//! with their counts, recent batches with their progress, the scaling events, and a
-//! short history for the chart.
+//! What the dashboard shows of live scaling: the latest observation of every job
+//! type, the workers with their counts, the scaling events, and a short history for
+//! the chart. (Batches are not here: the dashboard reads them from the ledger, see
+//! [`crate::dashboard::batches`].)
 //!
-//! The tick and the bus write here; the dashboard's JSON API reads. Everything is
-//! bounded (history, events, batches), so a long-running scaler's memory stays flat.
-//!
-//! Batches are bounded without lying about them: finished batches are forgotten first
-//! (oldest first), one still in progress only beyond a much larger bound; a forgotten
-//! batch stays forgotten, since a worker's report alone cannot bring back the
-//! producer's announcement (its job type and row count); and how many batches were
-//! forgotten is part of the answer.
+//! The tick writes here; the dashboard's JSON API reads. Everything is bounded
+//! (history, events), so a long-running scaler's memory stays flat.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::VecDeque,
     sync::{Arc, Mutex},
 };
 
 use serde::Serialize;
-use spillway_common::{
-    events::{BatchCounts, BatchPublished, WorkerReport, unix_now},
-    jobs_config::JobType,
-    rabbit_api::QueueStats,
-};
+use spillway_common::{events::unix_now, jobs_config::JobType, rabbit_api::QueueStats};
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 
 use crate::{
@@ -32,18 +23,6 @@ use crate::{
 
 const HISTORY: usize = 360;
 const EVENTS: usize = 200;
-/// Batches kept while finished ones can make room.
-const BATCHES: usize = 200;
-/// Batches kept at most, in progress or not: beyond this the oldest are forgotten,
-/// batches never announced first.
-const BATCHES_IN_PROGRESS: usize = 2_000;
-/// Forgotten batch ids remembered, so reports naming them are ignored.
-const FORGOTTEN: usize = 4_096;
-/// A batch first heard of in a report is added only if that worker settled one of its
-/// rows this recently (by the worker's own clock): reports also name old batches,
-/// whose announcement a restarted scaler never heard.
-const REPORTED_RECENTLY_SECONDS: u64 = 60;
-
 /// One job type as last observed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct JobTypeStats {
@@ -153,29 +132,6 @@ pub struct JobView {
     pub last_activity_unix: Option<u64>,
 }
 
-/// A row of the batch table.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct BatchView {
-    pub batch_id: String,
-    pub job_type: Option<String>,
-    /// Rows published; `None` until the producer's announcement arrives.
-    pub rows: Option<u64>,
-    pub processed: u64,
-    pub failed: u64,
-    pub dead_lettered: u64,
-    /// Share of rows finished (processed or dead), from 0.0 to 1.0, when `rows` is known.
-    pub progress: Option<f64>,
-    pub published_unix: Option<u64>,
-}
-
-/// The batch table: recent batches, newest first, and how many the board forgot.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct BatchesView {
-    pub batches: Vec<BatchView>,
-    /// Batches no longer shown (finished ones first, to keep the board bounded).
-    pub not_shown: u64,
-}
-
 /// CPU and memory of the scaler process and of the host.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Resources {
@@ -205,78 +161,13 @@ pub struct Totals {
     pub max_jobs: u64,
 }
 
-#[derive(Debug, Default)]
-struct BatchEntry {
-    published: Option<BatchPublished>,
-    by_worker: HashMap<String, BatchCounts>,
-}
-
-impl BatchEntry {
-    fn sum(&self, field: fn(&BatchCounts) -> u64) -> u64 {
-        self.by_worker.values().map(field).sum()
-    }
-
-    /// Announced, and every row processed or dead-lettered.
-    fn finished(&self) -> bool {
-        self.published
-            .as_ref()
-            .is_some_and(|p| self.sum(|c| c.processed) + self.sum(|c| c.dead_lettered) >= p.rows)
-    }
-}
-
 #[derive(Default)]
 struct State {
     job_types: Vec<JobTypeStats>,
     jobs: Vec<JobListing>,
     history: VecDeque<Sample>,
     events: VecDeque<ScalingEvent>,
-    batches: HashMap<String, BatchEntry>,
-    /// Batch ids, oldest first.
-    batch_order: VecDeque<String>,
-    forgotten: HashSet<String>,
-    forgotten_order: VecDeque<String>,
-    batches_not_shown: u64,
     updated_unix: u64,
-}
-
-impl State {
-    fn batch(&mut self, batch_id: &str) -> &mut BatchEntry {
-        if !self.batches.contains_key(batch_id) {
-            self.batch_order.push_back(batch_id.to_string());
-        }
-        self.batches.entry(batch_id.to_string()).or_default()
-    }
-
-    /// Forgets batches beyond the bounds: finished ones first, oldest first; one in
-    /// progress only beyond [`BATCHES_IN_PROGRESS`], one never announced first.
-    fn evict_batches(&mut self) {
-        while self.batches.len() > BATCHES {
-            let oldest_where = |keep: fn(&BatchEntry) -> bool| {
-                self.batch_order
-                    .iter()
-                    .position(|id| self.batches.get(id).is_some_and(keep))
-            };
-            let victim = match oldest_where(BatchEntry::finished) {
-                Some(at) => at,
-                None if self.batches.len() > BATCHES_IN_PROGRESS => {
-                    oldest_where(|entry| entry.published.is_none()).unwrap_or(0)
-                }
-                None => return,
-            };
-            let Some(id) = self.batch_order.remove(victim) else {
-                return;
-            };
-            self.batches.remove(&id);
-            self.batches_not_shown += 1;
-            if self.forgotten_order.len() >= FORGOTTEN
-                && let Some(oldest) = self.forgotten_order.pop_front()
-            {
-                self.forgotten.remove(&oldest);
-            }
-            self.forgotten.insert(id.clone());
-            self.forgotten_order.push_back(id);
-        }
-    }
 }
 
 pub struct Board {
@@ -304,34 +195,6 @@ impl Board {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("board lock")
-    }
-
-    /// The progress of the batches a worker's report counts rows of.
-    pub fn record_report(&self, report: &WorkerReport) {
-        let mut state = self.state();
-        for (batch_id, counts) in &report.batches {
-            let known = state.batches.contains_key(batch_id);
-            let recent = counts.last_unix + REPORTED_RECENTLY_SECONDS >= report.sent_unix;
-            if known || (recent && !state.forgotten.contains(batch_id)) {
-                state
-                    .batch(batch_id)
-                    .by_worker
-                    .insert(report.worker.clone(), *counts);
-            }
-        }
-        state.evict_batches();
-    }
-
-    pub fn record_batch(&self, batch: BatchPublished) {
-        let mut state = self.state();
-        // An announcement arrives once per batch: one for a forgotten batch is a
-        // redelivery, and its rows' counts are gone with it.
-        if state.forgotten.contains(&batch.batch_id) {
-            return;
-        }
-        let batch_id = batch.batch_id.clone();
-        state.batch(&batch_id).published = Some(batch);
-        state.evict_batches();
     }
 
     pub fn record_event(&self, event: ScalingEvent) {
@@ -413,38 +276,6 @@ impl Board {
         jobs
     }
 
-    /// Recent batches, newest first, and how many are no longer shown.
-    pub fn batches(&self) -> BatchesView {
-        let state = self.state();
-        let batches = state
-            .batch_order
-            .iter()
-            .rev()
-            .filter_map(|id| state.batches.get(id).map(|entry| (id, entry)))
-            .map(|(id, entry)| {
-                let processed = entry.sum(|c| c.processed);
-                let dead_lettered = entry.sum(|c| c.dead_lettered);
-                let rows = entry.published.as_ref().map(|p| p.rows);
-                BatchView {
-                    batch_id: id.clone(),
-                    job_type: entry.published.as_ref().map(|p| p.job_type.clone()),
-                    rows,
-                    processed,
-                    failed: entry.sum(|c| c.failed),
-                    dead_lettered,
-                    progress: rows
-                        .filter(|&r| r > 0)
-                        .map(|r| ((processed + dead_lettered) as f64 / r as f64).min(1.0)),
-                    published_unix: entry.published.as_ref().map(|p| p.published_unix),
-                }
-            })
-            .collect();
-        BatchesView {
-            batches,
-            not_shown: state.batches_not_shown,
-        }
-    }
-
     /// Scaling events, newest first.
     pub fn events(&self) -> Vec<ScalingEvent> {
         self.state().events.iter().rev().cloned().collect()
@@ -476,175 +307,21 @@ impl Board {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
+    use spillway_common::events::WorkerReport;
     use spillway_testkit::builders::worker_report;
 
     use super::*;
-
-    fn report(worker: &str, batches: &[(&str, u64, u64)]) -> WorkerReport {
-        WorkerReport {
-            processed: batches.iter().map(|b| b.1).sum(),
-            dead_lettered: batches.iter().map(|b| b.2).sum(),
-            in_flight: 1,
-            last_activity_unix: 2,
-            sent_unix: 3,
-            batches: batches
-                .iter()
-                .map(|&(id, processed, dead_lettered)| {
-                    (
-                        id.to_string(),
-                        BatchCounts {
-                            processed,
-                            failed: 0,
-                            dead_lettered,
-                            last_unix: 2,
-                        },
-                    )
-                })
-                .collect::<BTreeMap<_, _>>(),
-            ..worker_report(worker)
-        }
-    }
-
-    #[test]
-    fn batch_progress_adds_up_every_worker_latest_counts() {
-        let board = Board::default();
-        board.record_batch(BatchPublished {
-            batch_id: "b1".into(),
-            job_type: "default".into(),
-            queue: "tasks".into(),
-            rows: 10,
-            published_unix: 5,
-        });
-        board.record_report(&report("w1", &[("b1", 3, 0)]));
-        board.record_report(&report("w2", &[("b1", 2, 1)]));
-        // A later report from w1 replaces its earlier counts rather than adding to them.
-        board.record_report(&report("w1", &[("b1", 4, 0)]));
-        let batches = board.batches().batches;
-        assert_eq!(batches.len(), 1);
-        let b1 = &batches[0];
-        assert_eq!((b1.rows, b1.processed, b1.dead_lettered), (Some(10), 6, 1));
-        assert_eq!(b1.progress, Some(0.7));
-    }
-
-    #[test]
-    fn a_batch_seen_only_in_reports_has_no_progress_yet() {
-        let board = Board::default();
-        board.record_report(&report("w1", &[("b9", 1, 0)]));
-        let b9 = &board.batches().batches[0];
-        assert_eq!((b9.rows, b9.progress, b9.processed), (None, None, 1));
-    }
-
-    fn announce(board: &Board, batch_id: &str, rows: u64) {
-        board.record_batch(BatchPublished {
-            batch_id: batch_id.into(),
-            job_type: "default".into(),
-            queue: "tasks".into(),
-            rows,
-            published_unix: 5,
-        });
-    }
-
-    fn shown(board: &Board) -> Vec<String> {
-        board
-            .batches()
-            .batches
-            .into_iter()
-            .map(|b| b.batch_id)
-            .collect()
-    }
-
-    /// Issue 15: with more than 200 batches the oldest were evicted whatever their
-    /// state, the six being processed among them. Here 250 batches of 2 rows: the 10
-    /// oldest are half done, the 240 others finished.
-    #[test]
-    fn finished_batches_are_forgotten_first_and_one_in_progress_never() {
-        let board = Board::default();
-        for n in 0..250 {
-            let id = format!("b{n:03}");
-            announce(&board, &id, 2);
-            let processed = if n < 10 { 1 } else { 2 };
-            board.record_report(&report(&format!("w{n}"), &[(&id, processed, 0)]));
-        }
-        let view = board.batches();
-        assert_eq!(view.batches.len(), BATCHES);
-        assert_eq!(view.not_shown, 50, "the 50 oldest finished ones");
-        let ids = shown(&board);
-        for n in 0..10 {
-            assert!(ids.contains(&format!("b{n:03}")), "b{n:03} is in progress");
-        }
-        assert!(!ids.contains(&"b010".to_string()) && !ids.contains(&"b059".to_string()));
-        assert!(ids.contains(&"b060".to_string()));
-        assert!(
-            view.batches.iter().all(|b| b.rows == Some(2)),
-            "every batch shown has its announcement"
-        );
-    }
-
-    /// Issue 15: a worker's report naming an evicted batch re-created it without the
-    /// producer's announcement, so it showed `null` for job type, rows and progress.
-    #[test]
-    fn a_report_naming_a_forgotten_batch_does_not_bring_it_back() {
-        let board = Board::default();
-        for n in 0..=BATCHES {
-            let id = format!("b{n:03}");
-            announce(&board, &id, 1);
-            board.record_report(&report("w1", &[(&id, 1, 0)]));
-        }
-        assert!(
-            !shown(&board).contains(&"b000".to_string()),
-            "b000 forgotten"
-        );
-        // Workers keep naming the batches they touched lately.
-        board.record_report(&report("w2", &[("b000", 1, 0)]));
-        announce(&board, "b000", 1);
-        let view = board.batches();
-        assert!(
-            !shown(&board).contains(&"b000".to_string()),
-            "still forgotten"
-        );
-        assert_eq!((view.batches.len(), view.not_shown), (BATCHES, 1));
-        assert!(view.batches.iter().all(|b| b.rows.is_some()));
-    }
-
-    #[test]
-    fn a_batch_first_heard_of_in_a_report_is_added_only_while_it_is_worked_on() {
-        let board = Board::default();
-        let mut old = report("w1", &[("old", 5, 0), ("current", 1, 0)]);
-        old.sent_unix = 1_000;
-        old.batches.get_mut("old").unwrap().last_unix = 1_000 - REPORTED_RECENTLY_SECONDS - 1;
-        old.batches.get_mut("current").unwrap().last_unix = 999;
-        board.record_report(&old);
-        assert_eq!(
-            shown(&board),
-            ["current"],
-            "a batch last worked on long ago is history, not news"
-        );
-    }
-
-    #[test]
-    fn batches_in_progress_are_bounded_too_those_never_announced_forgotten_first() {
-        let board = Board::default();
-        board.record_report(&report("w1", &[("unannounced", 1, 0)]));
-        for n in 0..BATCHES_IN_PROGRESS {
-            announce(&board, &format!("b{n:04}"), 10);
-        }
-        let view = board.batches();
-        assert_eq!(view.batches.len(), BATCHES_IN_PROGRESS);
-        assert!(!shown(&board).contains(&"unannounced".to_string()));
-        announce(&board, "one-more", 10);
-        let ids = shown(&board);
-        assert_eq!(ids.len(), BATCHES_IN_PROGRESS);
-        assert!(!ids.contains(&"b0000".to_string()), "then the oldest");
-        assert_eq!(board.batches().not_shown, 2);
-    }
 
     #[test]
     fn the_job_table_carries_the_counts_of_each_workers_latest_report() {
         let reports = Arc::new(Reports::default());
         let board = Board::new(Arc::clone(&reports));
-        reports.record(report("w1", &[("b1", 3, 0)]), std::time::Instant::now());
+        let report = WorkerReport {
+            processed: 3,
+            in_flight: 1,
+            ..worker_report("w1")
+        };
+        reports.record(report, std::time::Instant::now());
         let listing = |name: &str, started| JobListing {
             name: name.into(),
             job_type: "default".into(),

@@ -3,7 +3,8 @@
 //!
 //! One task keeps a connection open (reconnecting with backoff for as long as the
 //! scaler runs) and consumes every worker's reports and the producer's batch
-//! announcements from the events exchange into [`Reports`] and the board. Drain requests go out on a channel of their own in confirm mode, so a
+//! announcements from the events exchange into [`Reports`]. Drain requests go out on
+//! a channel of their own in confirm mode, so a
 //! request the broker refuses (`ACCESS_REFUSED` closes the channel) is a failure the
 //! caller sees, not a request believed sent; a closed one is reopened for the next.
 //! While it is disconnected, reports age and become stale, which the policy treats
@@ -30,7 +31,7 @@ use spillway_common::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{board::Board, context::DrainRequests, reports::Reports};
+use crate::{context::DrainRequests, reports::Reports};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot ask worker {worker} to drain: {reason}")]
@@ -41,7 +42,6 @@ pub struct DrainError {
 
 pub struct Bus {
     reports: Arc<Reports>,
-    board: Arc<Board>,
     /// Work queues (name, delivery limit) declared on every connection, so the
     /// management API always has them to report on.
     queues: Vec<(String, u32)>,
@@ -56,11 +56,10 @@ pub struct Bus {
 const DRAIN_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Bus {
-    /// A bus that records what it hears in `reports`, and batch progress on `board`.
-    pub fn new(reports: Arc<Reports>, board: Arc<Board>, jobs: &JobsConfig) -> Arc<Self> {
+    /// A bus that records what it hears in `reports`.
+    pub fn new(reports: Arc<Reports>, jobs: &JobsConfig) -> Arc<Self> {
         Arc::new(Bus {
             reports,
-            board,
             queues: jobs
                 .job_types
                 .values()
@@ -176,19 +175,13 @@ impl Bus {
         while let Some(Ok(delivery)) = events.next().await {
             if delivery.routing_key.as_str().starts_with("batch.") {
                 match serde_json::from_slice::<BatchPublished>(&delivery.data) {
-                    Ok(batch) => {
-                        self.reports.record_batch(&batch.job_type, Instant::now());
-                        self.board.record_batch(batch);
-                    }
+                    Ok(batch) => self.reports.record_batch(&batch.job_type, Instant::now()),
                     Err(error) => tracing::warn!(%error, "ignoring a malformed batch announcement"),
                 }
                 continue;
             }
             match serde_json::from_slice::<WorkerReport>(&delivery.data) {
-                Ok(report) => {
-                    self.board.record_report(&report);
-                    self.reports.record(report, Instant::now());
-                }
+                Ok(report) => self.reports.record(report, Instant::now()),
                 Err(error) => tracing::warn!(%error, "ignoring a malformed worker report"),
             }
         }

@@ -1,10 +1,12 @@
 //! The scaler's HTTP endpoints: the dashboard and its JSON API ([`crate::dashboard`]),
 //! `/api/jobs/{name}/logs` (a worker's log, through its launcher), `/healthz`,
 //! `/readyz` (connected to RabbitMQ) and `/metrics`.
+//! `/readyz` does not ask PostgreSQL: the scaler scales without the ledger, which
+//! only the batch pages read (they say when it is unreachable).
 //! Errors are JSON, like every Spillway service's. A log answer is bounded in bytes by
 //! its launcher ([`crate::launcher::MAX_LOG_BYTES`]), whatever the log's size.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -16,10 +18,11 @@ use axum::{
 use serde_json::json;
 
 use serde::Deserialize;
+use spillway_ledger::LedgerError;
 
 use crate::{
     bus::Bus,
-    dashboard::{self, DashboardState},
+    dashboard::{self, DashboardState, batches},
     launcher::{Launcher, LauncherError},
     metrics::Metrics,
 };
@@ -32,22 +35,41 @@ pub enum ApiError {
     NotFound,
     #[error("not connected to RabbitMQ")]
     NotReady,
+    #[error("no batch {0:?} in the ledger")]
+    NoSuchBatch(String),
+    #[error("{0}")]
+    BadQuery(String),
+    #[error("the ledger: {0}")]
+    Ledger(#[from] LedgerError),
+    #[error("the ledger: PostgreSQL did not answer within {0:?}")]
+    LedgerSilent(Duration),
     #[error(transparent)]
     Launcher(#[from] LauncherError),
     #[error("cannot render the dashboard: {0}")]
     Render(String),
 }
 
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound
+            | ApiError::NoSuchBatch(_)
+            | ApiError::Launcher(LauncherError::NoSuchWorker(_)) => StatusCode::NOT_FOUND,
+            ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotReady | ApiError::LedgerSilent(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Ledger(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Launcher(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Ledger(_) | ApiError::Render(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = match &self {
-            ApiError::NotFound | ApiError::Launcher(LauncherError::NoSuchWorker(_)) => {
-                StatusCode::NOT_FOUND
-            }
-            ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Launcher(_) => StatusCode::BAD_GATEWAY,
-            ApiError::Render(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(%status, error = %self, "request failed");
+        }
         (status, Json(json!({"error": self.to_string()}))).into_response()
     }
 }
@@ -64,7 +86,10 @@ pub fn app<L: Launcher>(state: HttpState<L>, dashboard: DashboardState) -> Route
         .route("/", get(dashboard::index))
         .route("/api/stats", get(dashboard::stats))
         .route("/api/jobs", get(dashboard::jobs))
-        .route("/api/batches", get(dashboard::batches))
+        .route("/api/batches", get(batches::list))
+        .route("/api/batches/{id}", get(batches::get))
+        .route("/batches/{id}", get(batches::page))
+        .route("/batches/{id}/results", get(batches::results))
         .route("/api/events", get(dashboard::events))
         .route("/api/summary", get(dashboard::summary))
         .with_state(dashboard);
@@ -145,7 +170,6 @@ mod tests {
 
     use super::*;
     use crate::{
-        board::Board,
         dashboard::Page,
         launcher::{MAX_LOG_BYTES, local::LocalLauncher, log_cut_note},
     };
@@ -181,6 +205,26 @@ mod tests {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "cannot render the dashboard: bad template",
             ),
+            (
+                ApiError::NoSuchBatch("b<1>".into()),
+                StatusCode::NOT_FOUND,
+                "no batch \"b<1>\" in the ledger",
+            ),
+            (
+                ApiError::BadQuery("unknown row status".into()),
+                StatusCode::BAD_REQUEST,
+                "unknown row status",
+            ),
+            (
+                LedgerError::BadUrl("no scheme".into()).into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the ledger: DATABASE_URL is not a PostgreSQL URL (postgres://user@host:port/database): no scheme",
+            ),
+            (
+                ApiError::LedgerSilent(Duration::from_secs(2)),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the ledger: PostgreSQL did not answer within 2s",
+            ),
         ];
         for (error, status, message) in cases {
             let response = error.into_response();
@@ -206,15 +250,15 @@ mod tests {
         log.write_all(b"end\n").unwrap();
         drop(log);
 
-        let board = Arc::new(Board::default());
         let state = HttpState {
-            bus: Bus::new(Arc::default(), Arc::clone(&board), &JobsConfig::default()),
+            bus: Bus::new(Arc::default(), &JobsConfig::default()),
             metrics: Arc::new(Metrics::new()),
             launcher: Arc::new(launcher),
         };
         let pages = DashboardState {
-            board,
+            board: Arc::default(),
             page: Arc::new(Page::new(2000)),
+            ledger: spillway_ledger::Ledger::open("postgres://127.0.0.1:1/none", 1).unwrap(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!(

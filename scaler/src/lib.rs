@@ -14,8 +14,9 @@
 //! - [`bus`]: worker reports in, drain requests out, over RabbitMQ.
 //! - [`reports`]: each worker's latest report and each job type's latest batch
 //!   announcement, as heard on the bus.
-//! - [`board`]: what the dashboard shows, kept bounded.
-//! - [`dashboard`]: the HTML page and its JSON API.
+//! - [`board`]: what the dashboard shows of live scaling, kept bounded.
+//! - [`dashboard`]: the HTML pages and their JSON API; batches read from the ledger
+//!   ([`dashboard::batches`]).
 //! - [`http`]: every route, with `/api/jobs/{name}/logs`, `/healthz`, `/readyz`, `/metrics`.
 //! - [`metrics`]: the Prometheus metrics.
 
@@ -35,6 +36,7 @@ use std::{future::IntoFuture, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use spillway_common::{jobs_config::JobsConfig, rabbit_api::RabbitApi};
+use spillway_ledger::Ledger;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +60,8 @@ struct Parts {
     reports: Arc<Reports>,
     board: Arc<Board>,
     metrics: Arc<Metrics>,
+    /// Read by the dashboard only: scaling never waits for PostgreSQL.
+    ledger: Ledger,
     timing: Timing,
 }
 
@@ -80,10 +84,11 @@ pub async fn run(
             RabbitApi::new(&settings.rabbitmq_api_url, &settings.broker.amqp_url)?
                 .with_read_timeout(tick::read_timeout(jobs.tick())),
         ),
-        bus: Bus::new(Arc::clone(&reports), Arc::clone(&board), &jobs),
+        bus: Bus::new(Arc::clone(&reports), &jobs),
         reports,
         board,
         metrics,
+        ledger: settings.database.open()?,
         timing: Timing {
             drain_grace: Duration::from_secs(settings.drain_grace_seconds),
             report_stale_after: Duration::from_secs(settings.report_stale_seconds),
@@ -122,6 +127,7 @@ async fn serve_and_tick<L: Launcher>(
     let dashboard = DashboardState {
         board: Arc::clone(&parts.board),
         page: Arc::new(Page::new(2000)),
+        ledger: parts.ledger,
     };
     let router = http::app(
         HttpState {

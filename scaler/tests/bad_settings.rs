@@ -104,6 +104,13 @@ fn the_scaler_refuses_bad_settings_with_one_message_and_no_stack_trace() {
         1,
         "error: AMQP_URL is not a valid AMQP URL",
     );
+    // The dashboard reads batches from the ledger: its URL is checked at start.
+    assert_refused(
+        "DATABASE_URL of another scheme",
+        refused(&scaler, &[("DATABASE_URL", "mysql://127.0.0.1/spillway")]),
+        1,
+        "error: DATABASE_URL is not a PostgreSQL URL",
+    );
     for (variable, value) in [
         ("DRAIN_GRACE_SECONDS", "100000000000"),
         ("REPORT_STALE_SECONDS", "0"),

@@ -220,12 +220,13 @@ async fn the_dashboard_shows_live_numbers_workers_and_logs_and_escapes_what_it_s
     .await;
 
     // Every row, the one holding the payload too, was processed: the batch's row in
-    // the table reads 60 rows, 60 processed, and a worker's log prints the payload.
+    // the table (from the ledger) reads 60 rows, 60 done, and a worker's log prints
+    // the payload.
     wait_for(
         "the batch's row to show its 60 rows all processed",
         PATIENCE,
         || async {
-            // Cells: batch, job type, rows, processed, failed, dead-lettered, progress.
+            // Cells: batch, job type, rows, done, failed, dead, state, progress.
             browser
                 .table("batches")
                 .await

@@ -141,7 +141,7 @@ impl Harness {
         let jobs = JobsConfig::load(Some(path.path())).unwrap();
         let reports = Arc::new(Reports::default());
         let board = Arc::new(Board::new(Arc::clone(&reports)));
-        let bus = Bus::new(Arc::clone(&reports), Arc::clone(&board), &jobs);
+        let bus = Bus::new(Arc::clone(&reports), &jobs);
         let stop = CancellationToken::new();
         tokio::spawn(Arc::clone(&bus).run(vhost.amqp_url.clone(), stop.clone()));
         wait_for("the bus to connect", PATIENCE, || {

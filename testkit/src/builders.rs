@@ -19,6 +19,5 @@ pub fn worker_report(worker: &str) -> WorkerReport {
         started_unix: 1,
         last_activity_unix: 1,
         sent_unix: 1,
-        batches: Default::default(),
     }
 }

@@ -5,21 +5,15 @@
 //! dashboard read these reports; "work in hand" (`in_flight`) is what keeps the
 //! scaler from draining a busy worker.
 
-use std::{
-    collections::BTreeMap,
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+use std::sync::{
+    Mutex,
+    atomic::{AtomicU64, Ordering},
 };
 
 use lapin::{BasicProperties, Channel, options::BasicPublishOptions};
 use spillway_common::events::{
-    BatchCounts, EVENTS_EXCHANGE, WorkerReport, WorkerState, report_routing_key, unix_now,
+    EVENTS_EXCHANGE, WorkerReport, WorkerState, report_routing_key, unix_now,
 };
-
-/// Batches a report carries at most: the ones most recently worked on.
-const REPORTED_BATCHES: usize = 256;
 
 /// How one row ended, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +37,6 @@ pub struct Progress {
     started_unix: u64,
     last_activity_unix: AtomicU64,
     state: Mutex<WorkerState>,
-    batches: Mutex<BTreeMap<String, BatchCounts>>,
 }
 
 impl Progress {
@@ -60,7 +53,6 @@ impl Progress {
             started_unix: now,
             last_activity_unix: AtomicU64::new(now),
             state: Mutex::new(WorkerState::Running),
-            batches: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -72,32 +64,14 @@ impl Progress {
         InHand(std::sync::Arc::clone(self))
     }
 
-    /// Counts a settled row, in the totals and under its batch when it has one.
-    pub fn tally(&self, batch_id: Option<&str>, tally: Tally) {
+    /// Counts a settled row. (How each batch is doing is the ledger's to say.)
+    pub fn tally(&self, tally: Tally) {
         let total = match tally {
             Tally::Processed => &self.processed,
             Tally::Failed => &self.failed,
             Tally::DeadLettered => &self.dead_lettered,
         };
         total.fetch_add(1, Ordering::Relaxed);
-        let Some(batch_id) = batch_id else { return };
-        let mut batches = self.batches.lock().expect("batches lock");
-        if !batches.contains_key(batch_id) && batches.len() >= REPORTED_BATCHES {
-            let stalest = batches
-                .iter()
-                .min_by_key(|(_, counts)| counts.last_unix)
-                .map(|(id, _)| id.clone());
-            if let Some(stalest) = stalest {
-                batches.remove(&stalest);
-            }
-        }
-        let counts = batches.entry(batch_id.to_string()).or_default();
-        match tally {
-            Tally::Processed => counts.processed += 1,
-            Tally::Failed => counts.failed += 1,
-            Tally::DeadLettered => counts.dead_lettered += 1,
-        }
-        counts.last_unix = unix_now();
     }
 
     pub fn touch(&self) {
@@ -121,7 +95,6 @@ impl Progress {
             started_unix: self.started_unix,
             last_activity_unix: self.last_activity_unix.load(Ordering::Relaxed),
             sent_unix: unix_now(),
-            batches: self.batches.lock().expect("batches lock").clone(),
         }
     }
 
@@ -159,22 +132,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rows_are_counted_in_totals_and_per_batch() {
+    fn rows_are_counted_by_how_they_ended() {
         let progress = Progress::new("w".into(), "default".into(), "tasks".into());
-        progress.tally(Some("b1"), Tally::Processed);
-        progress.tally(Some("b1"), Tally::Failed);
-        progress.tally(Some("b1"), Tally::DeadLettered);
-        progress.tally(Some("b2"), Tally::Processed);
-        progress.tally(None, Tally::DeadLettered);
+        for tally in [
+            Tally::Processed,
+            Tally::Failed,
+            Tally::DeadLettered,
+            Tally::Processed,
+            Tally::DeadLettered,
+        ] {
+            progress.tally(tally);
+        }
         let report = progress.report();
         assert_eq!(
             (report.processed, report.failed, report.dead_lettered),
             (2, 1, 2)
         );
-        let b1 = report.batches["b1"];
-        assert_eq!((b1.processed, b1.failed, b1.dead_lettered), (1, 1, 1));
-        assert_eq!(report.batches["b2"].processed, 1);
-        assert_eq!(report.batches.len(), 2);
     }
 
     #[test]
@@ -187,14 +160,5 @@ mod tests {
         drop(first);
         drop(second);
         assert_eq!(progress.report().in_flight, 0);
-    }
-
-    #[test]
-    fn reports_keep_a_bounded_number_of_batches() {
-        let progress = Progress::new("w".into(), "default".into(), "tasks".into());
-        for n in 0..REPORTED_BATCHES + 10 {
-            progress.tally(Some(&format!("b{n}")), Tally::Processed);
-        }
-        assert_eq!(progress.report().batches.len(), REPORTED_BATCHES);
     }
 }

@@ -134,7 +134,6 @@ async fn settle(
     settler: &Settler,
 ) -> Result<(), SettleError> {
     let progress = &settler.progress;
-    let batch_id = key.map(|k| k.batch_id.as_str());
     let attempts = delivery_count(&delivery.properties) + 1;
     let record = |status: RowStatus, result: Option<String>, error: Option<&str>| {
         let outcome = key.map(|key| Outcome {
@@ -162,7 +161,7 @@ async fn settle(
                 return Err(error.into());
             }
             sent(delivery.ack(BasicAckOptions::default()).await?)?;
-            progress.tally(batch_id, Tally::Processed);
+            progress.tally(Tally::Processed);
             return Ok(());
         }
         Err(Failure::Handler(RowFailed(reason))) => (reason, true),
@@ -179,7 +178,7 @@ async fn settle(
                 .reject(BasicRejectOptions { requeue: true })
                 .await?,
         )?;
-        progress.tally(batch_id, Tally::Failed);
+        progress.tally(Tally::Failed);
         return Ok(());
     }
     tracing::error!(attempts, %reason, queue = %topology::dead_queue_name(&settler.queue), "row failed for good; dead-lettering it");
@@ -198,7 +197,7 @@ async fn settle(
         return Err(error);
     }
     sent(delivery.ack(BasicAckOptions::default()).await?)?;
-    progress.tally(batch_id, Tally::DeadLettered);
+    progress.tally(Tally::DeadLettered);
     Ok(())
 }
 

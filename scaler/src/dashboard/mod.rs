@@ -1,12 +1,17 @@
 //! The dashboard: one server-rendered page (`/`) that then refreshes itself in place
 //! from the JSON API (`/api/stats`, `/api/jobs`, `/api/batches`, `/api/events`), with
-//! no outside asset, so it works offline; and the same board as text
-//! (`/api/summary`) for `dashboard.sh`.
+//! no outside asset, so it works offline; a page per batch (`/batches/{id}`); and the
+//! same board as text (`/api/summary`) for `dashboard.sh`.
 //!
-//! The template is compiled once at start. Tera escapes every value in it; the page's
-//! script puts every value it fetches into the page as text, never as HTML, so a job
-//! name, a log line or a CSV value containing markup shows as what it is.
+//! Workers, queues and scaling come from the [`Board`] (live scaling data, in
+//! memory); batches come from the ledger ([`batches`]).
+//!
+//! The templates are compiled once at start. Tera escapes every value in them; the
+//! page's script puts every value it fetches into the page as text, never as HTML, so
+//! a job name, a log line, a file name or a CSV value containing markup shows as what
+//! it is.
 
+pub mod batches;
 pub mod summary;
 
 use std::sync::Arc;
@@ -16,31 +21,45 @@ use axum::{
     extract::{Query, State},
     response::{Html, IntoResponse, Response},
 };
-use tera::{Context, Tera};
+use spillway_ledger::Ledger;
+use tera::{Context, Kwargs, State as TeraState, Tera};
 
 use crate::{
-    board::{BatchesView, Board, JobView, ScalingEvent, StatsView},
+    board::{Board, JobView, ScalingEvent, StatsView},
     http::ApiError,
 };
+use batches::{BatchPage, BatchesView};
 
 const TEMPLATE: &str = "index.html";
+const BATCH_TEMPLATE: &str = "batch.html";
 
-/// The compiled page.
+/// The compiled pages.
 pub struct Page {
     tera: Tera,
     refresh_ms: u64,
 }
 
 impl Page {
-    /// Compiles the template; `refresh_ms` is how often the page refreshes itself.
+    /// Compiles the templates; `refresh_ms` is how often the pages refresh themselves.
     pub fn new(refresh_ms: u64) -> Self {
         let mut tera = Tera::new();
-        tera.add_raw_template(TEMPLATE, include_str!("index.html"))
-            .expect("the dashboard template compiles");
+        tera.register_filter("urlencode", |s: &str, _: Kwargs, _: &TeraState| {
+            path_segment(s)
+        });
+        tera.add_raw_templates([
+            (TEMPLATE, include_str!("index.html")),
+            (BATCH_TEMPLATE, include_str!("batch.html")),
+        ])
+        .expect("the dashboard templates compile");
         Page { tera, refresh_ms }
     }
 
-    pub fn render(&self, board: &Board) -> Result<String, tera::Error> {
+    /// The dashboard, with the ledger's batches or why they cannot be read.
+    pub fn render(
+        &self,
+        board: &Board,
+        batches: Result<&BatchesView, &str>,
+    ) -> Result<String, tera::Error> {
         let stats = board.stats();
         let mut context = Context::new();
         context.insert(
@@ -58,11 +77,62 @@ impl Page {
         context.insert("updated", &stats.updated_unix);
         context.insert("stats", &stats);
         context.insert("jobs", &board.jobs());
-        context.insert("batches", &board.batches());
+        match batches {
+            Ok(batches) => context.insert("batches", batches),
+            Err(error) => {
+                context.insert("batches", &BatchesView::default());
+                context.insert("ledger_error", error);
+            }
+        }
+        if batches.is_ok() {
+            context.insert("ledger_error", "");
+        }
+        context.insert("batches_shown", &batches::BATCHES_SHOWN);
         context.insert("events", &board.events());
         context.insert("refresh_ms", &self.refresh_ms);
         self.tera.render(TEMPLATE, &context)
     }
+
+    /// The page of batch `id`, or one saying why it cannot be shown. It refreshes
+    /// itself while the batch runs, or while the ledger cannot be read.
+    pub fn render_batch(
+        &self,
+        id: &str,
+        page: Result<&BatchPage, &ApiError>,
+    ) -> Result<String, tera::Error> {
+        let mut context = Context::new();
+        context.insert("batch_id", id);
+        match page {
+            Ok(page) => {
+                context.insert("error", "");
+                context.insert("batch", &page.batch);
+                context.insert("dead_rows", &page.dead_rows);
+                context.insert("refresh", &!page.batch.record.state.is_finished());
+            }
+            Err(error) => {
+                context.insert("error", &error.to_string());
+                context.insert(
+                    "refresh",
+                    &(error.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE),
+                );
+            }
+        }
+        context.insert("refresh_seconds", &self.refresh_ms.div_ceil(1000).max(1));
+        self.tera.render(BATCH_TEMPLATE, &context)
+    }
+}
+
+/// `s` as one segment of a URL path: every byte but the unreserved ones
+/// percent-encoded, so an id cannot add a segment, a query or markup to a link.
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn bytes(n: u64) -> String {
@@ -85,13 +155,24 @@ fn bytes(n: u64) -> String {
 pub struct DashboardState {
     pub board: Arc<Board>,
     pub page: Arc<Page>,
+    /// Where batches are read from; connects lazily, so the dashboard serves whether
+    /// or not PostgreSQL answers.
+    pub ledger: Ledger,
 }
 
 pub async fn index(State(state): State<DashboardState>) -> Result<Html<String>, ApiError> {
-    state.page.render(&state.board).map(Html).map_err(|error| {
-        tracing::error!(%error, "cannot render the dashboard");
-        ApiError::Render(error.to_string())
-    })
+    let batches = batches::newest(&state.ledger)
+        .await
+        .map_err(|e| e.to_string());
+    let batches = batches.as_ref().map_err(String::as_str);
+    state
+        .page
+        .render(&state.board, batches)
+        .map(Html)
+        .map_err(|error| {
+            tracing::error!(%error, "cannot render the dashboard");
+            ApiError::Render(error.to_string())
+        })
 }
 
 pub async fn stats(State(state): State<DashboardState>) -> Json<StatsView> {
@@ -100,10 +181,6 @@ pub async fn stats(State(state): State<DashboardState>) -> Json<StatsView> {
 
 pub async fn jobs(State(state): State<DashboardState>) -> Json<Vec<JobView>> {
     Json(state.board.jobs())
-}
-
-pub async fn batches(State(state): State<DashboardState>) -> Json<BatchesView> {
-    Json(state.board.batches())
 }
 
 pub async fn events(State(state): State<DashboardState>) -> Json<Vec<ScalingEvent>> {
@@ -116,24 +193,30 @@ pub struct SummaryQuery {
     color: bool,
 }
 
-/// The board as plain text (`?color=true` for ANSI colours), for `dashboard.sh`.
+/// The board and the ledger's batches as plain text (`?color=true` for ANSI
+/// colours), for `dashboard.sh`.
 pub async fn summary(
     State(state): State<DashboardState>,
     Query(query): Query<SummaryQuery>,
 ) -> Response {
+    let batches = batches::newest(&state.ledger)
+        .await
+        .map_err(|e| e.to_string());
+    let batches = batches.as_ref().map_err(String::as_str);
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; charset=utf-8",
         )],
-        summary::render(&state.board, query.color),
+        summary::render(&state.board, batches, query.color),
     )
         .into_response()
 }
 
 #[cfg(test)]
 mod tests {
-    use spillway_common::events::{BatchPublished, WorkerReport};
+    use spillway_common::events::WorkerReport;
+    use spillway_ledger::{BatchRecord, BatchState, batches::DeadRow};
     use spillway_testkit::builders::worker_report;
 
     use std::sync::Arc;
@@ -141,20 +224,47 @@ mod tests {
     use super::*;
     use crate::{
         board::{JobListing, JobTypeStats},
+        dashboard::batches::{BatchView, tests::record},
         reports::Reports,
     };
+
+    const HOSTILE: &str = "<script>alert(1)</script>";
+
+    fn escaped(html: &str, text: &str) -> bool {
+        let amp = text
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;");
+        html.contains(&amp) || html.contains(&amp.replace('/', "&#x2F;"))
+    }
+
+    /// A batch whose every outside value (id, job type, file name, header, error) is
+    /// markup.
+    fn hostile_batch() -> BatchRecord {
+        BatchRecord {
+            job_type: format!("{HOSTILE}type"),
+            file_name: Some(format!("{HOSTILE}.csv")),
+            header: vec![format!("{HOSTILE}col")],
+            error: Some(format!("{HOSTILE}error")),
+            ..record(
+                &format!("b\"><i>{HOSTILE}"),
+                BatchState::DoneWithFailures,
+                4,
+                3,
+                1,
+            )
+        }
+    }
 
     #[test]
     fn the_page_renders_the_board_with_every_outside_value_escaped() {
         let reports = Arc::new(Reports::default());
         let board = Board::new(Arc::clone(&reports));
-        board.record_batch(BatchPublished {
-            batch_id: "<b>batch</b>".into(),
-            job_type: "default".into(),
-            queue: "tasks".into(),
-            rows: 4,
-            published_unix: 1,
-        });
+        let batches = BatchesView {
+            batches: vec![BatchView::of(hostile_batch())],
+            more: false,
+        };
         reports.record(
             WorkerReport {
                 processed: 7,
@@ -187,7 +297,7 @@ mod tests {
             workers: vec!["w<1>".into()],
             reason: "41 ready > burst threshold 40".into(),
         });
-        let html = Page::new(2000).render(&board).unwrap();
+        let html = Page::new(2000).render(&board, Ok(&batches)).unwrap();
         assert!(
             !html.contains("<script>alert(1)</script>"),
             "a job name is never markup"
@@ -196,10 +306,22 @@ mod tests {
             html.contains("&lt;script&gt;alert(1)&lt;&#x2F;script&gt;")
                 || html.contains("&lt;script&gt;alert(1)&lt;/script&gt;")
         );
-        assert!(!html.contains("<b>batch</b>"));
+        assert!(!html.contains("<i>"), "a batch id is never markup");
         assert!(
-            html.contains(r#"<p id="batches-not-shown" class="empty" hidden>0 older batches"#),
-            "no batch forgotten: the note is there for the script, hidden"
+            escaped(&html, &format!("{HOSTILE}type")),
+            "job type as text"
+        );
+        assert!(
+            html.contains(
+                r#"href="/batches/b%22%3E%3Ci%3E%3Cscript%3Ealert%281%29%3C%2Fscript%3E""#
+            ),
+            "the batch's link is one path segment: {html}"
+        );
+        assert!(html.contains(r#"<p id="ledger-error" class="error" hidden>"#));
+        assert!(html.contains(r#"<p id="batches-more" class="empty" hidden>"#));
+        assert!(
+            html.contains(r#"<div style="width: 100.0%">"#),
+            "3 done + 1 dead of 4: {html}"
         );
         assert!(
             html.contains(r#"id="card-ready">41<"#),
@@ -212,6 +334,95 @@ mod tests {
             !html.contains("http://") && !html.contains("https://"),
             "no outside asset"
         );
+    }
+
+    #[test]
+    fn an_unreadable_ledger_is_a_banner_and_the_rest_of_the_board_shows() {
+        let html = Page::new(2000)
+            .render(
+                &Board::default(),
+                Err("the ledger: PostgreSQL is <unreachable>"),
+            )
+            .unwrap();
+        assert!(
+            html.contains(r#"<p id="ledger-error" class="error">Batches cannot be read: the ledger: PostgreSQL is &lt;unreachable&gt;</p>"#),
+            "{html}"
+        );
+        assert!(html.contains("No batches yet."));
+        assert!(html.contains(r#"id="card-ready">0<"#));
+    }
+
+    #[test]
+    fn a_batch_page_shows_its_figures_dead_rows_and_download_with_every_outside_value_escaped() {
+        let page = BatchPage {
+            batch: BatchView::of(hostile_batch()),
+            dead_rows: vec![DeadRow {
+                line: 7,
+                attempts: 5,
+                error: Some(format!("{HOSTILE} exit status 2")),
+                fields: vec![format!("{HOSTILE}field"), "x".into()],
+            }],
+        };
+        let id = page.batch.record.batch_id.clone();
+        let html = Page::new(2000).render_batch(&id, Ok(&page)).unwrap();
+        assert!(!html.contains(HOSTILE) && !html.contains("<i>"), "{html}");
+        for text in [
+            format!("{HOSTILE}type"),
+            format!("{HOSTILE}.csv"),
+            format!("{HOSTILE}col"),
+            format!("{HOSTILE}error"),
+            format!("{HOSTILE} exit status 2"),
+            format!("{HOSTILE}field, x"),
+        ] {
+            assert!(escaped(&html, &text), "{text} as text in {html}");
+        }
+        for figure in [
+            r#"id="state">done_with_failures<"#,
+            r#"id="rows">4<"#,
+            r#"id="done">3<"#,
+            r#"id="dead">1<"#,
+            r#"id="pending">0<"#,
+            r#"id="rate">0.4<"#,
+            r#"id="eta">–<"#,
+            r#"<td class="num">7</td><td class="num">5</td>"#,
+            r#"href="/batches/b%22%3E%3Ci%3E%3Cscript%3Ealert%281%29%3C%2Fscript%3E/results""#,
+            r#"/results?status=dead""#,
+        ] {
+            assert!(html.contains(figure), "{figure} in {html}");
+        }
+        assert!(
+            !html.contains("http-equiv=\"refresh\""),
+            "a finished batch's page stays put"
+        );
+    }
+
+    #[test]
+    fn a_batch_page_the_ledger_cannot_give_says_why() {
+        let cases = [
+            (
+                ApiError::LedgerSilent(std::time::Duration::from_secs(2)),
+                "the ledger: PostgreSQL did not answer within 2s",
+                true,
+            ),
+            (
+                ApiError::NoSuchBatch("<b>".into()),
+                "no batch &quot;&lt;b&gt;&quot; in the ledger",
+                false,
+            ),
+        ];
+        for (error, text, refreshes) in cases {
+            let html = Page::new(2000).render_batch("<b>", Err(&error)).unwrap();
+            assert!(html.contains(text), "{text} in {html}");
+            assert!(!html.contains("<b>"), "{html}");
+            assert_eq!(html.contains("http-equiv"), refreshes, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_path_segment_keeps_unreserved_bytes_only() {
+        assert_eq!(path_segment("6f0c-ab_1.x~"), "6f0c-ab_1.x~");
+        assert_eq!(path_segment("a/b?c#d"), "a%2Fb%3Fc%23d");
+        assert_eq!(path_segment("é"), "%C3%A9");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use spillway_common::events::unix_now;
 
-use crate::board::Board;
+use crate::{board::Board, dashboard::batches::BatchesView};
 
 const RESET: &str = "\x1b[0m";
 const BOLD: &str = "\x1b[1m";
@@ -38,6 +38,16 @@ impl Style {
         // Pad before painting so escape codes do not upset the column width.
         self.paint(code, &format!("{status:<10}"))
     }
+
+    fn state(&self, state: &str) -> String {
+        let code = match state {
+            "done" => GREEN,
+            "running" | "queued" | "publishing" => YELLOW,
+            "failed" | "done_with_failures" => RED,
+            _ => DIM,
+        };
+        self.paint(code, &format!("{state:<18}"))
+    }
 }
 
 /// Keeps printable characters only.
@@ -64,8 +74,9 @@ fn number(value: Option<u64>) -> String {
     value.map_or_else(|| "?".into(), |v| v.to_string())
 }
 
-/// The whole board as text; `color` adds ANSI colours.
-pub fn render(board: &Board, color: bool) -> String {
+/// The whole board as text, with the ledger's batches or why they cannot be read;
+/// `color` adds ANSI colours.
+pub fn render(board: &Board, batches: Result<&BatchesView, &str>, color: bool) -> String {
     let style = Style { color };
     let now = unix_now();
     let stats = board.stats();
@@ -140,54 +151,60 @@ pub fn render(board: &Board, color: bool) -> String {
         );
     }
 
-    let view = board.batches();
-    let batches = &view.batches;
     let _ = writeln!(
         out,
         "\n{}",
         style.paint(
             BOLD,
-            "BATCH                                  ROWS  PROCESSED  FAILED   DEAD  PROGRESS"
+            &format!(
+                "{:<36} {:<18} {:>6} {:>8} {:>7} {:>7}  {:<27} {:>8}",
+                "BATCH", "STATE", "ROWS", "DONE", "FAILED", "DEAD", "PROGRESS", "ROWS/S"
+            )
         )
     );
-    if batches.is_empty() {
-        let _ = writeln!(out, "{}", style.paint(DIM, "(no batches)"));
-    }
-    for batch in batches.iter().take(10) {
-        let bar = match batch.progress {
-            Some(p) => {
-                let filled = (p * 20.0).round() as usize;
-                format!(
-                    "[{}{}] {:>3.0}%",
+    match batches {
+        Err(error) => {
+            let _ = writeln!(
+                out,
+                "{}",
+                style.paint(RED, &format!("batches cannot be read: {}", clean(error)))
+            );
+        }
+        Ok(view) if view.batches.is_empty() => {
+            let _ = writeln!(out, "{}", style.paint(DIM, "(no batches)"));
+        }
+        Ok(view) => {
+            for batch in view.batches.iter().take(10) {
+                let b = &batch.record;
+                let filled = (batch.progress * 20.0).round() as usize;
+                let _ = writeln!(
+                    out,
+                    "{:<36} {} {:>6} {:>8} {:>7} {:>7}  [{}{}] {:>3.0}% {:>8}",
+                    clean(&b.batch_id),
+                    style.state(b.state.as_str()),
+                    b.rows,
+                    b.done,
+                    b.failed,
+                    b.dead,
                     "#".repeat(filled),
                     ".".repeat(20 - filled),
-                    p * 100.0
-                )
+                    batch.progress * 100.0,
+                    batch
+                        .rows_per_second
+                        .map_or_else(|| "-".into(), |r| format!("{r:.1}"))
+                );
             }
-            None => "(row count not announced)".into(),
-        };
-        let _ = writeln!(
-            out,
-            "{:<36} {:>6} {:>10} {:>7} {:>6}  {bar}",
-            clean(&batch.batch_id),
-            number(batch.rows),
-            batch.processed,
-            batch.failed,
-            batch.dead_lettered
-        );
-    }
-    if view.not_shown > 0 {
-        let _ = writeln!(
-            out,
-            "{}",
-            style.paint(
-                DIM,
-                &format!(
-                    "({} older batches not shown: finished ones are forgotten first)",
-                    view.not_shown
-                )
-            )
-        );
+            if view.batches.len() > 10 || view.more {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    style.paint(
+                        DIM,
+                        "(older batches not shown: the producer's GET /batches lists every one)"
+                    )
+                );
+            }
+        }
     }
 
     let events = board.events();
@@ -217,8 +234,11 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use spillway_ledger::{BatchRecord, BatchState};
+
     use crate::{
         board::{JobListing, JobTypeStats},
+        dashboard::batches::{BatchView, tests::record},
         reports::Reports,
     };
 
@@ -257,7 +277,19 @@ mod tests {
 
     #[test]
     fn the_summary_shows_the_numbers_and_no_control_characters_from_outside() {
-        let text = render(&board(), false);
+        let batches = BatchesView {
+            batches: vec![BatchView::of(BatchRecord {
+                batch_id: "b\x1b[2J1".into(),
+                ..record("", BatchState::Running, 100, 30, 10)
+            })],
+            more: false,
+        };
+        let text = render(&board(), Ok(&batches), false);
+        assert!(
+            text.contains("b[2J1") && text.contains("running") && text.contains(" 40% "),
+            "{text}"
+        );
+        assert!(text.contains("     4.0\n"), "rows per second: {text}");
         assert!(text.contains("41 ready"), "{text}");
         assert!(text.contains("1 of 10 active"), "{text}");
         assert!(
@@ -272,8 +304,22 @@ mod tests {
     }
 
     #[test]
+    fn an_unreadable_ledger_is_said_in_the_batches_section() {
+        let text = render(
+            &board(),
+            Err("the ledger: PostgreSQL is unreachable\x1b[2J"),
+            false,
+        );
+        assert!(
+            text.contains("batches cannot be read: the ledger: PostgreSQL is unreachable[2J"),
+            "{text}"
+        );
+        assert!(text.contains("41 ready"), "the rest shows: {text}");
+    }
+
+    #[test]
     fn colour_is_opt_in() {
-        let text = render(&board(), true);
+        let text = render(&board(), Ok(&BatchesView::default()), true);
         assert!(text.contains("\x1b[32mrunning"), "{text:?}");
         assert!(
             !text.contains("\x1b[2J"),
