@@ -369,9 +369,12 @@ cmd_bench() {
     export TEST_DATABASE_URL
     build_release
     # Each benchmark records its figures here; the last one prints the table of them all.
+    # BENCH_ROWS=N in the environment runs each on N rows instead: a quick check that
+    # they work, not figures for BENCHMARKS.md.
     rm -rf "$ROOT/target/bench-results"
     cargo bench --locked -p spillway-producer --bench ingest
     cargo bench --locked -p spillway-worker --bench consume
+    cargo bench --locked -p spillway-ledger --bench ledger
     cargo bench --locked -p spillway-scaler --bench system
     say "the table above is what BENCHMARKS.md keeps: copy it there with the machine it ran on"
 }

@@ -1,15 +1,20 @@
 //! Worker consume benchmark, part of `./manage.sh bench`.
 //!
-//! In one run, on one quorum work queue holding the same 100,000 row messages:
+//! In one run, on one quorum work queue holding 100,000 row messages each time:
 //! 1. a bare lapin consumer at prefetch 200 takes and acks every message, without
-//!    waiting for one ack before taking the next: the baseline;
+//!    waiting for one ack before taking the next, and writes nowhere: the baseline;
 //! 2. the release `worker` binary, with the `simulate` handler at 0 ms (a no-op) and
-//!    the same prefetch, does the same, timed from its start until no row is left
-//!    ready (the management API then confirms every row was acked).
+//!    the same prefetch, does the same, recording every row's outcome in its ledger
+//!    (PostgreSQL) before acking it, timed from its start until no row is left ready
+//!    (the management API then confirms every row was acked, and the ledger that the
+//!    batch is done). The batch is recorded in the ledger beforehand, as the producer
+//!    would have, so each outcome changes a row.
 //!
-//! Two runs each, in the order worker, bare, bare, worker.
+//! Two runs each, in the order worker, bare, bare, worker, each worker run on a batch
+//! of its own.
 //!
 //! Records rows/s of both (ratio target >= 0.8) in `target/bench-results/consume.json`.
+//! `BENCH_ROWS` replaces the 100,000, for a quick run.
 
 use std::{
     path::Path,
@@ -19,11 +24,14 @@ use std::{
 
 use lapin::{Channel, options::QueuePurgeOptions};
 use spillway_common::jobs_config::JobsConfig;
+use spillway_ledger::{BatchState, Ledger, NewBatch, copy::RowsEncoder};
 use spillway_testkit::{
-    TestVhost,
+    TestDatabase, TestVhost,
     bench::{
+        self,
         baseline::{
-            Row, consume_acked, publish_confirmed, queue_counts, sample_rows, work_queue_channel,
+            Row, SAMPLE_FIELDS, SAMPLE_HEADER, consume_acked, publish_confirmed, queue_counts,
+            sample_rows, work_queue_channel,
         },
         process::{Process, release_binary},
         results::{Figure, Measure, record},
@@ -32,6 +40,7 @@ use spillway_testkit::{
 };
 
 const ROWS: u64 = 100_000;
+const JOB_TYPE: &str = "default";
 const PREFETCH: u16 = 200;
 const JOBS: &str = "[job_types.default]\nqueue = \"tasks\"\nsimulate_ms = 0\n";
 
@@ -44,20 +53,47 @@ async fn main() {
     let jobs = JobsConfig::load(Some(&jobs_path)).expect("the benchmark's job types");
     let job = jobs.job_type("default").expect("the default job type");
     let vhost = TestVhost::new("bench-consume").await;
+    let database = TestDatabase::new("bench-consume").await;
+    let ledger = Ledger::open(&database.url, 2).expect("the test database's URL");
     let (_connection, channel) = work_queue_channel(&vhost.amqp_url, job).await;
-    let rows = sample_rows(ROWS, "bench", "default");
+    let rows_count = bench::rows(ROWS);
 
     // Worker, bare, bare, worker: neither gains from going first (a cold queue).
     let (mut bare, mut worker) = (Vec::new(), Vec::new());
-    for worker_turn in [true, false, false, true] {
-        fill(&channel, &job.queue, &rows).await;
+    for (run, worker_turn) in [true, false, false, true].into_iter().enumerate() {
+        // A batch of its own for each run: a row already done keeps its outcome.
+        let batch_id = format!("bench-{run}");
         if worker_turn {
-            worker
-                .push(through_worker(&worker_bin, &vhost, &jobs_path, &channel, &job.queue).await);
+            record_batch(&ledger, &batch_id, &job.queue, rows_count).await;
+        }
+        let rows = sample_rows(rows_count, &batch_id, JOB_TYPE);
+        fill(&channel, &job.queue, &rows).await;
+        drop(rows);
+        if worker_turn {
+            let run = Run {
+                bin: &worker_bin,
+                vhost: &vhost,
+                database_url: &database.url,
+                jobs_path: &jobs_path,
+                channel: &channel,
+                queue: &job.queue,
+                rows: rows_count,
+            };
+            worker.push(through_worker(&run).await);
+            let batch = ledger
+                .batch(&batch_id)
+                .await
+                .expect("read the batch")
+                .expect("the batch is recorded");
+            assert_eq!(
+                (batch.state, batch.done),
+                (BatchState::Done, rows_count),
+                "{batch:?}"
+            );
         } else {
-            let elapsed = consume_acked(&vhost.amqp_url, &job.queue, ROWS, PREFETCH).await;
+            let elapsed = consume_acked(&vhost.amqp_url, &job.queue, rows_count, PREFETCH).await;
             println!(
-                "bare lapin consumer: {ROWS} rows in {:.2} s",
+                "bare lapin consumer: {rows_count} rows in {:.2} s",
                 elapsed.as_secs_f64()
             );
             bare.push(elapsed);
@@ -68,23 +104,53 @@ async fn main() {
         "consume",
         &[Figure {
             key: "b".into(),
-            what: format!("worker consume and ack, {ROWS} rows, no-op handler"),
+            what: format!("worker consume and ack, {rows_count} rows, no-op handler"),
             spillway: Measure::Throughput {
-                rows: ROWS,
+                rows: rows_count,
                 seconds: mean(&worker),
             },
             baseline: Measure::Throughput {
-                rows: ROWS,
+                rows: rows_count,
                 seconds: mean(&bare),
             },
             note: format!(
                 "the release `worker` (`simulate`, 0 ms, CONCURRENCY = PREFETCH = {PREFETCH}) from \
-                 its start until the queue is empty, against a bare lapin consumer acking each \
-                 row at the same prefetch; mean of two runs each, in the order worker, bare, bare, worker; higher is better, \
-                 target >= 0.80"
+                 its start until the queue is empty, recording every row's outcome in the ledger \
+                 before acking it, against a bare lapin consumer acking each row at the same \
+                 prefetch and writing nowhere; mean of two runs each, in the order worker, bare, \
+                 bare, worker; higher is better, target >= 0.80"
             ),
         }],
     );
+}
+
+/// Records a batch of `rows` of the sample row in the ledger, as the producer would
+/// before publishing them, and marks it published.
+async fn record_batch(ledger: &Ledger, batch_id: &str, queue: &str, rows: u64) {
+    let mut encoder = RowsEncoder::new(Vec::new(), batch_id);
+    for line in 1..=rows {
+        encoder.push(line, SAMPLE_FIELDS).expect("encode a row");
+    }
+    let encoded = encoder.finish().expect("the encoded rows");
+    let header = SAMPLE_HEADER.map(String::from);
+    ledger
+        .create_batch(
+            &NewBatch {
+                batch_id,
+                job_type: JOB_TYPE,
+                queue,
+                file_name: None,
+                header: &header,
+                rows,
+            },
+            encoded.as_slice(),
+        )
+        .await
+        .expect("record the batch");
+    ledger
+        .finish_publishing(batch_id)
+        .await
+        .expect("mark the batch published");
 }
 
 async fn fill(channel: &Channel, queue: &str, rows: &[Row]) {
@@ -96,23 +162,38 @@ async fn fill(channel: &Channel, queue: &str, rows: &[Row]) {
     wait_for(
         "the queue to hold every row",
         Duration::from_secs(30),
-        || async { queue_counts(channel, queue).await.ready == ROWS as u32 },
+        || async { queue_counts(channel, queue).await.ready as usize == rows.len() },
     )
     .await;
 }
 
+/// One run of the worker binary.
+struct Run<'a> {
+    bin: &'a Path,
+    vhost: &'a TestVhost,
+    database_url: &'a str,
+    jobs_path: &'a Path,
+    channel: &'a Channel,
+    queue: &'a str,
+    rows: u64,
+}
+
 /// Time the worker binary with a no-op handler takes to empty the queue.
-async fn through_worker(
-    bin: &Path,
-    vhost: &TestVhost,
-    jobs_path: &Path,
-    channel: &Channel,
-    queue: &str,
-) -> Duration {
+async fn through_worker(run: &Run<'_>) -> Duration {
+    let Run {
+        bin,
+        vhost,
+        database_url,
+        jobs_path,
+        channel,
+        queue,
+        rows,
+    } = *run;
     let started = Instant::now();
     let mut worker = Process::spawn(
         Command::new(bin)
             .env("AMQP_URL", &vhost.amqp_url)
+            .env("DATABASE_URL", database_url)
             .env("JOBS_CONFIG", jobs_path)
             .env("CONCURRENCY", PREFETCH.to_string())
             .env("PREFETCH", PREFETCH.to_string())
@@ -147,7 +228,7 @@ async fn through_worker(
     let left = queue_counts(channel, queue).await.ready;
     assert_eq!(left, 0, "the worker left {left} rows behind on its drain");
     println!(
-        "worker (no-op handler): {ROWS} rows in {:.2} s",
+        "worker (no-op handler): {rows} rows in {:.2} s",
         elapsed.as_secs_f64()
     );
     elapsed

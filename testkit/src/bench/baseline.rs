@@ -72,7 +72,13 @@ pub fn csv_rows(csv: &Path, batch_id: &str, job_type: &str) -> Vec<Row> {
         .collect()
 }
 
-/// `rows` copies of one four-field row message, numbered as lines 1..=rows.
+/// The columns of [`sample_rows`].
+pub const SAMPLE_HEADER: [&str; 4] = ["Date", "Item Description", "Quantity", "Amount"];
+/// The fields of every one of [`sample_rows`].
+pub const SAMPLE_FIELDS: [&str; 4] = ["2024-01-13", "Desk lamp", "4", "119.06"];
+
+/// `rows` copies of one four-field row message ([`SAMPLE_HEADER`], [`SAMPLE_FIELDS`]),
+/// numbered as lines 1..=rows.
 pub fn sample_rows(rows: u64, batch_id: &str, job_type: &str) -> Vec<Row> {
     (1..=rows)
         .map(|line| {
@@ -81,12 +87,8 @@ pub fn sample_rows(rows: u64, batch_id: &str, job_type: &str) -> Vec<Row> {
                 job_type: job_type.into(),
                 line,
                 row: line,
-                headers: ["Date", "Item Description", "Quantity", "Amount"]
-                    .map(String::from)
-                    .into(),
-                fields: ["2024-01-13", "Desk lamp", "4", "119.06"]
-                    .map(String::from)
-                    .into(),
+                headers: SAMPLE_HEADER.map(String::from).into(),
+                fields: SAMPLE_FIELDS.map(String::from).into(),
             };
             Row {
                 message_id: row.message_id(),

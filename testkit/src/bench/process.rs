@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::StreamExt;
 use nix::{
     sys::signal::{Signal, kill},
     time::clock_getcpuclockid,
@@ -181,5 +182,63 @@ impl Producer {
         let answer: serde_json::Value = response.json().await.expect("a JSON answer");
         assert!(status.is_success(), "upload refused: {status} {answer}");
         (elapsed, answer)
+    }
+
+    /// `GET path` on the producer (`/batches/{id}`, say), answered with JSON. Panics
+    /// unless the answer is a success.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("the producer answers");
+        let status = response.status();
+        let answer: serde_json::Value = response.json().await.expect("a JSON answer");
+        assert!(status.is_success(), "GET {path}: {status} {answer}");
+        answer
+    }
+
+    /// Downloads `path` (`/batches/{id}/results`, say) as a client saving it would,
+    /// reading the body as it arrives but keeping none of it, and returns the time from
+    /// the request to the last byte and what arrived. Panics unless the answer is a
+    /// success.
+    pub async fn download(&self, path: &str) -> (Duration, Received) {
+        let started = Instant::now();
+        let response = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("the producer answers");
+        let status = response.status();
+        assert!(
+            status.is_success(),
+            "GET {path}: {status} {}",
+            response.text().await.unwrap_or_default()
+        );
+        let mut received = Received::default();
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            received.add(&chunk.expect("the download's bytes"));
+        }
+        (started.elapsed(), received)
+    }
+}
+
+/// What a streamed download delivered: its bytes, its lines (a row each, when no field
+/// holds a line break), and the chunks they came in.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub bytes: u64,
+    pub lines: u64,
+    pub chunks: u64,
+}
+
+impl Received {
+    pub fn add(&mut self, chunk: &[u8]) {
+        self.chunks += 1;
+        self.bytes += chunk.len() as u64;
+        self.lines += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
     }
 }

@@ -1,0 +1,410 @@
+//! Ledger benchmarks, part of `./manage.sh bench`: results read out of the ledger and
+//! outcomes written into it, each against PostgreSQL doing the same work by the
+//! shortest path, in the same run on the same database.
+//!
+//! - **e.** A batch of 1,000,000 rows of `data/generate_data.py` output, recorded as the
+//!   producer records it (`COPY`) and then finished (every row `done` with the result
+//!   the built-in `simulate` handler gives), downloaded as CSV through the release
+//!   `producer`'s `GET /batches/{id}/results` as a client saving it would: from the
+//!   request to the last byte. The baseline is a bare `COPY ... TO STDOUT` of the same
+//!   rows and columns (the statement the ledger streams) read through sqlx in this
+//!   process. Two runs each, in the order producer, COPY, COPY, producer, each producer
+//!   a fresh process; after an untimed COPY that brings the rows into memory. Also the
+//!   producer's peak resident memory for that download against its own for a batch of
+//!   a tenth as many rows.
+//! - **f.** The outcomes of 100,000 rows (done, with a `simulate` result) written as a
+//!   worker's recorder writes them: [`Ledger::record`] with up to
+//!   [`spillway_worker::record::MAX_BATCH`] outcomes a call, one call after another.
+//!   The baseline is a bare `UPDATE ... FROM unnest(...)` of the same columns of the
+//!   same rows, one statement per as many rows. Two runs each, in the order ledger,
+//!   bare, bare, ledger, each on a batch of its own.
+//!
+//! `BENCH_ROWS` replaces both row counts, for a quick run. Records its figures in
+//! `target/bench-results/ledger.json`.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use futures_util::StreamExt;
+use spillway_ledger::{BatchState, Ledger, NewBatch, Outcome, RowStatus, copy::RowsEncoder};
+use spillway_testkit::{
+    TestDatabase, TestVhost,
+    bench::{
+        self,
+        process::{Producer, Received, generate_csv, peak_rss_kib},
+        results::{Figure, Measure, record},
+    },
+};
+use spillway_worker::record::MAX_BATCH;
+use sqlx::postgres::PgPoolCopyExt;
+
+const DOWNLOAD_ROWS: u64 = 1_000_000;
+const RECORD_ROWS: u64 = 100_000;
+/// What the built-in `simulate` handler records as a row's result at 0 ms.
+const SIMULATE_RESULT: &str = r#"{"simulated_ms":0}"#;
+const WORKER: &str = "bench-worker";
+
+#[tokio::main]
+async fn main() {
+    let download_rows = bench::rows(DOWNLOAD_ROWS);
+    let record_rows = bench::rows(RECORD_ROWS);
+    let database = TestDatabase::new("bench-ledger").await;
+    // The producer connects to a broker; nothing is published in this benchmark.
+    let vhost = TestVhost::new("bench-ledger").await;
+    let ledger = Ledger::open(&database.url, 8).expect("the test database's URL");
+    ledger.ready().await.expect("the ledger's schema");
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let csv = dir.path().join("rows.csv");
+    generate_csv(&csv, download_rows.max(record_rows));
+
+    let download = download(&ledger, &vhost, &database, &csv, download_rows).await;
+    let writes = write_outcomes(&ledger, &csv, record_rows).await;
+    record("ledger", &[download.throughput, download.memory, writes]);
+}
+
+// e: results download
+
+struct Download {
+    throughput: Figure,
+    memory: Figure,
+}
+
+async fn download(
+    ledger: &Ledger,
+    vhost: &TestVhost,
+    database: &TestDatabase,
+    csv: &Path,
+    rows: u64,
+) -> Download {
+    let small_rows = (rows / 10).max(1);
+    let (large, small) = ("bench-download-large", "bench-download-small");
+    for (batch_id, n) in [(large, rows), (small, small_rows)] {
+        record_batch(ledger, batch_id, csv, n).await;
+        finish_every_row(ledger, batch_id).await;
+    }
+    vacuum(ledger).await;
+    println!("an untimed COPY first, to bring the rows into memory:");
+    bare_copy(ledger, large, rows).await;
+
+    // The peak of a fresh producer that downloaded the small batch only.
+    let producer = Producer::start(&vhost.amqp_url, None, &database.url).await;
+    let (elapsed, _) = through_producer(&producer, small, small_rows).await;
+    let small_rss = peak_rss_kib(producer.process.pid());
+    println!(
+        "producer download: {small_rows} rows in {:.2} s, peak RSS {small_rss} KiB",
+        elapsed.as_secs_f64()
+    );
+    drop(producer);
+
+    // Producer, COPY, COPY, producer: neither gains from going first.
+    let (mut spillway, mut baseline, mut large_rss) = (Duration::ZERO, Duration::ZERO, 0);
+    for producer_turn in [true, false, false, true] {
+        if producer_turn {
+            let producer = Producer::start(&vhost.amqp_url, None, &database.url).await;
+            let (elapsed, received) = through_producer(&producer, large, rows).await;
+            let rss = peak_rss_kib(producer.process.pid());
+            println!(
+                "producer download: {rows} rows ({:.1} MiB in {} chunks) in {:.2} s, peak RSS \
+                 {rss} KiB",
+                received.bytes as f64 / 1048576.0,
+                received.chunks,
+                elapsed.as_secs_f64()
+            );
+            spillway += elapsed;
+            large_rss = large_rss.max(rss);
+        } else {
+            baseline += bare_copy(ledger, large, rows).await;
+        }
+    }
+    Download {
+        throughput: Figure {
+            key: "e1".into(),
+            what: format!("results download, {rows} rows of CSV over HTTP"),
+            spillway: Measure::Throughput {
+                rows,
+                seconds: spillway.as_secs_f64() / 2.0,
+            },
+            baseline: Measure::Throughput {
+                rows,
+                seconds: baseline.as_secs_f64() / 2.0,
+            },
+            note: "`GET /batches/{id}/results` of a finished batch from the release `producer`, \
+                   read as it arrives, from the request to the last byte; against a bare `COPY \
+                   ... TO STDOUT` of the same rows and columns read through sqlx; mean of two \
+                   runs each (producer, COPY, COPY, producer); higher is better, goal: at least \
+                   200000 rows/s for the producer (its own figure, not the ratio)"
+                .into(),
+        },
+        memory: Figure {
+            key: "e2".into(),
+            what: format!("producer peak RSS, {rows}- vs {small_rows}-row download"),
+            spillway: Measure::Kib(large_rss),
+            baseline: Measure::Kib(small_rss),
+            note: format!(
+                "the peak resident memory (VmHWM) of a fresh release `producer` that served the \
+                 {rows}-row download (the higher of its two runs) against one that served the \
+                 {small_rows}-row one: the rows are streamed, so memory stays flat; lower is \
+                 better, goal: under 64 MiB whatever the batch size"
+            ),
+        },
+    }
+}
+
+/// A download from a producer that has served a request already, as a client reading
+/// the batch first does: its connections to PostgreSQL are open.
+async fn through_producer(producer: &Producer, batch_id: &str, rows: u64) -> (Duration, Received) {
+    let batch = producer.get_json(&format!("/batches/{batch_id}")).await;
+    assert_eq!(batch["state"], "done", "{batch}");
+    let (elapsed, received) = producer
+        .download(&format!("/batches/{batch_id}/results"))
+        .await;
+    // A header line, then a line per row: no field of the generated rows or their
+    // results holds a line break.
+    assert_eq!(received.lines, rows + 1, "{received:?}");
+    (elapsed, received)
+}
+
+/// The statement the ledger streams a CSV download with (`ledger/src/results.rs`), for
+/// the four columns of the generated rows.
+async fn bare_copy(ledger: &Ledger, batch_id: &str, rows: u64) -> Duration {
+    let statement = format!(
+        "COPY (SELECT r.fields[1], r.fields[2], r.fields[3], r.fields[4], r.line, r.status,
+                      r.result, r.error, r.attempts
+               FROM batch_rows r WHERE r.batch_id = '{batch_id}'
+               ORDER BY r.line)
+         TO STDOUT (FORMAT csv)"
+    );
+    let started = Instant::now();
+    let mut received = Received::default();
+    let mut stream = ledger
+        .pool()
+        .copy_out_raw(&statement)
+        .await
+        .expect("COPY TO STDOUT starts");
+    while let Some(chunk) = stream.next().await {
+        received.add(&chunk.expect("COPY's bytes"));
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(received.lines, rows, "{received:?}");
+    println!(
+        "bare COPY TO STDOUT: {rows} rows ({:.1} MiB in {} chunks) in {:.2} s",
+        received.bytes as f64 / 1048576.0,
+        received.chunks,
+        elapsed.as_secs_f64()
+    );
+    elapsed
+}
+
+/// Every row of `batch_id` done, with a result, and the batch with them: set directly,
+/// as the quickest way to a finished batch of any size.
+async fn finish_every_row(ledger: &Ledger, batch_id: &str) {
+    sqlx::query(
+        "UPDATE batch_rows SET status = 'done', attempts = 1, result = $2, worker = $3,
+                settled_at = now()
+         WHERE batch_id = $1",
+    )
+    .bind(batch_id)
+    .bind(SIMULATE_RESULT)
+    .bind(WORKER)
+    .execute(ledger.pool())
+    .await
+    .expect("finish the batch's rows");
+    sqlx::query(
+        "UPDATE batches SET pending = 0, done = rows, started_at = now() WHERE batch_id = $1",
+    )
+    .bind(batch_id)
+    .execute(ledger.pool())
+    .await
+    .expect("finish the batch");
+    assert_state(ledger, batch_id, BatchState::Done).await;
+}
+
+// f: ledger writes
+
+async fn write_outcomes(ledger: &Ledger, csv: &Path, rows: u64) -> Figure {
+    // A batch of its own for each run: a row already done keeps its outcome.
+    let batch_ids: Vec<String> = (1..=4).map(|run| format!("bench-record-{run}")).collect();
+    for batch_id in &batch_ids {
+        record_batch(ledger, batch_id, csv, rows).await;
+    }
+    vacuum(ledger).await;
+
+    // Ledger, bare, bare, ledger: neither gains from going first.
+    let (mut spillway, mut baseline) = (Duration::ZERO, Duration::ZERO);
+    for (batch_id, ledger_turn) in batch_ids.iter().zip([true, false, false, true]) {
+        let outcomes = done_outcomes(batch_id, rows);
+        if ledger_turn {
+            let elapsed = through_ledger(ledger, &outcomes).await;
+            assert_state(ledger, batch_id, BatchState::Done).await;
+            println!(
+                "Ledger::record: {rows} outcomes in {:.2} s",
+                elapsed.as_secs_f64()
+            );
+            spillway += elapsed;
+        } else {
+            let elapsed = bare_update(ledger, &outcomes).await;
+            println!(
+                "bare UPDATE FROM unnest: {rows} outcomes in {:.2} s",
+                elapsed.as_secs_f64()
+            );
+            baseline += elapsed;
+        }
+    }
+    Figure {
+        key: "f".into(),
+        what: format!("ledger writes, {rows} outcomes, {MAX_BATCH} a transaction"),
+        spillway: Measure::Throughput {
+            rows,
+            seconds: spillway.as_secs_f64() / 2.0,
+        },
+        baseline: Measure::Throughput {
+            rows,
+            seconds: baseline.as_secs_f64() / 2.0,
+        },
+        note: format!(
+            "`Ledger::record`, as a worker's recorder calls it, with {MAX_BATCH} outcomes a call, \
+             one call after another: a transaction that locks the rows in key order and reads \
+             their status (a final row keeps its outcome), updates them and moves the batch's \
+             counters; against a bare `UPDATE batch_rows ... FROM unnest(...)` of the same \
+             columns of the same rows, one statement per {MAX_BATCH}; each on a batch of its \
+             own, mean of two runs each (ledger, bare, bare, ledger); higher is better, target \
+             >= 0.80"
+        ),
+    }
+}
+
+fn done_outcomes(batch_id: &str, rows: u64) -> Vec<Outcome> {
+    let started_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs_f64();
+    (0..rows)
+        .map(|i| Outcome {
+            batch_id: batch_id.into(),
+            line: i + 2,
+            status: RowStatus::Done,
+            attempts: 1,
+            error: None,
+            result: Some(SIMULATE_RESULT.into()),
+            started_unix,
+        })
+        .collect()
+}
+
+async fn through_ledger(ledger: &Ledger, outcomes: &[Outcome]) -> Duration {
+    let started = Instant::now();
+    let mut applied = 0;
+    for chunk in outcomes.chunks(MAX_BATCH) {
+        applied += ledger
+            .record(WORKER, chunk)
+            .await
+            .expect("outcomes recorded")
+            .applied;
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(applied, outcomes.len(), "every outcome changes its row");
+    elapsed
+}
+
+/// What writing the outcomes takes at the least: the same columns as
+/// `Ledger::record` writes, one statement per chunk, and nothing else.
+async fn bare_update(ledger: &Ledger, outcomes: &[Outcome]) -> Duration {
+    let started = Instant::now();
+    let mut updated = 0;
+    for chunk in outcomes.chunks(MAX_BATCH) {
+        let batch_ids: Vec<&str> = chunk.iter().map(|o| o.batch_id.as_str()).collect();
+        let lines: Vec<i64> = chunk.iter().map(|o| o.line as i64).collect();
+        let statuses: Vec<&str> = chunk.iter().map(|o| o.status.as_str()).collect();
+        let attempts: Vec<i32> = chunk.iter().map(|o| o.attempts as i32).collect();
+        let errors: Vec<Option<&str>> = chunk.iter().map(|o| o.error.as_deref()).collect();
+        let results: Vec<Option<&str>> = chunk.iter().map(|o| o.result.as_deref()).collect();
+        updated += sqlx::query(
+            "UPDATE batch_rows r SET status = u.status, attempts = u.attempts, error = u.error,
+                    result = u.result, worker = $7, settled_at = now()
+             FROM unnest($1::text[], $2::int8[], $3::text[], $4::int4[], $5::text[], $6::text[])
+                  AS u(batch_id, line, status, attempts, error, result)
+             WHERE r.batch_id = u.batch_id AND r.line = u.line",
+        )
+        .bind(&batch_ids)
+        .bind(&lines)
+        .bind(&statuses)
+        .bind(&attempts)
+        .bind(&errors)
+        .bind(&results)
+        .bind(WORKER)
+        .execute(ledger.pool())
+        .await
+        .expect("the bare update")
+        .rows_affected();
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(
+        updated,
+        outcomes.len() as u64,
+        "every outcome updates its row"
+    );
+    elapsed
+}
+
+// set-up shared by both
+
+/// Records a batch of the first `rows` data rows of `csv` as the producer does (its rows
+/// with `COPY`, in one transaction), and marks it published.
+async fn record_batch(ledger: &Ledger, batch_id: &str, csv: &Path, rows: u64) {
+    let mut reader = csv::Reader::from_path(csv)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", csv.display()));
+    let header: Vec<String> = reader
+        .headers()
+        .expect("a header line")
+        .iter()
+        .map(String::from)
+        .collect();
+    let mut encoder = RowsEncoder::new(Vec::new(), batch_id);
+    for (i, row) in reader.records().take(rows as usize).enumerate() {
+        let row = row.expect("a well-formed row");
+        // generate_data.py writes one line per row, after the header on line 1.
+        encoder
+            .push(i as u64 + 2, row.iter())
+            .expect("encode a row");
+    }
+    assert_eq!(encoder.rows(), rows, "{} holds too few rows", csv.display());
+    let encoded = encoder.finish().expect("the encoded rows");
+    ledger
+        .create_batch(
+            &NewBatch {
+                batch_id,
+                job_type: "default",
+                queue: "tasks",
+                file_name: Some("rows.csv"),
+                header: &header,
+                rows,
+            },
+            encoded.as_slice(),
+        )
+        .await
+        .expect("record the batch");
+    ledger
+        .finish_publishing(batch_id)
+        .await
+        .expect("mark the batch published");
+    assert_state(ledger, batch_id, BatchState::Queued).await;
+}
+
+/// Leaves no dead row versions or stale statistics from the set-up to the timed part.
+async fn vacuum(ledger: &Ledger) {
+    sqlx::raw_sql("VACUUM ANALYZE batches, batch_rows")
+        .execute(ledger.pool())
+        .await
+        .expect("vacuum the ledger's tables");
+}
+
+async fn assert_state(ledger: &Ledger, batch_id: &str, state: BatchState) {
+    let batch = ledger
+        .batch(batch_id)
+        .await
+        .expect("read the batch")
+        .expect("the batch is recorded");
+    assert_eq!(batch.state, state, "{batch:?}");
+}
