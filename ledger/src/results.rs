@@ -8,7 +8,7 @@
 //! `standard_conforming_strings` on, so a backslash is only a backslash), and the
 //! status filter is one of [`RowStatus`]'s own names.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt, stream::BoxStream};
 use sqlx::postgres::PgPoolCopyExt;
 
@@ -22,6 +22,9 @@ pub const CSV_COLUMNS: [&str; 5] = [
     "spillway_error",
     "spillway_attempts",
 ];
+
+/// Most rows sent on as one piece of a download.
+const ROWS_PER_CHUNK: usize = 512;
 
 /// How results are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,11 +80,20 @@ impl Ledger {
                 Bytes::new(),
             ),
         };
+        // PostgreSQL sends one message per row: the rows already arrived are sent on
+        // as one piece, so a client is not handed a million tiny chunks.
         let rows = self
             .pool()
             .copy_out_raw(&statement)
             .await?
-            .map_err(LedgerError::from);
+            .ready_chunks(ROWS_PER_CHUNK)
+            .map(|rows| {
+                let mut chunk = BytesMut::new();
+                for row in rows {
+                    chunk.extend_from_slice(&row.map_err(LedgerError::from)?);
+                }
+                Ok(chunk.freeze())
+            });
         Ok(futures_util::stream::once(async move { Ok(first) })
             .chain(rows)
             .try_filter(|chunk| std::future::ready(!chunk.is_empty()))

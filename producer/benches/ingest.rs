@@ -69,9 +69,14 @@ async fn main() {
             "the ledger: {batch}"
         );
         let rss = peak_rss_kib(producer.process.pid());
+        // How much of the upload was recording it in the ledger, to tell the ledger's
+        // share from the broker's when the ratio falls short.
+        let ledger = producer.metric("ledger_write_seconds_sum").await;
         println!(
-            "producer over HTTP: {rows} rows in {:.2} s, peak RSS {rss} KiB",
-            elapsed.as_secs_f64()
+            "producer over HTTP: {rows} rows in {:.2} s ({} s of it recording the batch in the \
+             ledger), peak RSS {rss} KiB",
+            elapsed.as_secs_f64(),
+            ledger.map_or("?".into(), |s| format!("{s:.2}")),
         );
         purge(&channel, &job.queue).await;
 

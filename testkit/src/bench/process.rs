@@ -199,6 +199,24 @@ impl Producer {
         answer
     }
 
+    /// The value of the metric whose name ends with `suffix` on the producer's
+    /// `/metrics` (`ledger_write_seconds_sum`, say), if it shows one.
+    pub async fn metric(&self, suffix: &str) -> Option<f64> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("the producer answers")
+            .text()
+            .await
+            .expect("the metrics' text");
+        text.lines().find_map(|line| {
+            let (name, value) = line.split_once(' ')?;
+            name.ends_with(suffix).then(|| value.trim().parse().ok())?
+        })
+    }
+
     /// Downloads `path` (`/batches/{id}/results`, say) as a client saving it would,
     /// reading the body as it arrives but keeping none of it, and returns the time from
     /// the request to the last byte and what arrived. Panics unless the answer is a
