@@ -28,7 +28,7 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use spillway_ledger::{BatchState, Ledger, NewBatch, Outcome, RowStatus, copy::RowsEncoder};
+use spillway_ledger::{BatchState, Ledger, NewBatch, Outcome, RowStatus};
 use spillway_testkit::{
     TestDatabase, TestVhost,
     bench::{
@@ -36,6 +36,7 @@ use spillway_testkit::{
         process::{Producer, Received, generate_csv, peak_rss_kib},
         results::{Figure, Measure, record},
     },
+    ledger::record_published_batch,
 };
 use spillway_worker::record::MAX_BATCH;
 use sqlx::postgres::PgPoolCopyExt;
@@ -99,7 +100,7 @@ async fn download(
     drop(producer);
 
     // Producer, COPY, COPY, producer: neither gains from going first.
-    let (mut spillway, mut baseline, mut large_rss) = (Duration::ZERO, Duration::ZERO, 0);
+    let (mut spillway, mut baseline, mut large_rss) = (Vec::new(), Vec::new(), 0);
     for producer_turn in [true, false, false, true] {
         if producer_turn {
             let producer = Producer::start(&vhost.amqp_url, None, &database.url).await;
@@ -112,24 +113,18 @@ async fn download(
                 received.chunks,
                 elapsed.as_secs_f64()
             );
-            spillway += elapsed;
+            spillway.push(elapsed);
             large_rss = large_rss.max(rss);
         } else {
-            baseline += bare_copy(ledger, large, rows).await;
+            baseline.push(bare_copy(ledger, large, rows).await);
         }
     }
     Download {
         throughput: Figure {
             key: "e1".into(),
             what: format!("results download, {rows} rows of CSV over HTTP"),
-            spillway: Measure::Throughput {
-                rows,
-                seconds: spillway.as_secs_f64() / 2.0,
-            },
-            baseline: Measure::Throughput {
-                rows,
-                seconds: baseline.as_secs_f64() / 2.0,
-            },
+            spillway: Measure::mean_throughput(rows, &spillway),
+            baseline: Measure::mean_throughput(rows, &baseline),
             note: "`GET /batches/{id}/results` of a finished batch from the release `producer`, \
                    read as it arrives, from the request to the last byte; against a bare `COPY \
                    ... TO STDOUT` of the same rows and columns read through sqlx; mean of two \
@@ -232,7 +227,7 @@ async fn write_outcomes(ledger: &Ledger, csv: &Path, rows: u64) -> Figure {
     vacuum(ledger).await;
 
     // Ledger, bare, bare, ledger: neither gains from going first.
-    let (mut spillway, mut baseline) = (Duration::ZERO, Duration::ZERO);
+    let (mut spillway, mut baseline) = (Vec::new(), Vec::new());
     for (batch_id, ledger_turn) in batch_ids.iter().zip([true, false, false, true]) {
         let outcomes = done_outcomes(batch_id, rows);
         if ledger_turn {
@@ -242,27 +237,21 @@ async fn write_outcomes(ledger: &Ledger, csv: &Path, rows: u64) -> Figure {
                 "Ledger::record: {rows} outcomes in {:.2} s",
                 elapsed.as_secs_f64()
             );
-            spillway += elapsed;
+            spillway.push(elapsed);
         } else {
             let elapsed = bare_update(ledger, &outcomes).await;
             println!(
                 "bare UPDATE FROM unnest: {rows} outcomes in {:.2} s",
                 elapsed.as_secs_f64()
             );
-            baseline += elapsed;
+            baseline.push(elapsed);
         }
     }
     Figure {
         key: "f".into(),
         what: format!("ledger writes, {rows} outcomes, {MAX_BATCH} a transaction"),
-        spillway: Measure::Throughput {
-            rows,
-            seconds: spillway.as_secs_f64() / 2.0,
-        },
-        baseline: Measure::Throughput {
-            rows,
-            seconds: baseline.as_secs_f64() / 2.0,
-        },
+        spillway: Measure::mean_throughput(rows, &spillway),
+        baseline: Measure::mean_throughput(rows, &baseline),
         note: format!(
             "`Ledger::record`, as a worker's recorder calls it, with {MAX_BATCH} outcomes a call, \
              one call after another: a transaction that locks the rows in key order and reads \
@@ -361,34 +350,29 @@ async fn record_batch(ledger: &Ledger, batch_id: &str, csv: &Path, rows: u64) {
         .iter()
         .map(String::from)
         .collect();
-    let mut encoder = RowsEncoder::new(Vec::new(), batch_id);
-    for (i, row) in reader.records().take(rows as usize).enumerate() {
-        let row = row.expect("a well-formed row");
-        // generate_data.py writes one line per row, after the header on line 1.
-        encoder
-            .push(i as u64 + 2, row.iter())
-            .expect("encode a row");
-    }
-    assert_eq!(encoder.rows(), rows, "{} holds too few rows", csv.display());
-    let encoded = encoder.finish().expect("the encoded rows");
-    ledger
-        .create_batch(
-            &NewBatch {
-                batch_id,
-                job_type: "default",
-                queue: "tasks",
-                file_name: Some("rows.csv"),
-                header: &header,
-                rows,
-            },
-            encoded.as_slice(),
-        )
-        .await
-        .expect("record the batch");
-    ledger
-        .finish_publishing(batch_id)
-        .await
-        .expect("mark the batch published");
+    let batch = NewBatch {
+        batch_id,
+        job_type: "default",
+        queue: "tasks",
+        file_name: Some("rows.csv"),
+        header: &header,
+        rows,
+    };
+    // generate_data.py writes one line per row, after the header on line 1.
+    let lines = reader
+        .into_records()
+        .take(rows as usize)
+        .zip(2..)
+        .map(|(row, line)| {
+            (
+                line,
+                row.expect("a well-formed row")
+                    .iter()
+                    .map(String::from)
+                    .collect::<Vec<_>>(),
+            )
+        });
+    record_published_batch(ledger, &batch, lines).await;
     assert_state(ledger, batch_id, BatchState::Queued).await;
 }
 

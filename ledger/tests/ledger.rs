@@ -4,7 +4,6 @@ use futures_util::TryStreamExt;
 use spillway_ledger::{
     BatchFilter, BatchState, Ledger, NewBatch, Outcome, Recorded, RowStatus,
     batches::Deleted,
-    copy::RowsEncoder,
     results::{CSV_COLUMNS, Format},
 };
 use spillway_testkit::TestDatabase;
@@ -18,11 +17,6 @@ async fn ledger(label: &str) -> (TestDatabase, Ledger) {
 
 /// Records a batch `id` of `rows` (line 2 onwards, one line each) under `header`.
 async fn record_batch(ledger: &Ledger, id: &str, header: &[&str], rows: &[&[&str]]) {
-    let mut encoder = RowsEncoder::new(Vec::new(), id);
-    for (i, fields) in rows.iter().enumerate() {
-        encoder.push(i as u64 + 2, fields.iter().copied()).unwrap();
-    }
-    let encoded = encoder.finish().unwrap();
     let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
     let batch = NewBatch {
         batch_id: id,
@@ -32,7 +26,8 @@ async fn record_batch(ledger: &Ledger, id: &str, header: &[&str], rows: &[&[&str
         header: &header,
         rows: rows.len() as u64,
     };
-    ledger.create_batch(&batch, &encoded[..]).await.unwrap();
+    let lines = (2..).zip(rows.iter().map(|fields| fields.iter()));
+    spillway_testkit::ledger::record_batch(ledger, &batch, lines).await;
 }
 
 fn outcome(batch: &str, line: u64, status: RowStatus, result: Option<&str>) -> Outcome {

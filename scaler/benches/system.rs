@@ -89,26 +89,20 @@ async fn end_to_end() -> Figure {
     let rows = csv_rows(&csv, "bare", "default");
 
     // Spillway, broker, broker, Spillway: neither gains from going first.
-    let (mut spillway, mut broker) = (Duration::ZERO, Duration::ZERO);
+    let (mut spillway, mut broker) = (Vec::new(), Vec::new());
     for (run, spillway_turn) in [true, false, false, true].into_iter().enumerate() {
         if spillway_turn {
             let run_dir = dir.path().join(format!("run-{run}"));
-            spillway += through_spillway(&jobs_path, job, &csv, e2e_rows, &run_dir).await;
+            spillway.push(through_spillway(&jobs_path, job, &csv, e2e_rows, &run_dir).await);
         } else {
-            broker += through_broker(job, &rows).await;
+            broker.push(through_broker(job, &rows).await);
         }
     }
     Figure {
         key: "c".into(),
         what: format!("end to end, {e2e_rows} rows, local launcher, no-op handler"),
-        spillway: Measure::Throughput {
-            rows: e2e_rows,
-            seconds: spillway.as_secs_f64() / 2.0,
-        },
-        baseline: Measure::Throughput {
-            rows: e2e_rows,
-            seconds: broker.as_secs_f64() / 2.0,
-        },
+        spillway: Measure::mean_throughput(e2e_rows, &spillway),
+        baseline: Measure::mean_throughput(e2e_rows, &broker),
         note: format!(
             "upload to the release `producer` (which records every row in the ledger before \
              publishing) until the ledger holds every row's result, recorded by the workers the \

@@ -8,6 +8,7 @@
 //! - [`vhost`]: a throwaway vhost per test on the real broker ([`TestVhost`]).
 //! - [`wait`]: [`wait_for`], bounded waiting with a clear timeout message.
 //! - [`database`]: a throwaway PostgreSQL database per test ([`TestDatabase`]).
+//! - [`ledger`]: batches recorded in the ledger as the producer records them.
 //! - [`producer`]: the producer serving in the test's own process.
 //! - [`events`]: listening to worker reports and batch announcements.
 //! - [`builders`]: messages with defaults, so a test names only what its case is about.
@@ -26,6 +27,7 @@ pub mod builders;
 pub mod database;
 pub mod events;
 pub mod kube_api;
+pub mod ledger;
 pub mod local_workers;
 pub mod producer;
 pub mod vhost;

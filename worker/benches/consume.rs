@@ -24,7 +24,7 @@ use std::{
 
 use lapin::{Channel, options::QueuePurgeOptions};
 use spillway_common::jobs_config::JobsConfig;
-use spillway_ledger::{BatchState, Ledger, NewBatch, copy::RowsEncoder};
+use spillway_ledger::{BatchState, Ledger, NewBatch};
 use spillway_testkit::{
     TestDatabase, TestVhost,
     bench::{
@@ -36,6 +36,7 @@ use spillway_testkit::{
         process::{Process, release_binary},
         results::{Figure, Measure, record},
     },
+    ledger::record_published_batch,
     wait_for,
 };
 
@@ -64,7 +65,19 @@ async fn main() {
         // A batch of its own for each run: a row already done keeps its outcome.
         let batch_id = format!("bench-{run}");
         if worker_turn {
-            record_batch(&ledger, &batch_id, &job.queue, rows_count).await;
+            record_published_batch(
+                &ledger,
+                &NewBatch {
+                    batch_id: &batch_id,
+                    job_type: JOB_TYPE,
+                    queue: &job.queue,
+                    file_name: None,
+                    header: &SAMPLE_HEADER.map(String::from),
+                    rows: rows_count,
+                },
+                (1..=rows_count).map(|line| (line, SAMPLE_FIELDS)),
+            )
+            .await;
         }
         let rows = sample_rows(rows_count, &batch_id, JOB_TYPE);
         fill(&channel, &job.queue, &rows).await;
@@ -99,20 +112,13 @@ async fn main() {
             bare.push(elapsed);
         }
     }
-    let mean = |runs: &[Duration]| runs.iter().sum::<Duration>().as_secs_f64() / runs.len() as f64;
     record(
         "consume",
         &[Figure {
             key: "b".into(),
             what: format!("worker consume and ack, {rows_count} rows, no-op handler"),
-            spillway: Measure::Throughput {
-                rows: rows_count,
-                seconds: mean(&worker),
-            },
-            baseline: Measure::Throughput {
-                rows: rows_count,
-                seconds: mean(&bare),
-            },
+            spillway: Measure::mean_throughput(rows_count, &worker),
+            baseline: Measure::mean_throughput(rows_count, &bare),
             note: format!(
                 "the release `worker` (`simulate`, 0 ms, CONCURRENCY = PREFETCH = {PREFETCH}) from \
                  its start until the queue is empty, recording every row's outcome in the ledger \
@@ -122,35 +128,6 @@ async fn main() {
             ),
         }],
     );
-}
-
-/// Records a batch of `rows` of the sample row in the ledger, as the producer would
-/// before publishing them, and marks it published.
-async fn record_batch(ledger: &Ledger, batch_id: &str, queue: &str, rows: u64) {
-    let mut encoder = RowsEncoder::new(Vec::new(), batch_id);
-    for line in 1..=rows {
-        encoder.push(line, SAMPLE_FIELDS).expect("encode a row");
-    }
-    let encoded = encoder.finish().expect("the encoded rows");
-    let header = SAMPLE_HEADER.map(String::from);
-    ledger
-        .create_batch(
-            &NewBatch {
-                batch_id,
-                job_type: JOB_TYPE,
-                queue,
-                file_name: None,
-                header: &header,
-                rows,
-            },
-            encoded.as_slice(),
-        )
-        .await
-        .expect("record the batch");
-    ledger
-        .finish_publishing(batch_id)
-        .await
-        .expect("mark the batch published");
 }
 
 async fn fill(channel: &Channel, queue: &str, rows: &[Row]) {

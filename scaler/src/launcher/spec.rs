@@ -132,6 +132,45 @@ impl WorkerEnv {
         WorkerEnv(vars)
     }
 
+    /// The broker URL from a Secret, the job types from a ConfigMap, JSON logs: what
+    /// `WorkerEnv::from_settings` gives by default.
+    #[cfg(test)]
+    pub fn example() -> Self {
+        WorkerEnv::new(vec![
+            Var::new(
+                "JOBS_CONFIG",
+                Source::ConfigMapFile {
+                    local: None,
+                    name: "spillway-jobs".into(),
+                    key: "jobs.toml".into(),
+                    path: "/etc/spillway/jobs.toml".into(),
+                },
+            ),
+            Var::new(
+                "LOG_FORMAT",
+                Source::PerLauncher {
+                    local: "human".into(),
+                    kubernetes: "json".into(),
+                },
+            ),
+            Var::new(
+                "AMQP_URL",
+                Source::SecretKey {
+                    local: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+                    name: "spillway-rabbitmq".into(),
+                    key: "amqp-url".into(),
+                },
+            ),
+        ])
+    }
+
+    /// These variables and `var` (for tests).
+    #[cfg(test)]
+    pub fn with(mut self, var: Var) -> Self {
+        self.0.push(var);
+        self
+    }
+
     /// The spec of worker `name` on `job_type`.
     pub fn spec(&self, job_type: &str, name: &str) -> WorkerSpec {
         let own = [

@@ -6,7 +6,7 @@
 //! earlier run of it wrote; `./manage.sh bench` clears the directory first, so the
 //! table it prints holds this run's figures only.
 
-use std::{fmt, path::PathBuf};
+use std::{fmt, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +40,15 @@ pub enum Measure {
 }
 
 impl Measure {
+    /// `rows` handled in each of `runs`, compared at the runs' mean time.
+    pub fn mean_throughput(rows: u64, runs: &[Duration]) -> Measure {
+        assert!(!runs.is_empty(), "a throughput needs at least one run");
+        Measure::Throughput {
+            rows,
+            seconds: runs.iter().sum::<Duration>().as_secs_f64() / runs.len() as f64,
+        }
+    }
+
     fn value(self) -> f64 {
         match self {
             Measure::Throughput { rows, seconds } => rows as f64 / seconds,

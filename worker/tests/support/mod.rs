@@ -22,8 +22,10 @@ use spillway_common::{
     envelope::{RowMessage, row_properties},
     topology::{self, dead_queue_name},
 };
-use spillway_ledger::{Ledger, NewBatch, copy::RowsEncoder};
-use spillway_testkit::{TestDatabase, TestVhost, bench::process::peak_rss_kib, wait_for};
+use spillway_ledger::{Ledger, NewBatch};
+use spillway_testkit::{
+    TestDatabase, TestVhost, bench::process::peak_rss_kib, ledger::record_published_batch, wait_for,
+};
 
 pub const QUEUE: &str = "rows";
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -106,22 +108,16 @@ impl Rig {
     /// producer does before publishing them, all published.
     pub async fn record_batch(&self, rows: u64) -> Ledger {
         let ledger = self.ledger();
-        let mut encoder = RowsEncoder::new(Vec::new(), &self.batch_id);
-        for line in 1..=rows {
-            encoder.push(line, [line.to_string().as_str()]).unwrap();
-        }
-        let encoded = encoder.finish().unwrap();
-        let header = vec!["n".to_string()];
         let batch = NewBatch {
             batch_id: &self.batch_id,
             job_type: "default",
             queue: QUEUE,
             file_name: None,
-            header: &header,
+            header: &["n".to_string()],
             rows,
         };
-        ledger.create_batch(&batch, &encoded[..]).await.unwrap();
-        ledger.finish_publishing(&self.batch_id).await.unwrap();
+        let lines = (1..=rows).map(|line| (line, [line.to_string()]));
+        record_published_batch(&ledger, &batch, lines).await;
         ledger
     }
 

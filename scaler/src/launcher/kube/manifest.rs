@@ -248,39 +248,8 @@ pub(crate) mod tests {
         }
     }
 
-    /// The broker URL from a Secret, the job types from a ConfigMap, JSON logs: what
-    /// `WorkerEnv::from_settings` gives by default.
-    pub(crate) fn env() -> WorkerEnv {
-        WorkerEnv::new(vec![
-            Var::new(
-                "JOBS_CONFIG",
-                Source::ConfigMapFile {
-                    local: None,
-                    name: "spillway-jobs".into(),
-                    key: "jobs.toml".into(),
-                    path: "/etc/spillway/jobs.toml".into(),
-                },
-            ),
-            Var::new(
-                "LOG_FORMAT",
-                Source::PerLauncher {
-                    local: "human".into(),
-                    kubernetes: "json".into(),
-                },
-            ),
-            Var::new(
-                "AMQP_URL",
-                Source::SecretKey {
-                    local: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-                    name: "spillway-rabbitmq".into(),
-                    key: "amqp-url".into(),
-                },
-            ),
-        ])
-    }
-
     fn job(job_type: &str, name: &str) -> Result<Job, NoImage> {
-        worker_job(&template(), &env().spec(job_type, name))
+        worker_job(&template(), &WorkerEnv::example().spec(job_type, name))
     }
 
     #[test]

@@ -18,10 +18,8 @@ use serde_json::{Value, json};
 use spillway_testkit::wait_for;
 
 use self::api_server::{NAMESPACE, SELECTOR, answer, job, launcher, launcher_with_pods, next};
-use super::{
-    manifest::tests::{env, template},
-    *,
-};
+use super::{manifest::tests::template, *};
+use crate::launcher::spec::WorkerEnv;
 
 #[tokio::test]
 async fn spawning_posts_the_worker_job_of_the_manifest() {
@@ -39,7 +37,11 @@ async fn spawning_posts_the_worker_job_of_the_manifest() {
     assert_eq!(method, Method::POST);
     assert_eq!(path, "/apis/batch/v1/namespaces/spillway/jobs");
     assert!(!query.contains("dryRun"), "a real create: {query}");
-    let expected = worker_job(&template(), &env().spec("default", "spillway-default-1")).unwrap();
+    let expected = worker_job(
+        &template(),
+        &WorkerEnv::example().spec("default", "spillway-default-1"),
+    )
+    .unwrap();
     assert_eq!(body, serde_json::to_value(expected).unwrap());
 }
 

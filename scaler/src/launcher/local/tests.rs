@@ -151,37 +151,14 @@ async fn a_new_launcher_finds_the_workers_an_earlier_one_started() {
     wait_phase(&second, "w-kept", Phase::Ended).await;
 }
 
-/// A spec whose variables are set, removed, and set over one the scaler's own
-/// environment has (`HOME`): the spec wins over what the scaler inherited.
+/// The launchers' example spec (variables set and removed) and one over a variable the
+/// scaler's own environment has (`HOME`): the spec wins over what the scaler inherited.
 fn spec_env() -> WorkerEnv {
     use crate::launcher::spec::{Source, Var};
-    WorkerEnv::new(vec![
-        Var::new(
-            "JOBS_CONFIG",
-            Source::ConfigMapFile {
-                local: None,
-                name: "spillway-jobs".into(),
-                key: "jobs.toml".into(),
-                path: "/etc/spillway/jobs.toml".into(),
-            },
-        ),
-        Var::new(
-            "LOG_FORMAT",
-            Source::PerLauncher {
-                local: "human".into(),
-                kubernetes: "json".into(),
-            },
-        ),
-        Var::new(
-            "AMQP_URL",
-            Source::SecretKey {
-                local: "amqp://spec:secret@rabbit:5672/v".into(),
-                name: "spillway-rabbitmq".into(),
-                key: "amqp-url".into(),
-            },
-        ),
-        Var::new("HOME", Source::Value("/nonexistent/spec-home".into())),
-    ])
+    WorkerEnv::example().with(Var::new(
+        "HOME",
+        Source::Value("/nonexistent/spec-home".into()),
+    ))
 }
 
 #[test]
@@ -199,7 +176,7 @@ fn a_workers_explicit_environment_is_exactly_its_spec_resolved_locally() {
     assert_eq!(
         explicit,
         std::collections::BTreeMap::from([
-            ("AMQP_URL", Some("amqp://spec:secret@rabbit:5672/v")),
+            ("AMQP_URL", Some("amqp://guest:guest@127.0.0.1:5672/%2f")),
             ("HOME", Some("/nonexistent/spec-home")),
             ("JOBS_CONFIG", None),
             ("JOB_TYPE", Some("default")),

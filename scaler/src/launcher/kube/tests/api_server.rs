@@ -10,10 +10,8 @@ use kube::{Client, client::Body};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::super::{
-    KubeLauncher,
-    manifest::tests::{env, template},
-};
+use super::super::{KubeLauncher, manifest::tests::template};
+use crate::launcher::spec::WorkerEnv;
 
 pub(super) const NAMESPACE: &str = "spillway";
 pub(super) const SELECTOR: &str = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dspillway-scaler";
@@ -74,7 +72,7 @@ pub(super) fn launcher_with_pods(
     Requests,
 ) {
     let (client, requests) = api_server(pods);
-    let (launcher, watch) = KubeLauncher::new(client, NAMESPACE, template(), env());
+    let (launcher, watch) = KubeLauncher::new(client, NAMESPACE, template(), WorkerEnv::example());
     (launcher, watch, requests)
 }
 
