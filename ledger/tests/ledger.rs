@@ -265,7 +265,9 @@ async fn concurrent_workers_recording_the_same_rows_count_each_once() {
     let rows: Vec<&[&str]> = rows.iter().map(Vec::as_slice).collect();
     record_batch(&ledger, "b1", &["n"], &rows).await;
     ledger.finish_publishing("b1").await.unwrap();
-    // Four workers each record every row, in different orders and slices.
+    // Four workers each record every row, in different orders and slices: two as
+    // failed with attempts left, two as done, so rows move pending -> failed -> done
+    // under each other's feet.
     let workers = (0..4u64).map(|w| {
         let ledger = ledger.clone();
         tokio::spawn(async move {
@@ -274,7 +276,10 @@ async fn concurrent_workers_recording_the_same_rows_count_each_once() {
             for chunk in lines.chunks(50 + w as usize * 10) {
                 let outcomes: Vec<_> = chunk
                     .iter()
-                    .map(|&line| outcome("b1", line, RowStatus::Done, Some("r")))
+                    .map(|&line| match w % 2 {
+                        0 => outcome("b1", line, RowStatus::Failed, None),
+                        _ => outcome("b1", line, RowStatus::Done, Some("r")),
+                    })
                     .collect();
                 ledger.record(&format!("w{w}"), &outcomes).await.unwrap();
             }
@@ -285,9 +290,14 @@ async fn concurrent_workers_recording_the_same_rows_count_each_once() {
     }
     let batch = ledger.batch("b1").await.unwrap().unwrap();
     assert_eq!(
-        (batch.state, batch.pending, batch.done),
-        (BatchState::Done, 0, 500)
+        (batch.state, batch.pending, batch.failed, batch.done),
+        (BatchState::Done, 0, 0, 500)
     );
+    let done: i64 = sqlx::query_scalar("SELECT count(*) FROM batch_rows WHERE status = 'done'")
+        .fetch_one(ledger.pool())
+        .await
+        .unwrap();
+    assert_eq!(done, 500);
 }
 
 #[tokio::test]
