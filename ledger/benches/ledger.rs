@@ -356,7 +356,7 @@ async fn record_batch(ledger: &Ledger, batch_id: &str, csv: &Path, rows: u64) {
         queue: "tasks",
         file_name: Some("rows.csv"),
         header: &header,
-        rows,
+        rows: Some(rows),
     };
     // generate_data.py writes one line per row, after the header on line 1.
     let lines = reader

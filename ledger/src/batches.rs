@@ -25,7 +25,8 @@ pub struct NewBatch<'a> {
     pub queue: &'a str,
     pub file_name: Option<&'a str>,
     pub header: &'a [String],
-    pub rows: u64,
+    /// How many rows the batch holds, when known before they are recorded: a check.
+    pub rows: Option<u64>,
 }
 
 /// A batch as the ledger holds it.
@@ -126,6 +127,13 @@ fn count(row: &sqlx::postgres::PgRow, column: &str) -> Result<u64> {
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
+/// A batch state as the ledger stores it.
+pub(crate) fn state_of(state: &str) -> Result<BatchState> {
+    state
+        .parse()
+        .map_err(|e: String| LedgerError::Query(sqlx::Error::Decode(e.into())))
+}
+
 fn batch_of(row: &sqlx::postgres::PgRow) -> Result<BatchRecord> {
     let state: String = row.try_get("state")?;
     Ok(BatchRecord {
@@ -134,9 +142,7 @@ fn batch_of(row: &sqlx::postgres::PgRow) -> Result<BatchRecord> {
         queue: row.try_get("queue")?,
         file_name: row.try_get("file_name")?,
         header: row.try_get("header")?,
-        state: state
-            .parse()
-            .map_err(|e: String| LedgerError::Query(sqlx::Error::Decode(e.into())))?,
+        state: state_of(&state)?,
         error: row.try_get("error")?,
         rows: count(row, "rows")?,
         published: count(row, "published")?,
@@ -159,24 +165,30 @@ fn signed(n: u64) -> i64 {
 
 impl Ledger {
     /// Records `batch` in state `publishing` with its rows, read from `rows` as
-    /// [`crate::copy::RowsEncoder`] wrote them, in one transaction.
+    /// [`crate::copy::RowsEncoder`] wrote them, in one transaction: committed when
+    /// `rows` ends, rolled back if reading it fails. `rows` may still be being written
+    /// when this starts, so a batch is recorded as it is validated.
     pub async fn create_batch(
         &self,
         batch: &NewBatch<'_>,
         rows: impl AsyncRead + Unpin,
     ) -> Result<()> {
         self.schema().await?;
+        let _slot = self
+            .recordings
+            .acquire()
+            .await
+            .expect("the ledger never closes its recording slots");
         let mut tx = self.pool().begin().await?;
         sqlx::query(
             "INSERT INTO batches (batch_id, job_type, queue, file_name, header, rows, pending)
-             VALUES ($1, $2, $3, $4, $5, $6, $6)",
+             VALUES ($1, $2, $3, $4, $5, 0, 0)",
         )
         .bind(batch.batch_id)
         .bind(batch.job_type)
         .bind(batch.queue)
         .bind(batch.file_name)
         .bind(batch.header)
-        .bind(signed(batch.rows))
         .execute(&mut *tx)
         .await?;
         let mut copy = tx.copy_in_raw(COPY_ROWS).await?;
@@ -185,12 +197,17 @@ impl Ledger {
             return Err(e.into());
         }
         let copied = copy.finish().await?;
-        if copied != batch.rows {
+        if batch.rows.is_some_and(|rows| rows != copied) {
             return Err(LedgerError::Input(std::io::Error::other(format!(
-                "batch {} has {} rows but {copied} were recorded",
+                "batch {} has {:?} rows but {copied} were recorded",
                 batch.batch_id, batch.rows
             ))));
         }
+        sqlx::query("UPDATE batches SET rows = $2, pending = $2 WHERE batch_id = $1")
+            .bind(batch.batch_id)
+            .bind(signed(copied))
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -378,9 +395,7 @@ impl Ledger {
         let Some(state) = state else {
             return Ok(Deleted::NotFound);
         };
-        let state: BatchState = state
-            .parse()
-            .map_err(|e: String| LedgerError::Query(sqlx::Error::Decode(e.into())))?;
+        let state = state_of(&state)?;
         if !state.is_finished() {
             return Ok(Deleted::Unfinished(state));
         }

@@ -52,6 +52,11 @@ impl<W: Write> RowsEncoder<W> {
         Ok(())
     }
 
+    /// Writes the rows pushed so far through to the output, and flushes it.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
     /// Rows pushed so far.
     pub fn rows(&self) -> u64 {
         self.rows

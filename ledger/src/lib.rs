@@ -16,6 +16,7 @@
 //!   deleting batches.
 //! - [`outcomes`]: recording rows' outcomes, idempotently, in batches.
 //! - [`results`]: a batch's rows and results streamed out as CSV or JSON Lines.
+//! - [`retry`]: a batch's dead rows set back to pending and listed for publication.
 //! - [`copy`]: rows encoded for `COPY ... FROM STDIN`.
 //! - [`totals`]: rows by job type and status, for `/metrics`.
 
@@ -23,6 +24,7 @@ pub mod batches;
 pub mod copy;
 pub mod outcomes;
 pub mod results;
+pub mod retry;
 pub mod totals;
 
 use std::{str::FromStr, time::Duration};
@@ -211,6 +213,10 @@ impl FromStr for BatchState {
 pub struct Ledger {
     pool: PgPool,
     migrated: std::sync::Arc<OnceCell<()>>,
+    /// Batches being recorded hold a connection for as long as their upload is read:
+    /// at most all but two of the pool's at once, so the others always find one, and
+    /// a recording waits here (its rows wait on disk) rather than timing out.
+    recordings: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Ledger {
@@ -226,13 +232,16 @@ impl Ledger {
             // Results are streamed with COPY, whose statement carries the batch id as
             // a literal: make sure a backslash in it is never an escape.
             .options([("standard_conforming_strings", "on")]);
+        let max_connections = max_connections.max(1);
         let pool = PgPoolOptions::new()
-            .max_connections(max_connections.max(1))
+            .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options);
+        let recordings = max_connections.saturating_sub(2).max(1) as usize;
         Ok(Ledger {
             pool,
             migrated: Default::default(),
+            recordings: std::sync::Arc::new(tokio::sync::Semaphore::new(recordings)),
         })
     }
 

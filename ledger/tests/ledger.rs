@@ -24,7 +24,7 @@ async fn record_batch(ledger: &Ledger, id: &str, header: &[&str], rows: &[&[&str
         queue: "tasks",
         file_name: Some("data.csv"),
         header: &header,
-        rows: rows.len() as u64,
+        rows: Some(rows.len() as u64),
     };
     let lines = (2..).zip(rows.iter().map(|fields| fields.iter()));
     spillway_testkit::ledger::record_batch(ledger, &batch, lines).await;

@@ -73,7 +73,7 @@ async fn main() {
         // share from the broker's when the ratio falls short.
         let ledger = producer.metric("ledger_write_seconds_sum").await;
         println!(
-            "producer over HTTP: {rows} rows in {:.2} s ({} s of it recording the batch in the \
+            "producer over HTTP: {rows} rows in {:.2} s ({} s of it waiting, once validated, for the \
              ledger), peak RSS {rss} KiB",
             elapsed.as_secs_f64(),
             ledger.map_or("?".into(), |s| format!("{s:.2}")),

@@ -31,7 +31,7 @@ pub struct Metrics {
     pub rejections: Family<ReasonLabels, Counter>,
     /// Seconds from the first publish of a batch to its last confirm.
     pub publish_seconds: Histogram,
-    /// Seconds to record a batch and its rows in the ledger.
+    /// Seconds an upload waited, once validated, for the ledger to hold its rows.
     pub ledger_seconds: Histogram,
     /// Rows per batch recorded.
     pub batch_rows: Histogram,
@@ -77,7 +77,7 @@ impl Metrics {
         );
         registry.register(
             "ledger_write_seconds",
-            "Time to record a batch and its rows in the ledger",
+            "Time an upload waited, once validated, for the ledger to hold its rows",
             ledger_seconds.clone(),
         );
         registry.register("batch_rows", "Rows per batch recorded", batch_rows.clone());

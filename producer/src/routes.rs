@@ -27,14 +27,15 @@ use futures_util::Stream;
 use serde::Serialize;
 use serde_json::json;
 use spillway_common::jobs_config::{JobsConfig, UnknownJobType};
-use spillway_ledger::{BatchState, Ledger, LedgerError, NewBatch};
+use spillway_ledger::{BatchState, Ledger, LedgerError};
 use tokio_util::task::TaskTracker;
 
 use crate::{
     batches,
     broker::{Broker, BrokerError},
     ingest::{
-        self, BatchInfo, IngestError, Limits, Publication, PublicationError, validate::Rejection,
+        self, BatchFile, BatchInfo, IngestError, Limits, Publication, PublicationError,
+        validate::Rejection,
     },
     metrics::Metrics,
 };
@@ -185,8 +186,23 @@ async fn accept(
     };
     let received = Instant::now();
     let file_name = field.file_name().map(String::from);
+    // The batch is recorded in the ledger as it is validated, in one transaction that
+    // commits once every row is in (and rolls back if the upload is refused).
+    let (ledger_rows, tail) = ingest::tail::pair(&state.spool_dir)
+        .map_err(|e| ApiError::Internal(format!("cannot spool the upload: {e}")))?;
+    let recording = tokio::spawn(ingest::record_batch(
+        state.ledger.clone(),
+        BatchFile {
+            batch_id: batch_id.clone(),
+            job_type: job_type.to_string(),
+            queue: job.queue.clone(),
+            file_name,
+        },
+        tail,
+    ));
     let body = file_chunks(field, idle, state.limits.max_upload_bytes);
-    let mut spool = ingest::spool_upload(body, info, state.limits, &state.spool_dir).await?;
+    let spool =
+        ingest::spool_upload(body, info, state.limits, &state.spool_dir, ledger_rows).await?;
     let rows = spool.rows;
     tracing::info!(%batch_id, job_type, rows, elapsed = ?received.elapsed(), "upload validated");
 
@@ -194,28 +210,14 @@ async fn accept(
         .broker
         .publishing_channel(&job.queue, job.delivery_limit)
         .await?;
-    let ledger_rows = spool
-        .take_ledger_rows()
-        .ok_or_else(|| ApiError::Internal("the spool's ledger rows were taken".into()))?;
-    let recording = Instant::now();
-    state
-        .ledger
-        .create_batch(
-            &NewBatch {
-                batch_id: &batch_id,
-                job_type,
-                queue: &job.queue,
-                file_name: file_name.as_deref(),
-                header: &spool.headers,
-                rows,
-            },
-            ledger_rows,
-        )
-        .await?;
+    let waiting = Instant::now();
+    recording
+        .await
+        .map_err(|e| ApiError::Internal(format!("the ledger's recording task failed: {e}")))??;
     state
         .metrics
         .ledger_seconds
-        .observe(recording.elapsed().as_secs_f64());
+        .observe(waiting.elapsed().as_secs_f64());
     state.metrics.batch_rows.observe(rows as f64);
     let batch = Arc::new(Publication {
         batch_id: batch_id.clone(),

@@ -237,7 +237,7 @@ async fn a_publication_whose_producer_stopped_is_resumed_from_the_ledger() {
         queue: "tasks",
         file_name: None,
         header: &header,
-        rows: 5,
+        rows: Some(5),
     };
     ledger.create_batch(&batch, &rows[..]).await.unwrap();
     ledger.set_published("abandoned", 2).await.unwrap();
@@ -267,4 +267,47 @@ async fn a_publication_whose_producer_stopped_is_resumed_from_the_ledger() {
         ],
         "the rows after the 2 confirmed, numbered as the first producer numbered them"
     );
+}
+
+#[tokio::test]
+async fn a_refused_upload_leaves_nothing_and_uploads_beyond_the_pool_wait_their_turn() {
+    // Three connections: one batch at a time may be recorded as it is read.
+    let db = TestDatabase::new("ledger-tail").await;
+    let producer = TestProducer::start(
+        "ledger-tail",
+        &["--database-url", &db.url, "--database-max-connections", "3"],
+    )
+    .await;
+    let ledger = Ledger::open(&db.url, 2).unwrap();
+    let numbered = |rows: usize| -> String {
+        std::iter::once("n,square".to_string())
+            .chain((1..=rows).map(|n| format!("{n},{}", n * n)))
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    };
+
+    // Refused after thousands of rows already went to the ledger's open transaction.
+    let refused = numbered(20_000) + "ragged\n";
+    let (status, body) = producer.upload(refused).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["line"], 20_002, "{body}");
+    let recorded = ledger.batches(&Default::default()).await.unwrap();
+    assert!(
+        recorded.is_empty(),
+        "a refused upload is not recorded: {recorded:?}"
+    );
+    assert_eq!(producer.depth("tasks").await.unwrap_or(0), 0);
+
+    // Six at once, one recording slot: each waits for it, none fails.
+    let csv = numbered(5_000);
+    let uploads = (0..6).map(|_| producer.upload(csv.clone()));
+    let answers = futures_util::future::join_all(uploads).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, StatusCode::OK, "{body}");
+        let id = body["batch_id"].as_str().unwrap();
+        let batch = ledger.batch(id).await.unwrap().expect("recorded");
+        assert_eq!((batch.rows, batch.published), (5_000, 5_000), "{batch:?}");
+    }
+    assert_eq!(producer.depth("tasks").await.unwrap(), 30_000);
 }

@@ -35,7 +35,7 @@ async fn record_batch(ledger: &Ledger, id: &str, file_name: &str, rows: u64) {
         queue: "tasks",
         file_name: Some(file_name),
         header: &header,
-        rows,
+        rows: Some(rows),
     };
     ledger
         .create_batch(&batch, &encoder.finish().unwrap()[..])

@@ -73,7 +73,7 @@ async fn main() {
                     queue: &job.queue,
                     file_name: None,
                     header: &SAMPLE_HEADER.map(String::from),
-                    rows: rows_count,
+                    rows: Some(rows_count),
                 },
                 (1..=rows_count).map(|line| (line, SAMPLE_FIELDS)),
             )

@@ -5,13 +5,18 @@
 //! bodies: memory stays flat whatever the file size, and the whole file is validated
 //! before anything is published, so a rejected upload publishes nothing. Then
 //! [`publish`] replays the spool to RabbitMQ with publisher confirms, and the upload
-//! is answered only once every row is confirmed. This module is the glue between
-//! them: it decides where each phase runs (the synchronous parser on a blocking
-//! thread, publication in a task of its own) and what is recorded when a batch ends.
+//! is answered only once every row is confirmed. While the body is validated, the
+//! ledger records the batch and its rows ([`record_batch`], following the parser
+//! through [`tail`]) in one transaction that commits at the end of a valid upload, so
+//! the rows are in the ledger before the first is published without waiting for a
+//! second pass. This module is the glue between them: it decides where each phase runs
+//! (the synchronous parser on a blocking thread, recording and publication in tasks of
+//! their own) and what is recorded when a batch ends.
 
 pub mod publish;
 pub mod resume;
 pub mod spool;
+pub mod tail;
 pub mod validate;
 
 use std::{
@@ -32,13 +37,14 @@ use spillway_common::{
     events::{BatchPublished, unix_now},
     retry,
 };
-use spillway_ledger::{Ledger, LedgerError};
+use spillway_ledger::{Ledger, LedgerError, NewBatch};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use crate::{broker::Broker, metrics::Metrics};
 use publish::{PublishError, RowSource};
 use spool::{Spool, SpoolWriter};
+use tail::{TailReader, TailWriter};
 use validate::{Rejection, Rows};
 
 /// Bounds on what one upload may contain.
@@ -69,7 +75,8 @@ pub enum IngestError {
 /// few slots bound the bytes waiting for the parser whatever size chunks come in.
 const PIECE_BYTES: usize = 64 * 1024;
 
-/// Streams `body` through validation into a spool file in `dir`.
+/// Streams `body` through validation into a spool file in `dir`, and into
+/// `ledger_rows` for the ledger.
 ///
 /// The parser is synchronous, so it runs on a blocking thread fed through a small
 /// bounded channel: a slow parser slows the upload down instead of buffering it.
@@ -78,6 +85,7 @@ pub async fn spool_upload<S>(
     batch: BatchInfo,
     limits: Limits,
     dir: &Path,
+    ledger_rows: TailWriter,
 ) -> Result<Spool, IngestError>
 where
     S: Stream<Item = Result<Bytes, Rejection>> + Unpin,
@@ -85,7 +93,7 @@ where
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let dir = dir.to_path_buf();
     let parser = tokio::task::spawn_blocking(move || {
-        spool_rows(ChannelReader::new(rx), &batch, &limits, &dir)
+        spool_rows(ChannelReader::new(rx), &batch, &limits, &dir, ledger_rows)
     });
 
     let mut received: u64 = 0;
@@ -123,20 +131,54 @@ where
     }
 }
 
-/// Parses and validates CSV from `input`, writing one encoded message per data row.
+/// Parses and validates CSV from `input`, writing one encoded message per data row,
+/// and the row for the ledger to `ledger_rows`.
 pub fn spool_rows(
     input: impl Read,
     batch: &BatchInfo,
     limits: &Limits,
     dir: &Path,
+    ledger_rows: TailWriter,
 ) -> Result<Spool, IngestError> {
     let (headers, mut rows) = Rows::open(input, limits)?;
-    let mut spool = SpoolWriter::create(dir, batch, &headers)?;
+    let mut spool = SpoolWriter::create(dir, batch, &headers, ledger_rows)?;
     let mut record = csv::StringRecord::new();
     while let Some(line) = rows.next(&mut record)? {
         spool.push(line, &record)?;
     }
     Ok(spool.finish()?)
+}
+
+/// Where a batch's rows come from and go to: what the ledger records beside them.
+#[derive(Debug, Clone)]
+pub struct BatchFile {
+    pub batch_id: String,
+    pub job_type: String,
+    pub queue: String,
+    pub file_name: Option<String>,
+}
+
+/// Records `batch` and its rows in the ledger as `tail` brings them: committed once
+/// the upload is validated to its end, rolled back if it is refused.
+pub async fn record_batch(
+    ledger: Ledger,
+    batch: BatchFile,
+    mut tail: TailReader,
+) -> Result<(), LedgerError> {
+    let Some(header) = tail.header().await else {
+        return Err(LedgerError::Input(io::Error::other(
+            "the upload was refused before its header was read",
+        )));
+    };
+    let new = NewBatch {
+        batch_id: &batch.batch_id,
+        job_type: &batch.job_type,
+        queue: &batch.queue,
+        file_name: batch.file_name.as_deref(),
+        header: &header,
+        rows: None,
+    };
+    ledger.create_batch(&new, tail.rows()).await
 }
 
 /// Why a batch's publication ended before its last confirm.
@@ -305,7 +347,9 @@ mod tests {
 
     /// The messages `input` is spooled as, or why it is refused.
     async fn spooled(input: &[u8]) -> Result<Vec<RowMessage>, Rejection> {
-        let spool = match spool_rows(input, &batch(), &LIMITS, &std::env::temp_dir()) {
+        let dir = std::env::temp_dir();
+        let (ledger_rows, _) = tail::pair(&dir).unwrap();
+        let spool = match spool_rows(input, &batch(), &LIMITS, &dir, ledger_rows) {
             Ok(spool) => spool,
             Err(IngestError::Rejected(r)) => return Err(r),
             Err(e) => panic!("unexpected {e}"),
@@ -362,7 +406,9 @@ mod tests {
         }
         assert!(csv.len() > 2 * PIECE_BYTES);
         let body = futures_util::stream::iter([Ok(Bytes::from(csv))]);
-        let spool = spool_upload(body, batch(), LIMITS, &std::env::temp_dir())
+        let dir = std::env::temp_dir();
+        let (ledger_rows, _) = tail::pair(&dir).unwrap();
+        let spool = spool_upload(body, batch(), LIMITS, &dir, ledger_rows)
             .await
             .expect("a valid upload");
         assert_eq!(spool.rows, 40_000);

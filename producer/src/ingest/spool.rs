@@ -9,9 +9,9 @@
 //! per row, the file line it starts on (`u64`, little-endian), the body's length
 //! (`u32`, little-endian), then the body.
 //!
-//! Beside it, the same pass writes the rows as the ledger records them (a second
-//! temporary file, in [`spillway_ledger::copy`]'s COPY format), so recording a batch in
-//! PostgreSQL is one stream from disk, and neither file is parsed twice.
+//! Beside it, the same pass writes the rows as the ledger records them (in
+//! [`spillway_ledger::copy`]'s COPY format, to a [`TailWriter`] the ledger follows as
+//! it is written), so neither is parsed twice.
 
 use std::{
     fs::File,
@@ -23,18 +23,19 @@ use spillway_common::envelope::RowMessageRef;
 use spillway_ledger::copy::RowsEncoder;
 use tokio::io::{AsyncReadExt, BufReader};
 
-use super::{BatchInfo, publish::RowSource};
+use super::{BatchInfo, publish::RowSource, tail::TailWriter};
 
 /// Buffer size on both sides: large enough that a row costs no system call.
 const BUFFER_BYTES: usize = 256 * 1024;
+
+/// The ledger's rows are handed on every this many rows.
+const LEDGER_FLUSH_ROWS: u64 = 4096;
 
 /// Validated rows of one upload in a temporary file that disappears when this is
 /// dropped.
 #[derive(Debug)]
 pub struct Spool {
     file: File,
-    /// The rows as the ledger records them (see [`Spool::take_ledger_rows`]).
-    ledger_rows: Option<File>,
     pub headers: Vec<String>,
     pub rows: u64,
 }
@@ -42,7 +43,7 @@ pub struct Spool {
 /// Encodes rows into a new spool file, numbering them from 1 in the order pushed.
 pub struct SpoolWriter<'a> {
     out: BufWriter<File>,
-    ledger_rows: RowsEncoder<BufWriter<File>>,
+    ledger_rows: RowsEncoder<TailWriter>,
     batch: &'a BatchInfo,
     headers: &'a [String],
     body: Vec<u8>,
@@ -50,14 +51,18 @@ pub struct SpoolWriter<'a> {
 }
 
 impl<'a> SpoolWriter<'a> {
-    /// Starts a spool in `dir` for rows of `batch` under `headers`.
-    pub fn create(dir: &Path, batch: &'a BatchInfo, headers: &'a [String]) -> io::Result<Self> {
+    /// Starts a spool in `dir` for rows of `batch` under `headers`, writing them for
+    /// the ledger to `ledger_rows` as well.
+    pub fn create(
+        dir: &Path,
+        batch: &'a BatchInfo,
+        headers: &'a [String],
+        mut ledger_rows: TailWriter,
+    ) -> io::Result<Self> {
+        ledger_rows.header(headers);
         Ok(SpoolWriter {
             out: BufWriter::with_capacity(BUFFER_BYTES, tempfile::tempfile_in(dir)?),
-            ledger_rows: RowsEncoder::new(
-                BufWriter::with_capacity(BUFFER_BYTES, tempfile::tempfile_in(dir)?),
-                &batch.batch_id,
-            ),
+            ledger_rows: RowsEncoder::new(ledger_rows, &batch.batch_id),
             batch,
             headers,
             body: Vec::with_capacity(1024),
@@ -82,7 +87,11 @@ impl<'a> SpoolWriter<'a> {
         self.out.write_all(&line.to_le_bytes())?;
         self.out.write_all(&len.to_le_bytes())?;
         self.out.write_all(&self.body)?;
-        self.ledger_rows.push(line, fields.iter())
+        self.ledger_rows.push(line, fields.iter())?;
+        if self.rows.is_multiple_of(LEDGER_FLUSH_ROWS) {
+            self.ledger_rows.flush()?;
+        }
+        Ok(())
     }
 
     /// Flushes the rows to disk and rewinds the file for reading.
@@ -92,15 +101,9 @@ impl<'a> SpoolWriter<'a> {
             .into_inner()
             .map_err(io::IntoInnerError::into_error)?;
         file.rewind()?;
-        let mut ledger_rows = self
-            .ledger_rows
-            .finish()?
-            .into_inner()
-            .map_err(io::IntoInnerError::into_error)?;
-        ledger_rows.rewind()?;
+        self.ledger_rows.finish()?.complete();
         Ok(Spool {
             file,
-            ledger_rows: Some(ledger_rows),
             headers: self.headers.to_vec(),
             rows: self.rows,
         })
@@ -108,11 +111,6 @@ impl<'a> SpoolWriter<'a> {
 }
 
 impl Spool {
-    /// The rows in the ledger's COPY format, once.
-    pub fn take_ledger_rows(&mut self) -> Option<tokio::fs::File> {
-        self.ledger_rows.take().map(tokio::fs::File::from_std)
-    }
-
     pub fn into_reader(self) -> SpoolReader {
         SpoolReader {
             input: BufReader::with_capacity(BUFFER_BYTES, tokio::fs::File::from_std(self.file)),
@@ -172,7 +170,9 @@ mod tests {
             (6, ["", "\u{feff}zero-width\u{200b}", "\"\""]),
         ];
 
-        let mut writer = SpoolWriter::create(&std::env::temp_dir(), &batch, &headers).unwrap();
+        let dir = std::env::temp_dir();
+        let (ledger_rows, _) = crate::ingest::tail::pair(&dir).unwrap();
+        let mut writer = SpoolWriter::create(&dir, &batch, &headers, ledger_rows).unwrap();
         for (line, fields) in &rows {
             writer
                 .push(*line, &csv::StringRecord::from(&fields[..]))

@@ -114,7 +114,7 @@ impl Rig {
             queue: QUEUE,
             file_name: None,
             header: &["n".to_string()],
-            rows,
+            rows: Some(rows),
         };
         let lines = (1..=rows).map(|line| (line, [line.to_string()]));
         record_published_batch(&ledger, &batch, lines).await;
