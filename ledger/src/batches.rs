@@ -399,10 +399,15 @@ impl Ledger {
         if !state.is_finished() {
             return Ok(Deleted::Unfinished(state));
         }
-        sqlx::query("DELETE FROM batches WHERE batch_id = $1")
-            .bind(batch_id)
-            .execute(&mut *tx)
-            .await?;
+        for statement in [
+            "DELETE FROM batch_rows WHERE batch_id = $1",
+            "DELETE FROM batches WHERE batch_id = $1",
+        ] {
+            sqlx::query(statement)
+                .bind(batch_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(Deleted::Deleted)
     }

@@ -27,7 +27,7 @@ use tokio::{
 use tokio_util::io::StreamReader;
 
 /// Most bytes read from the file in one piece.
-const CHUNK_BYTES: u64 = 1 << 20;
+const CHUNK_BYTES: u64 = 256 * 1024;
 
 /// How far the file is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
