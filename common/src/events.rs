@@ -15,8 +15,9 @@ use lapin::{
 };
 use serde::{Deserialize, Serialize};
 
-/// Topic exchange of worker reports (routing key `worker.<job_type>.<worker>`) and of
-/// published batches (routing key `batch.<job_type>`).
+/// Topic exchange of worker reports (routing key `worker.<job_type>.<worker>`), of
+/// batches starting to be published (`publishing.<job_type>`) and of published batches
+/// (`batch.<job_type>`).
 pub const EVENTS_EXCHANGE: &str = "spillway.events";
 /// Topic exchange of requests to workers; routing key `drain.<worker>`.
 pub const CONTROL_EXCHANGE: &str = "spillway.control";
@@ -27,6 +28,10 @@ pub fn report_routing_key(job_type: &str, worker: &str) -> String {
 
 pub fn batch_routing_key(job_type: &str) -> String {
     format!("batch.{job_type}")
+}
+
+pub fn publishing_routing_key(job_type: &str) -> String {
+    format!("publishing.{job_type}")
 }
 
 pub fn drain_routing_key(worker: &str) -> String {
@@ -63,6 +68,18 @@ pub struct WorkerReport {
     /// When a row last started or finished, or the worker started.
     pub last_activity_unix: u64,
     pub sent_unix: u64,
+}
+
+/// What the producer announces as it starts publishing rows of a batch: rows the
+/// management API's figures will show only seconds later, so the scaler can spawn
+/// workers for them at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchPublishing {
+    pub batch_id: String,
+    pub job_type: String,
+    pub queue: String,
+    /// Rows about to be published.
+    pub rows: u64,
 }
 
 /// What the producer announces once every row of a batch is confirmed.

@@ -13,7 +13,7 @@ use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
 };
 use spillway_common::{
-    events::{self, BatchPublished, EVENTS_EXCHANGE, batch_routing_key},
+    events::{self, EVENTS_EXCHANGE},
     retry, topology,
 };
 use tokio::sync::Mutex;
@@ -94,21 +94,27 @@ impl Broker {
         Ok(channel)
     }
 
-    /// Announces a fully confirmed batch on the events exchange, for the dashboard.
-    /// Best effort: the batch's rows are safe whether or not this arrives.
-    pub async fn announce(channel: &Channel, batch: &BatchPublished) {
-        let body = serde_json::to_vec(batch).expect("a batch serialises");
+    /// Announces `event` about `batch_id` on the events exchange with `routing_key`,
+    /// for the scaler. Best effort: the batch's rows are safe whether or not it
+    /// arrives.
+    pub async fn announce(
+        channel: &Channel,
+        routing_key: &str,
+        batch_id: &str,
+        event: &impl serde::Serialize,
+    ) {
+        let body = serde_json::to_vec(event).expect("an event serialises");
         let sent = channel
             .basic_publish(
                 EVENTS_EXCHANGE.into(),
-                batch_routing_key(&batch.job_type).as_str().into(),
+                routing_key.into(),
                 BasicPublishOptions::default(),
                 &body,
                 BasicProperties::default().with_content_type("application/json".into()),
             )
             .await;
         if let Err(error) = sent {
-            tracing::warn!(batch_id = %batch.batch_id, %error, "cannot announce the batch");
+            tracing::warn!(%batch_id, %error, routing_key, "cannot announce the batch");
         }
     }
 

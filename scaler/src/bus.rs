@@ -24,7 +24,8 @@ use lapin::{
 use spillway_common::{
     config::{BrokerSettings, Process},
     events::{
-        self, BatchPublished, CONTROL_EXCHANGE, EVENTS_EXCHANGE, WorkerReport, drain_routing_key,
+        self, BatchPublished, BatchPublishing, CONTROL_EXCHANGE, EVENTS_EXCHANGE, WorkerReport,
+        drain_routing_key,
     },
     jobs_config::JobsConfig,
     retry, topology,
@@ -173,7 +174,18 @@ impl Bus {
 
     async fn consume(&self, mut events: lapin::Consumer) {
         while let Some(Ok(delivery)) = events.next().await {
-            if delivery.routing_key.as_str().starts_with("batch.") {
+            let key = delivery.routing_key.as_str();
+            if key.starts_with("publishing.") {
+                match serde_json::from_slice::<BatchPublishing>(&delivery.data) {
+                    Ok(batch) => {
+                        self.reports
+                            .record_publishing(&batch.job_type, batch.rows, Instant::now())
+                    }
+                    Err(error) => tracing::warn!(%error, "ignoring a malformed batch announcement"),
+                }
+                continue;
+            }
+            if key.starts_with("batch.") {
                 match serde_json::from_slice::<BatchPublished>(&delivery.data) {
                     Ok(batch) => self.reports.record_batch(&batch.job_type, Instant::now()),
                     Err(error) => tracing::warn!(%error, "ignoring a malformed batch announcement"),
@@ -195,7 +207,7 @@ async fn subscribe(channel: &Channel) -> Result<lapin::Consumer, lapin::Error> {
     events::subscribe(
         channel,
         EVENTS_EXCHANGE,
-        &["worker.#", "batch.#"],
+        &["worker.#", "publishing.#", "batch.#"],
         "spillway-scaler-reports",
     )
     .await

@@ -156,11 +156,15 @@ async fn serve_and_tick<L: Launcher>(
     );
     let mut ticks = tokio::time::interval(scaler.jobs.tick());
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let reports = Arc::clone(&scaler.ctx.reports);
     loop {
+        // The periodic tick, or at once when the producer announces rows.
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = ticks.tick() => scaler.tick(std::time::Instant::now()).await,
+            _ = ticks.tick() => {}
+            () = reports.wakes() => {}
         }
+        scaler.tick(std::time::Instant::now()).await;
     }
     http.await??;
     Ok(())

@@ -6,7 +6,9 @@
 //!
 //! 1. No stranded work: rows ready and no worker -> spawn one.
 //! 2. Ready above `threshold` -> spawn one; above `burst_threshold` -> spawn
-//!    `min(burst_size, max_jobs - workers)`. Pending (unscheduled) workers count, so a
+//!    `min(burst_size, max_jobs - workers)`. Ready is the queue figures', or, while
+//!    they may not show them yet, the rows announced lately less those settled and in
+//!    hand since ([`ready_rows`]), so an upload is met with workers in a second. Pending (unscheduled) workers count, so a
 //!    full cluster cannot make the scaler spawn without bound.
 //! 3. Drain only after ready, unacked and every worker's work in hand have been zero
 //!    for the whole idle window; any activity restarts the window. Activity includes
@@ -146,6 +148,29 @@ pub struct Observation {
     /// When the producer last announced a confirmed batch of this job type, as the
     /// scaler heard it; the batch's rows may not be in the queue figures yet.
     pub last_batch_published: Option<Instant>,
+    /// Rows announced and settled lately, fresher than the queue figures.
+    pub news: News,
+}
+
+/// What the producer and the workers said lately about rows of one job type, within a
+/// window as long as the management API's figures may lag: rows announced as being
+/// published, and rows the workers settled. Fresher than the queue figures, so an
+/// upload is seen at once, and a queue emptied meanwhile is not taken as full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct News {
+    pub announced: u64,
+    pub settled: u64,
+}
+
+/// Rows ready as far as anyone can tell: the queue figures, or, when they may not
+/// show them yet, the rows announced lately less those settled since and those in
+/// workers' hands.
+pub fn ready_rows(queue: QueueDepth, news: News, in_hand: u64) -> u64 {
+    let fresh = news
+        .announced
+        .saturating_sub(news.settled)
+        .saturating_sub(in_hand);
+    queue.ready.max(fresh)
 }
 
 /// What the policy remembers between ticks of one job type.
@@ -256,27 +281,29 @@ pub fn decide(
         return (decisions, remember(None));
     };
 
+    let in_hand: u64 = active.clone().filter_map(|w| w.in_flight).sum();
+    let ready = ready_rows(queue, observed.news, in_hand);
     let room = limits.max_jobs.saturating_sub(workers);
-    let spawn = if queue.ready > limits.burst_threshold {
+    let spawn = if ready > limits.burst_threshold {
         Some((
             limits.burst_size.min(room),
             format!(
-                "{} ready > burst threshold {}: burst of up to {} ({workers} of {} workers running or pending)",
-                queue.ready, limits.burst_threshold, limits.burst_size, limits.max_jobs
+                "{ready} ready > burst threshold {}: burst of up to {} ({workers} of {} workers running or pending)",
+                limits.burst_threshold, limits.burst_size, limits.max_jobs
             ),
         ))
-    } else if queue.ready > limits.threshold {
+    } else if ready > limits.threshold {
         Some((
             1.min(room),
             format!(
-                "{} ready > threshold {} ({workers} of {} workers running or pending)",
-                queue.ready, limits.threshold, limits.max_jobs
+                "{ready} ready > threshold {} ({workers} of {} workers running or pending)",
+                limits.threshold, limits.max_jobs
             ),
         ))
-    } else if queue.ready > 0 && taking_rows == 0 {
+    } else if ready > 0 && taking_rows == 0 {
         Some((
             1.min(room),
-            format!("{} ready and no worker taking rows", queue.ready),
+            format!("{ready} ready and no worker taking rows"),
         ))
     } else {
         None
@@ -291,14 +318,13 @@ pub fn decide(
         });
     }
 
-    let in_hand: u64 = active.clone().filter_map(|w| w.in_flight).sum();
     // A pending worker has never run, so holds nothing; only a running one can be
     // silent about rows it holds.
     let unknown = active
         .clone()
         .filter(|w| matches!(w.phase, Phase::Running | Phase::Stopping) && w.in_flight.is_none())
         .count();
-    let idle = queue.ready == 0
+    let idle = ready == 0
         && queue.unacked == 0
         && in_hand == 0
         && unknown == 0
@@ -450,6 +476,7 @@ mod tests {
             queue: Some(QueueDepth { ready, unacked }),
             workers,
             last_batch_published: None,
+            news: News::default(),
         }
     }
 
@@ -575,6 +602,7 @@ mod tests {
             queue: None,
             workers: running(2),
             last_batch_published: None,
+            news: News::default(),
         };
         let memory = Memory {
             idle_since: Some(start),
@@ -1175,6 +1203,73 @@ mod tests {
         assert_eq!(
             decisions[0].reason,
             "41 ready > burst threshold 40: burst of up to 5 (1 of 10 workers running or pending)"
+        );
+    }
+
+    #[test]
+    fn rows_announced_before_the_queue_figures_show_them_spawn_a_burst_at_once() {
+        // The upload just started publishing; the management API still says empty.
+        let news = News {
+            announced: 100_000,
+            settled: 0,
+        };
+        let just_uploaded = Observation {
+            news,
+            ..observed(0, 0, vec![])
+        };
+        assert_eq!(actions(&just_uploaded), vec![Action::Spawn(5)]);
+        // Fifteen rows announced, no worker: one, as for fifteen rows in the figures.
+        let few = Observation {
+            news: News {
+                announced: 15,
+                settled: 0,
+            },
+            ..observed(0, 0, vec![])
+        };
+        assert_eq!(actions(&few), vec![Action::Spawn(1)]);
+    }
+
+    #[test]
+    fn rows_announced_and_settled_since_are_not_read_as_ready() {
+        // Workers took and settled what was announced before the figures caught up:
+        // the queue is empty, and no worker is wasted on it.
+        let settled = Observation {
+            news: News {
+                announced: 10_000,
+                settled: 9_990,
+            },
+            ..observed(0, 0, running(2))
+        };
+        assert_eq!(actions(&settled), vec![]);
+        // What the workers hold is not ready either.
+        assert_eq!(
+            ready_rows(
+                QueueDepth {
+                    ready: 0,
+                    unacked: 0
+                },
+                News {
+                    announced: 500,
+                    settled: 100,
+                },
+                400
+            ),
+            0
+        );
+        // Figures that already show more than the news are taken as they are.
+        assert_eq!(
+            ready_rows(
+                QueueDepth {
+                    ready: 7_000,
+                    unacked: 0
+                },
+                News {
+                    announced: 5_000,
+                    settled: 0,
+                },
+                0
+            ),
+            7_000
         );
     }
 }

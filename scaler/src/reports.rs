@@ -1,26 +1,104 @@
 //! What the workers and the producer last said: each worker's latest report and when
-//! it arrived, and when each job type's latest batch announcement arrived.
+//! it arrived, when each job type's latest batch announcement arrived, and the rows
+//! announced and settled lately ([`News`]).
+//!
+//! An announcement of rows being published, or of a batch published, also wakes the
+//! tick ([`Reports::wakes`]): an upload is met with workers at once, not at the next
+//! tick.
 //!
 //! The one owner of these facts: the bus writes them as they arrive, the tick reads
 //! them to decide, the board reads them to show the job table. Arrival times are the
 //! scaler's own clock, so a report's age never depends on a worker's clock.
 
-use std::{collections::HashMap, sync::Mutex, time::Instant};
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use spillway_common::events::WorkerReport;
+use tokio::sync::Notify;
+
+use crate::policy::News;
+
+/// How long announced and settled rows count as news: the management API's figures
+/// refresh every 5 s by default and are read up to a tick later.
+pub const NEWS_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 pub struct Reports {
     latest: Mutex<HashMap<String, (WorkerReport, Instant)>>,
     batches: Mutex<HashMap<String, Instant>>,
+    news: Mutex<HashMap<String, Flow>>,
+    wake: Notify,
+}
+
+/// Rows of one job type announced and settled lately, with when.
+#[derive(Default)]
+struct Flow {
+    announced: VecDeque<(Instant, u64)>,
+    settled: VecDeque<(Instant, u64)>,
+}
+
+impl Flow {
+    fn forget_before(&mut self, cutoff: Instant) {
+        for events in [&mut self.announced, &mut self.settled] {
+            while events.front().is_some_and(|(at, _)| *at < cutoff) {
+                events.pop_front();
+            }
+        }
+    }
+}
+
+/// Rows a report says its worker settled: done, failed or dead-lettered.
+fn settled(report: &WorkerReport) -> u64 {
+    report.processed + report.failed + report.dead_lettered
 }
 
 impl Reports {
     pub fn record(&self, report: WorkerReport, at: Instant) {
-        self.latest
-            .lock()
-            .expect("reports lock")
-            .insert(report.worker.clone(), (report, at));
+        let mut latest = self.latest.lock().expect("reports lock");
+        let before = latest.get(&report.worker).map_or(0, |(r, _)| settled(r));
+        let moved = settled(&report).saturating_sub(before);
+        if moved > 0 {
+            self.flow(&report.job_type, at, |flow| {
+                flow.settled.push_back((at, moved))
+            });
+        }
+        latest.insert(report.worker.clone(), (report, at));
+    }
+
+    /// Records that `rows` of `job_type` are being published, as of `at`, and wakes
+    /// the tick.
+    pub fn record_publishing(&self, job_type: &str, rows: u64, at: Instant) {
+        self.flow(job_type, at, |flow| flow.announced.push_back((at, rows)));
+        self.wake.notify_one();
+    }
+
+    /// Rows of `job_type` announced and settled within [`NEWS_WINDOW`] before `now`.
+    pub fn news(&self, job_type: &str, now: Instant) -> News {
+        let mut news = self.news.lock().expect("news lock");
+        let Some(flow) = news.get_mut(job_type) else {
+            return News::default();
+        };
+        flow.forget_before(now.checked_sub(NEWS_WINDOW).unwrap_or(now));
+        let sum = |events: &VecDeque<(Instant, u64)>| events.iter().map(|(_, n)| n).sum();
+        News {
+            announced: sum(&flow.announced),
+            settled: sum(&flow.settled),
+        }
+    }
+
+    /// Resolves when an announcement arrived since the last call: time to tick.
+    pub async fn wakes(&self) {
+        self.wake.notified().await;
+    }
+
+    fn flow(&self, job_type: &str, at: Instant, record: impl FnOnce(&mut Flow)) {
+        let mut news = self.news.lock().expect("news lock");
+        let flow = news.entry(job_type.to_string()).or_default();
+        flow.forget_before(at.checked_sub(NEWS_WINDOW).unwrap_or(at));
+        record(flow);
     }
 
     /// The latest report of `worker` and when it arrived.
@@ -40,12 +118,14 @@ impl Reports {
             .retain(|name, _| known(name));
     }
 
-    /// Records that a batch of `job_type` was announced at `at`.
+    /// Records that a batch of `job_type` was announced published at `at`, and wakes
+    /// the tick.
     pub fn record_batch(&self, job_type: &str, at: Instant) {
         self.batches
             .lock()
             .expect("batches lock")
             .insert(job_type.to_string(), at);
+        self.wake.notify_one();
     }
 
     /// When the producer's latest announcement of a batch of `job_type` arrived: rows
@@ -56,5 +136,52 @@ impl Reports {
             .expect("batches lock")
             .get(job_type)
             .copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spillway_testkit::builders::worker_report;
+
+    fn settled_by(worker: &str, processed: u64, failed: u64) -> WorkerReport {
+        WorkerReport {
+            job_type: "default".into(),
+            processed,
+            failed,
+            ..worker_report(worker)
+        }
+    }
+
+    #[tokio::test]
+    async fn news_counts_rows_announced_and_settled_within_the_window_and_wakes_the_tick() {
+        let reports = Reports::default();
+        let start = Instant::now();
+        reports.record_publishing("default", 1_000, start);
+        // Announcing woke the tick.
+        tokio::time::timeout(Duration::from_secs(1), reports.wakes())
+            .await
+            .expect("an announcement wakes the tick");
+        // Each report counts what moved since the same worker's previous one.
+        reports.record(settled_by("w1", 100, 0), start);
+        reports.record(settled_by("w1", 250, 10), start + Duration::from_secs(1));
+        reports.record(settled_by("w2", 40, 0), start + Duration::from_secs(2));
+        assert_eq!(
+            reports.news("default", start + Duration::from_secs(3)),
+            News {
+                announced: 1_000,
+                settled: 300
+            }
+        );
+        assert_eq!(
+            reports.news("other", start),
+            News::default(),
+            "news is per job type"
+        );
+        // Past the window it is no longer news: the queue figures show it by then.
+        assert_eq!(
+            reports.news("default", start + NEWS_WINDOW + Duration::from_secs(3)),
+            News::default()
+        );
     }
 }

@@ -34,7 +34,9 @@ use bytes::{Buf, Bytes};
 use futures_util::{Stream, StreamExt};
 use lapin::Channel;
 use spillway_common::{
-    events::{BatchPublished, unix_now},
+    events::{
+        BatchPublished, BatchPublishing, batch_routing_key, publishing_routing_key, unix_now,
+    },
     retry,
 };
 use spillway_ledger::{Ledger, LedgerError, NewBatch};
@@ -226,6 +228,14 @@ pub async fn publish_batch(
     let publishing = tasks.spawn(async move {
         let started = Instant::now();
         let already = batch.confirmed.load(Ordering::Relaxed);
+        let starting = BatchPublishing {
+            batch_id: batch.batch_id.clone(),
+            job_type: batch.job_type.clone(),
+            queue: batch.queue.clone(),
+            rows: batch.rows.saturating_sub(already),
+        };
+        let key = publishing_routing_key(&batch.job_type);
+        Broker::announce(&channel, &key, &batch.batch_id, &starting).await;
         let sending = publish::publish(
             rows,
             &channel,
@@ -246,7 +256,8 @@ pub async fn publish_batch(
                 rows: batch.rows,
                 published_unix: unix_now(),
             };
-            Broker::announce(&channel, &announcement).await;
+            let key = batch_routing_key(&batch.job_type);
+            Broker::announce(&channel, &key, &batch.batch_id, &announcement).await;
         }
         let _ = channel.close(200, "batch published".into()).await;
         let published = batch.confirmed.load(Ordering::Relaxed);
