@@ -163,14 +163,14 @@ pub struct News {
 }
 
 /// Rows ready as far as anyone can tell: the queue figures, or, when they may not
-/// show them yet, the rows announced lately less those settled since and those in
-/// workers' hands.
-pub fn ready_rows(queue: QueueDepth, news: News, in_hand: u64) -> u64 {
+/// show them yet (or there are none yet, for a queue just declared), the rows
+/// announced lately less those settled since and those in workers' hands.
+pub fn ready_rows(queue: Option<QueueDepth>, news: News, in_hand: u64) -> u64 {
     let fresh = news
         .announced
         .saturating_sub(news.settled)
         .saturating_sub(in_hand);
-    queue.ready.max(fresh)
+    queue.map_or(0, |q| q.ready).max(fresh)
 }
 
 /// What the policy remembers between ticks of one job type.
@@ -276,13 +276,10 @@ pub fn decide(
         spawn_paused_until,
     };
 
-    let Some(queue) = observed.queue else {
-        // Without numbers there is nothing safe to do, and the idle window restarts.
-        return (decisions, remember(None));
-    };
-
+    // Rows announced are worth workers even before the queue figures show them: the
+    // figures of a queue just declared take seconds to appear.
     let in_hand: u64 = active.clone().filter_map(|w| w.in_flight).sum();
-    let ready = ready_rows(queue, observed.news, in_hand);
+    let ready = ready_rows(observed.queue, observed.news, in_hand);
     let room = limits.max_jobs.saturating_sub(workers);
     let spawn = if ready > limits.burst_threshold {
         Some((
@@ -317,6 +314,11 @@ pub fn decide(
             reason,
         });
     }
+
+    let Some(queue) = observed.queue else {
+        // Without numbers nothing else is safe to do, and the idle window restarts.
+        return (decisions, remember(None));
+    };
 
     // A pending worker has never run, so holds nothing; only a running one can be
     // silent about rows it holds.
@@ -1227,6 +1229,14 @@ mod tests {
             ..observed(0, 0, vec![])
         };
         assert_eq!(actions(&few), vec![Action::Spawn(1)]);
+        // A queue declared a moment ago has no figures yet: the news alone spawns,
+        // and nothing else is decided without figures.
+        let no_figures = Observation {
+            queue: None,
+            news,
+            ..observed(0, 0, vec![])
+        };
+        assert_eq!(actions(&no_figures), vec![Action::Spawn(5)]);
     }
 
     #[test]
@@ -1244,10 +1254,10 @@ mod tests {
         // What the workers hold is not ready either.
         assert_eq!(
             ready_rows(
-                QueueDepth {
+                Some(QueueDepth {
                     ready: 0,
                     unacked: 0
-                },
+                }),
                 News {
                     announced: 500,
                     settled: 100,
@@ -1259,10 +1269,10 @@ mod tests {
         // Figures that already show more than the news are taken as they are.
         assert_eq!(
             ready_rows(
-                QueueDepth {
+                Some(QueueDepth {
                     ready: 7_000,
                     unacked: 0
-                },
+                }),
                 News {
                     announced: 5_000,
                     settled: 0,
