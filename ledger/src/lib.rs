@@ -47,7 +47,15 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/spill
 /// learns quickly that PostgreSQL is gone.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+/// The schema migrations in `migrations/`, embedded at build time.
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut migrator = sqlx::migrate!();
+    // A process built before the newest migration still runs against the schema it
+    // made (they only add): during a rolling upgrade, workers built last week keep
+    // settling rows after this week's producer migrated the ledger.
+    migrator.set_ignore_missing(true);
+    migrator
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -259,7 +267,7 @@ impl Ledger {
     pub(crate) async fn schema(&self) -> Result<()> {
         self.migrated
             .get_or_try_init(|| async {
-                MIGRATOR.run(&self.pool).await.map_err(|e| match e {
+                migrator().run(&self.pool).await.map_err(|e| match e {
                     sqlx::migrate::MigrateError::Execute(e) => LedgerError::from(e),
                     e => LedgerError::Migrate(e),
                 })

@@ -60,8 +60,12 @@ impl Ledger {
                         result = NULL, worker = NULL, settled_at = NULL
                  WHERE batch_id = $1 AND status = 'dead'
                  RETURNING batch_id, line
+             ), positions AS (
+                 SELECT line, row_number() OVER (ORDER BY line) AS position
+                 FROM batch_rows WHERE batch_id = $1
              ), listed AS (
-                 INSERT INTO retry_rows (batch_id, line) SELECT batch_id, line FROM retried
+                 INSERT INTO retry_rows (batch_id, line, position)
+                 SELECT r.batch_id, r.line, p.position FROM retried r JOIN positions p USING (line)
                  ON CONFLICT DO NOTHING
              )
              SELECT count(*) FROM retried",
@@ -93,16 +97,17 @@ impl Ledger {
     }
 
     /// Up to `limit` rows of `batch_id` listed for publication by a retry, after file
-    /// line `after`, in file order, as `(line, fields)`.
+    /// line `after`, in file order, as `(line, position, fields)`: `position` is the
+    /// row's among the batch's data rows, from 1.
     pub async fn retry_rows_after(
         &self,
         batch_id: &str,
         after: u64,
         limit: u32,
-    ) -> Result<Vec<(u64, Vec<String>)>> {
+    ) -> Result<Vec<(u64, u64, Vec<String>)>> {
         self.schema().await?;
-        let rows: Vec<(i64, Vec<String>)> = sqlx::query_as(
-            "SELECT r.line, r.fields FROM retry_rows t
+        let rows: Vec<(i64, i64, Vec<String>)> = sqlx::query_as(
+            "SELECT r.line, t.position, r.fields FROM retry_rows t
              JOIN batch_rows r USING (batch_id, line)
              WHERE t.batch_id = $1 AND t.line > $2
              ORDER BY t.line LIMIT $3",
@@ -114,7 +119,24 @@ impl Ledger {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(line, fields)| (u64::try_from(line).unwrap_or(0), fields))
+            .map(|(line, position, fields)| {
+                let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);
+                (unsigned(line), unsigned(position), fields)
+            })
+            .collect())
+    }
+
+    /// The file lines of the rows of `batch_id` a retry listed for publication.
+    pub async fn retry_lines(&self, batch_id: &str) -> Result<Vec<u64>> {
+        self.schema().await?;
+        let lines: Vec<i64> =
+            sqlx::query_scalar("SELECT line FROM retry_rows WHERE batch_id = $1 ORDER BY line")
+                .bind(batch_id)
+                .fetch_all(self.pool())
+                .await?;
+        Ok(lines
+            .into_iter()
+            .map(|l| u64::try_from(l).unwrap_or(0))
             .collect())
     }
 

@@ -5,10 +5,14 @@
 //! rows per second and, while it runs, an estimate of the time to finish;
 //! `GET /batches/{id}/results` streams every row with its outcome, CSV by default or
 //! JSON Lines (`?format=jsonl`), optionally only rows of one `status`;
-//! `DELETE /batches/{id}` removes a finished batch. All of it reads the ledger, so the
-//! answers are the same after any process restarts.
+//! `DELETE /batches/{id}` removes a finished batch; `POST /batches/{id}/retry`
+//! publishes the batch's dead rows again ([`retry`]). All of it reads the ledger, so
+//! the answers are the same after any process restarts.
 
-use std::sync::Arc;
+use std::{
+    collections::HashSet,
+    sync::{Arc, atomic::AtomicU64},
+};
 
 use axum::{
     Json,
@@ -18,9 +22,16 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
-use spillway_ledger::{BatchFilter, BatchRecord, RowStatus, batches::Deleted, results::Format};
+use spillway_common::events::{BatchPublishing, publishing_routing_key};
+use spillway_ledger::{
+    BatchFilter, BatchRecord, RowStatus, batches::Deleted, results::Format, retry::RetryRefused,
+};
 
-use crate::routes::{ApiError, AppState};
+use crate::{
+    broker::Broker,
+    ingest::{publish, resume::LedgerRows},
+    routes::{ApiError, AppState},
+};
 
 /// Most batches one page lists.
 const MAX_PAGE: u32 = 500;
@@ -168,4 +179,94 @@ pub async fn delete(
             state,
         }),
     }
+}
+
+/// What a retry did.
+#[derive(Debug, Serialize)]
+pub struct Retried {
+    pub batch_id: String,
+    /// Dead rows set back to pending by this call.
+    pub retried: u64,
+    /// Rows published again and confirmed: those, and any an interrupted retry left.
+    pub published: u64,
+    /// Their copies taken out of the dead queue.
+    pub removed_from_dead_queue: u64,
+}
+
+/// `POST /batches/{id}/retry`: every dead row of the batch back to pending, attempts
+/// reset, out of the dead queue and published again, once.
+///
+/// In this order, each step safe to repeat: the ledger moves the dead rows to pending
+/// and lists them (one transaction); their copies leave the dead queue; the listed
+/// rows are published with confirms; the list is emptied. Calling it again after an
+/// interruption at any point finishes the job.
+pub async fn retry(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Retried>, ApiError> {
+    let record = state
+        .ledger
+        .batch(&id)
+        .await?
+        .ok_or_else(|| ApiError::NoSuchBatch(id.clone()))?;
+    let job = state.jobs.job_type(&record.job_type)?;
+    let retry = match state.ledger.retry_dead(&id).await? {
+        Ok(retry) => retry,
+        Err(RetryRefused::NotFound) => return Err(ApiError::NoSuchBatch(id)),
+        Err(RetryRefused::State(batch_state)) => {
+            return Err(ApiError::CannotRetry {
+                batch_id: id,
+                state: batch_state,
+            });
+        }
+    };
+    let mut answer = Retried {
+        batch_id: id.clone(),
+        retried: retry.retried,
+        published: 0,
+        removed_from_dead_queue: 0,
+    };
+    if retry.to_publish == 0 {
+        return Ok(Json(answer));
+    }
+    let lines: HashSet<u64> = state.ledger.retry_lines(&id).await?.into_iter().collect();
+    answer.removed_from_dead_queue = state
+        .broker
+        .remove_dead_copies(&record.queue, job.delivery_limit, &id, &lines)
+        .await?;
+    let channel = state
+        .broker
+        .publishing_channel(&record.queue, job.delivery_limit)
+        .await?;
+    let announcement = BatchPublishing {
+        batch_id: id.clone(),
+        job_type: record.job_type.clone(),
+        queue: record.queue.clone(),
+        rows: retry.to_publish,
+    };
+    let key = publishing_routing_key(&record.job_type);
+    Broker::announce(&channel, &key, &id, &announcement).await;
+    let confirmed = AtomicU64::new(0);
+    let rows = LedgerRows::retried(state.ledger.clone(), &record);
+    let published = publish::publish(
+        rows,
+        &channel,
+        &id,
+        &record.queue,
+        state.publish_window,
+        &confirmed,
+    )
+    .await;
+    let _ = channel.close(200, "retry published".into()).await;
+    answer.published = published.map_err(|error| ApiError::PublishFailed {
+        batch_id: id.clone(),
+        rows: retry.to_publish,
+        published: confirmed.load(std::sync::atomic::Ordering::Relaxed),
+        message: format!("retry: {error}"),
+    })?;
+    state.ledger.retried(&id).await?;
+    state.metrics.rows_published.inc_by(answer.published);
+    tracing::info!(batch_id = %id, retried = answer.retried, published = answer.published,
+        removed = answer.removed_from_dead_queue, "dead rows retried");
+    Ok(Json(answer))
 }

@@ -6,12 +6,17 @@
 //! backoff for up to `BROKER_RETRY_SECONDS`. When the broker stays away, callers get
 //! [`BrokerError`], which the HTTP layer answers with 503.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use lapin::{
     BasicProperties, Channel, Connection,
-    options::{BasicPublishOptions, ConfirmSelectOptions},
+    options::{
+        BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+        QueueDeclareOptions,
+    },
+    types::FieldTable,
 };
+use serde::Deserialize;
 use spillway_common::{
     events::{self, EVENTS_EXCHANGE},
     retry, topology,
@@ -30,6 +35,13 @@ pub enum BrokerError {
         "cannot declare queue {queue:?} (does it exist with other arguments than the job-types file gives?): {reason}"
     )]
     Topology { queue: String, reason: String },
+}
+
+/// The part of a row message that names the row.
+#[derive(Deserialize)]
+struct RowKey {
+    batch_id: String,
+    line: u64,
 }
 
 pub struct Broker {
@@ -116,6 +128,73 @@ impl Broker {
         if let Err(error) = sent {
             tracing::warn!(%batch_id, %error, routing_key, "cannot announce the batch");
         }
+    }
+
+    /// Removes from `queue`'s dead queue the copies of `batch_id`'s rows at `lines`
+    /// (rows a retry set back to pending), and keeps every other message: each one
+    /// taken is either dropped (a retried row) or published to the dead queue's end
+    /// with a confirm before it is acked. Only the messages there when it starts are
+    /// looked at. Returns how many copies it removed.
+    ///
+    /// Interrupted, it loses nothing: a message kept may be in the dead queue twice,
+    /// once more than before, if the process dies between the confirm of its copy and
+    /// the ack of the original.
+    pub async fn remove_dead_copies(
+        &self,
+        queue: &str,
+        delivery_limit: u32,
+        batch_id: &str,
+        lines: &HashSet<u64>,
+    ) -> Result<u64, BrokerError> {
+        let channel = self.publishing_channel(queue, delivery_limit).await?;
+        let dead = topology::dead_queue_name(queue);
+        let there = channel
+            .queue_declare(
+                dead.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| self.unavailable(e))?
+            .message_count();
+        let mut removed = 0;
+        for _ in 0..there {
+            let Some(message) = channel
+                .basic_get(dead.as_str().into(), BasicGetOptions::default())
+                .await
+                .map_err(|e| self.unavailable(e))?
+            else {
+                break;
+            };
+            let delivery = message.delivery;
+            let retried = serde_json::from_slice::<RowKey>(&delivery.data)
+                .is_ok_and(|row| row.batch_id == batch_id && lines.contains(&row.line));
+            if retried {
+                removed += 1;
+            } else {
+                channel
+                    .basic_publish(
+                        "".into(),
+                        dead.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &delivery.data,
+                        delivery.properties.clone(),
+                    )
+                    .await
+                    .map_err(|e| self.unavailable(e))?
+                    .await
+                    .map_err(|e| self.unavailable(e))?;
+            }
+            delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(|e| self.unavailable(e))?;
+        }
+        let _ = channel.close(200, "dead copies removed".into()).await;
+        Ok(removed)
     }
 
     /// Whether the broker answers now, connecting once without retries if needed.

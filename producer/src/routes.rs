@@ -79,6 +79,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/batches", get(batches::list))
         .route("/batches/{id}", get(batches::get).delete(batches::delete))
         .route("/batches/{id}/results", get(batches::results))
+        .route("/batches/{id}/retry", post(batches::retry))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -344,6 +345,8 @@ pub enum ApiError {
     BadQuery(String),
     #[error("batch {batch_id} is {}: only a finished batch can be deleted", state.as_str())]
     Unfinished { batch_id: String, state: BatchState },
+    #[error("batch {batch_id} is {}: only a batch that was published can be retried", state.as_str())]
+    CannotRetry { batch_id: String, state: BatchState },
     #[error("the ledger: {0}")]
     Ledger(#[from] LedgerError),
     #[error(transparent)]
@@ -387,7 +390,7 @@ impl IntoResponse for ApiError {
             }
             ApiError::Broker(BrokerError::Topology { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unfinished { .. } => StatusCode::CONFLICT,
+            ApiError::Unfinished { .. } | ApiError::CannotRetry { .. } => StatusCode::CONFLICT,
             ApiError::Ledger(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,

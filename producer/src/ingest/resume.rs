@@ -25,13 +25,25 @@ use crate::routes::AppState;
 /// Rows read from the ledger a page at a time.
 const PAGE_ROWS: u32 = 5_000;
 
-/// The unpublished rows of a batch, read from the ledger in file order.
-struct LedgerRows {
+/// Which rows of a batch a [`LedgerRows`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    /// Those after a file line: the rest of an interrupted publication.
+    After,
+    /// Those a retry listed for publication.
+    Retried,
+}
+
+/// Rows of a batch read from the ledger in file order, encoded as the spool would
+/// have them.
+pub(crate) struct LedgerRows {
+    which: Which,
     ledger: Ledger,
     batch_id: String,
     job_type: String,
     header: Vec<String>,
-    page: VecDeque<(u64, Vec<String>)>,
+    /// Rows read and not yet encoded: line, position among the batch's rows, fields.
+    page: VecDeque<(u64, u64, Vec<String>)>,
     /// File line of the row read last.
     after: u64,
     /// Position among the batch's rows of the row read last.
@@ -41,18 +53,36 @@ struct LedgerRows {
 impl RowSource for LedgerRows {
     async fn next_into(&mut self, body: &mut Vec<u8>) -> io::Result<Option<u64>> {
         if self.page.is_empty() {
-            let page = self
-                .ledger
-                .rows_after(&self.batch_id, self.after, PAGE_ROWS)
-                .await
-                .map_err(io::Error::other)?;
-            self.page.extend(page);
+            match self.which {
+                Which::After => {
+                    let page = self
+                        .ledger
+                        .rows_after(&self.batch_id, self.after, PAGE_ROWS)
+                        .await
+                        .map_err(io::Error::other)?;
+                    // The rest of a publication follows the rows before it.
+                    let first = self.position;
+                    self.page.extend(
+                        page.into_iter()
+                            .zip(first + 1..)
+                            .map(|((line, fields), position)| (line, position, fields)),
+                    );
+                }
+                Which::Retried => {
+                    let page = self
+                        .ledger
+                        .retry_rows_after(&self.batch_id, self.after, PAGE_ROWS)
+                        .await
+                        .map_err(io::Error::other)?;
+                    self.page.extend(page);
+                }
+            }
         }
-        let Some((line, fields)) = self.page.pop_front() else {
+        let Some((line, position, fields)) = self.page.pop_front() else {
             return Ok(None);
         };
         self.after = line;
-        self.position += 1;
+        self.position = position;
         body.clear();
         let message = RowMessageRef {
             batch_id: &self.batch_id,
@@ -64,6 +94,22 @@ impl RowSource for LedgerRows {
         };
         serde_json::to_writer(&mut *body, &message).map_err(io::Error::other)?;
         Ok(Some(line))
+    }
+}
+
+impl LedgerRows {
+    /// The rows of `batch` a retry listed for publication.
+    pub(crate) fn retried(ledger: Ledger, batch: &BatchRecord) -> Self {
+        LedgerRows {
+            which: Which::Retried,
+            ledger,
+            batch_id: batch.batch_id.clone(),
+            job_type: batch.job_type.clone(),
+            header: batch.header.clone(),
+            page: VecDeque::new(),
+            after: 0,
+            position: 0,
+        }
     }
 }
 
@@ -132,6 +178,7 @@ async fn resume(state: &Arc<AppState>, batch: BatchRecord) {
         }
     };
     let source = LedgerRows {
+        which: Which::After,
         ledger: ledger.clone(),
         batch_id: batch.batch_id.clone(),
         job_type: batch.job_type.clone(),
