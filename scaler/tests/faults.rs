@@ -83,8 +83,10 @@ async fn workers_killed_while_they_work_lose_no_row() {
     let mut kills = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     loop {
-        // Kills are the scenario's pace, not a synchronisation: every 2 s while rows remain.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Kills are the scenario's pace, not a synchronisation: every 0.7 s while rows
+        // remain (workers start within a second of the upload and run 10,000 rows in
+        // a few seconds).
+        tokio::time::sleep(Duration::from_millis(700)).await;
         let done = recorded_rows(dir).len();
         if done >= ROWS {
             break;
