@@ -10,12 +10,15 @@ usage() {
     cat <<'USAGE'
 Usage: ./dashboard.sh [options]
        ./dashboard.sh logs <worker> [--tail N]
+       ./dashboard.sh pause|resume <job type>
 
   (no options)    a one-shot summary: queues, workers, batches, recent scaling
   -w [SECONDS]    watch: refresh the summary every SECONDS (default 2); Ctrl-C stops
   --json          the raw JSON behind the summary (stats, jobs, batches, events);
                   "batches" is {"error": ...} while PostgreSQL cannot be read
   logs <worker>   a worker's log (--tail N for its last N lines)
+  pause <type>    spawn no workers for a job type and drain its workers (rows wait)
+  resume <type>   let the job type's workers start again
   -h, --help      this text
 
 SCALER_URL points at the scaler (default http://localhost:8080).
@@ -96,12 +99,32 @@ cmd_logs() {
     fetch "/api/jobs/$worker/logs$tail"
 }
 
+# POST to a path of the scaler's API; fails with the API's own error message on 4xx/5xx.
+post() {
+    local body status
+    body=$(curl -sS --max-time 10 -X POST -w '\n%{http_code}' "$SCALER_URL$1" 2>/dev/null) || unreachable
+    status=${body##*$'\n'}
+    body=${body%$'\n'*}
+    if [[ "$status" != 2* ]]; then
+        die "the scaler answered $status for $1: $body"
+    fi
+    printf '%s\n' "$body"
+}
+
+cmd_pause() { # pause|resume, job type
+    local action=$1 job_type=${2:-}
+    [[ -n "$job_type" ]] || die "$action needs a job type: ./dashboard.sh $action <job type>"
+    [[ "$job_type" =~ ^[A-Za-z0-9._-]+$ ]] || die "'$job_type' is not a job type name"
+    post "/job-types/$job_type/$action"
+}
+
 main() {
     case "${1:-}" in
         "") cmd_summary ;;
         -w | --watch) cmd_watch "${2:-2}" ;;
         --json) cmd_json ;;
         logs) shift; cmd_logs "$@" ;;
+        pause | resume) cmd_pause "$1" "${2:-}" ;;
         -h | --help | help) usage ;;
         *) usage >&2; die "unknown option: $1" ;;
     esac

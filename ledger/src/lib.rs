@@ -17,12 +17,14 @@
 //! - [`outcomes`]: recording rows' outcomes, idempotently, in batches.
 //! - [`results`]: a batch's rows and results streamed out as CSV or JSON Lines.
 //! - [`retry`]: a batch's dead rows set back to pending and listed for publication.
+//! - [`pauses`]: job types paused by an operator.
 //! - [`copy`]: rows encoded for `COPY ... FROM STDIN`.
 //! - [`totals`]: rows by job type and status, for `/metrics`.
 
 pub mod batches;
 pub mod copy;
 pub mod outcomes;
+pub mod pauses;
 pub mod results;
 pub mod retry;
 pub mod totals;

@@ -37,6 +37,8 @@ pub struct JobTypeStats {
     pub dead_lettered: Option<u64>,
     pub workers_active: u64,
     pub max_jobs: u32,
+    /// Paused by an operator: spawning nothing, its workers draining.
+    pub paused: bool,
 }
 
 impl JobTypeStats {
@@ -62,6 +64,7 @@ impl JobTypeStats {
                 .filter(|w| w.phase.is_active())
                 .count() as u64,
             max_jobs: job.max_jobs,
+            paused: observation.paused,
         }
     }
 }

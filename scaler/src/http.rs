@@ -1,5 +1,6 @@
 //! The scaler's HTTP endpoints: the dashboard and its JSON API ([`crate::dashboard`]),
-//! `/api/jobs/{name}/logs` (a worker's log, through its launcher), `/healthz`,
+//! `/api/jobs/{name}/logs` (a worker's log, through its launcher),
+//! `POST /job-types/{name}/pause` and `/resume` (kept in the ledger), `/healthz`,
 //! `/readyz` (connected to RabbitMQ) and `/metrics`.
 //! `/readyz` does not ask PostgreSQL: the scaler scales without the ledger, which
 //! only the batch pages read (they say when it is unreachable).
@@ -13,18 +14,19 @@ use axum::{
     extract::{Path, Query, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use serde_json::json;
 
 use serde::Deserialize;
-use spillway_ledger::LedgerError;
+use spillway_ledger::{Ledger, LedgerError};
 
 use crate::{
     bus::Bus,
     dashboard::{self, DashboardState, batches},
     launcher::{Launcher, LauncherError},
     metrics::Metrics,
+    reports::Reports,
 };
 
 /// Every error the scaler's HTTP API answers, each as `{"error": "..."}` with its
@@ -37,6 +39,8 @@ pub enum ApiError {
     NotReady,
     #[error("no batch {0:?} in the ledger")]
     NoSuchBatch(String),
+    #[error("no job type {0:?}")]
+    NoSuchJobType(String),
     #[error("{0}")]
     BadQuery(String),
     #[error("the ledger: {0}")]
@@ -54,6 +58,7 @@ impl ApiError {
         match self {
             ApiError::NotFound
             | ApiError::NoSuchBatch(_)
+            | ApiError::NoSuchJobType(_)
             | ApiError::Launcher(LauncherError::NoSuchWorker(_)) => StatusCode::NOT_FOUND,
             ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::NotReady | ApiError::LedgerSilent(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -78,6 +83,10 @@ pub struct HttpState<L> {
     pub bus: Arc<Bus>,
     pub metrics: Arc<Metrics>,
     pub launcher: Arc<L>,
+    pub reports: Arc<Reports>,
+    pub ledger: Ledger,
+    /// The configured job types, by name.
+    pub job_types: Arc<Vec<String>>,
 }
 
 /// Every route: the dashboard and its API, logs, probes and metrics.
@@ -102,6 +111,9 @@ impl<L> Clone for HttpState<L> {
             bus: Arc::clone(&self.bus),
             metrics: Arc::clone(&self.metrics),
             launcher: Arc::clone(&self.launcher),
+            reports: Arc::clone(&self.reports),
+            ledger: self.ledger.clone(),
+            job_types: Arc::clone(&self.job_types),
         }
     }
 }
@@ -112,6 +124,8 @@ fn router<L: Launcher>(state: HttpState<L>) -> Router {
         .route("/readyz", get(readyz::<L>))
         .route("/metrics", get(metrics::<L>))
         .route("/api/jobs/{name}/logs", get(logs::<L>))
+        .route("/job-types/{name}/pause", post(pause::<L>))
+        .route("/job-types/{name}/resume", post(resume::<L>))
         .fallback(|| async { ApiError::NotFound })
         .with_state(state)
 }
@@ -133,6 +147,40 @@ async fn metrics<L>(State(state): State<HttpState<L>>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+async fn pause<L>(
+    State(state): State<HttpState<L>>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    set_paused(&state, name, true).await
+}
+
+async fn resume<L>(
+    State(state): State<HttpState<L>>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    set_paused(&state, name, false).await
+}
+
+/// Pauses or resumes job type `name`: in the ledger first, so it outlives this
+/// scaler, then for the next tick, which it starts at once.
+async fn set_paused<L>(
+    state: &HttpState<L>,
+    name: String,
+    paused: bool,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !state.job_types.contains(&name) {
+        return Err(ApiError::NoSuchJobType(name));
+    }
+    if paused {
+        state.ledger.pause_job_type(&name).await?;
+    } else {
+        state.ledger.resume_job_type(&name).await?;
+    }
+    state.reports.set_paused(&name, paused);
+    tracing::info!(job_type = %name, paused, "job type {}", if paused { "paused" } else { "resumed" });
+    Ok(Json(json!({"job_type": name, "paused": paused})))
 }
 
 #[derive(Debug, Deserialize)]
@@ -250,15 +298,19 @@ mod tests {
         log.write_all(b"end\n").unwrap();
         drop(log);
 
+        let ledger = spillway_ledger::Ledger::open("postgres://127.0.0.1:1/none", 1).unwrap();
         let state = HttpState {
             bus: Bus::new(Arc::default(), &JobsConfig::default()),
             metrics: Arc::new(Metrics::new()),
             launcher: Arc::new(launcher),
+            reports: Arc::default(),
+            ledger: ledger.clone(),
+            job_types: Arc::default(),
         };
         let pages = DashboardState {
             board: Arc::default(),
             page: Arc::new(Page::new(2000)),
-            ledger: spillway_ledger::Ledger::open("postgres://127.0.0.1:1/none", 1).unwrap(),
+            ledger,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!(

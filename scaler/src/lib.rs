@@ -127,13 +127,21 @@ async fn serve_and_tick<L: Launcher>(
     let dashboard = DashboardState {
         board: Arc::clone(&parts.board),
         page: Arc::new(Page::new(2000)),
-        ledger: parts.ledger,
+        ledger: parts.ledger.clone(),
     };
+    tokio::spawn(load_pauses(
+        parts.ledger.clone(),
+        Arc::clone(&parts.reports),
+        stop.clone(),
+    ));
     let router = http::app(
         HttpState {
             bus: Arc::clone(&parts.bus),
             metrics: Arc::clone(&parts.metrics),
             launcher: Arc::clone(&launcher),
+            reports: Arc::clone(&parts.reports),
+            ledger: parts.ledger.clone(),
+            job_types: Arc::new(jobs.job_types.keys().cloned().collect()),
         },
         dashboard,
     );
@@ -168,4 +176,27 @@ async fn serve_and_tick<L: Launcher>(
     }
     http.await??;
     Ok(())
+}
+
+/// Reads which job types are paused from the ledger, once it answers: scaling goes on
+/// meanwhile (and a job type paused before a restart may spawn until then).
+async fn load_pauses(ledger: Ledger, reports: Arc<Reports>, stop: CancellationToken) {
+    loop {
+        match ledger.paused_job_types().await {
+            Ok(paused) => {
+                for job_type in &paused {
+                    reports.set_paused(job_type, true);
+                }
+                if !paused.is_empty() {
+                    tracing::info!(?paused, "job types paused before this start");
+                }
+                return;
+            }
+            Err(error) => tracing::warn!(%error, "cannot read paused job types yet; retrying"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
 }

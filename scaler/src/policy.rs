@@ -18,6 +18,8 @@
 //! 4. A worker asked to drain that is still there after the grace period is stopped
 //!    only if it reports nothing in hand (or never started: still pending); a busy
 //!    worker is never stopped.
+//! 6. A paused job type (an operator's `POST /job-types/{name}/pause`) spawns nothing
+//!    and asks every worker to drain; rule 4 still stops them. Rows wait in the queue.
 //! 5. A worker that cannot start (its launcher says it never will, e.g. an image that
 //!    cannot be pulled, or it is still pending after `start_timeout`) is stopped with
 //!    the launcher's reason and no longer counted; spawning for its job type then
@@ -150,6 +152,8 @@ pub struct Observation {
     pub last_batch_published: Option<Instant>,
     /// Rows announced and settled lately, fresher than the queue figures.
     pub news: News,
+    /// Paused by an operator: no worker is spawned, and every one is asked to drain.
+    pub paused: bool,
 }
 
 /// What the producer and the workers said lately about rows of one job type, within a
@@ -308,11 +312,25 @@ pub fn decide(
     if let Some((count, reason)) = spawn
         && count > 0
         && !spawning_paused
+        && !observed.paused
     {
         decisions.push(Decision {
             action: Action::Spawn(count),
             reason,
         });
+    }
+    if observed.paused {
+        let to_drain: Vec<String> = active
+            .clone()
+            .filter(|w| w.drain_requested_at.is_none() && w.phase != Phase::Stopping)
+            .map(|w| w.name.clone())
+            .collect();
+        if !to_drain.is_empty() {
+            decisions.push(Decision {
+                action: Action::Drain(to_drain),
+                reason: "job type paused: workers finish the rows they hold and exit; the rest wait in the queue".into(),
+            });
+        }
     }
 
     let Some(queue) = observed.queue else {
@@ -332,7 +350,7 @@ pub fn decide(
         && unknown == 0
         && moved == 0
         && !announced;
-    let idle_since = if idle {
+    let idle_since = if idle && !observed.paused {
         memory.idle_since.or(Some(now))
     } else {
         None
@@ -479,6 +497,7 @@ mod tests {
             workers,
             last_batch_published: None,
             news: News::default(),
+            paused: false,
         }
     }
 
@@ -605,6 +624,7 @@ mod tests {
             workers: running(2),
             last_batch_published: None,
             news: News::default(),
+            paused: false,
         };
         let memory = Memory {
             idle_since: Some(start),
@@ -1281,5 +1301,43 @@ mod tests {
             ),
             7_000
         );
+    }
+
+    #[test]
+    fn a_paused_job_type_spawns_nothing_and_drains_every_worker_and_resumes() {
+        let start = Instant::now();
+        let paused = Observation {
+            paused: true,
+            ..observed(5_000, 200, running(3))
+        };
+        let (decisions, memory) = decide(&paused, &LIMITS, Memory::default(), start);
+        let drained: Vec<Action> = decisions.into_iter().map(|d| d.action).collect();
+        assert_eq!(
+            drained,
+            vec![Action::Drain(vec!["w0".into(), "w1".into(), "w2".into()])]
+        );
+        assert_eq!(memory.idle_since, None, "paused is not idle");
+        // Asked once: not again; a busy worker is still never stopped.
+        let asked: Vec<WorkerView> = running(3)
+            .into_iter()
+            .map(|w| WorkerView {
+                drain_requested_at: Some(start),
+                in_flight: Some(10),
+                ..w
+            })
+            .collect();
+        let later = Observation {
+            paused: true,
+            ..observed(5_000, 200, asked)
+        };
+        let (decisions, _) = decide(
+            &later,
+            &LIMITS,
+            Memory::default(),
+            start + Duration::from_secs(600),
+        );
+        assert_eq!(decisions, vec![]);
+        // Resumed, with rows waiting and no worker: a burst at once.
+        assert_eq!(actions(&observed(5_000, 0, vec![])), vec![Action::Spawn(5)]);
     }
 }

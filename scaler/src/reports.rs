@@ -1,17 +1,17 @@
-//! What the workers and the producer last said: each worker's latest report and when
-//! it arrived, when each job type's latest batch announcement arrived, and the rows
-//! announced and settled lately ([`News`]).
+//! What the workers, the producer and operators last said: each worker's latest report
+//! and when it arrived, when each job type's latest batch announcement arrived, the
+//! rows announced and settled lately ([`News`]), and which job types are paused.
 //!
-//! An announcement of rows being published, or of a batch published, also wakes the
-//! tick ([`Reports::wakes`]): an upload is met with workers at once, not at the next
-//! tick.
+//! An announcement of rows being published, or of a batch published, and a pause or
+//! resume also wake the tick ([`Reports::wakes`]): an upload is met with workers at
+//! once, not at the next tick.
 //!
 //! The one owner of these facts: the bus writes them as they arrive, the tick reads
 //! them to decide, the board reads them to show the job table. Arrival times are the
 //! scaler's own clock, so a report's age never depends on a worker's clock.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeSet, HashMap, VecDeque},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -30,6 +30,7 @@ pub struct Reports {
     latest: Mutex<HashMap<String, (WorkerReport, Instant)>>,
     batches: Mutex<HashMap<String, Instant>>,
     news: Mutex<HashMap<String, Flow>>,
+    paused: Mutex<BTreeSet<String>>,
     wake: Notify,
 }
 
@@ -87,6 +88,21 @@ impl Reports {
             announced: sum(&flow.announced),
             settled: sum(&flow.settled),
         }
+    }
+
+    /// Pauses or resumes `job_type`, and wakes the tick.
+    pub fn set_paused(&self, job_type: &str, paused: bool) {
+        let mut set = self.paused.lock().expect("paused lock");
+        if paused {
+            set.insert(job_type.to_string());
+        } else {
+            set.remove(job_type);
+        }
+        self.wake.notify_one();
+    }
+
+    pub fn is_paused(&self, job_type: &str) -> bool {
+        self.paused.lock().expect("paused lock").contains(job_type)
     }
 
     /// Resolves when an announcement arrived since the last call: time to tick.

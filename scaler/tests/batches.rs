@@ -6,10 +6,7 @@
 
 mod support;
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -68,21 +65,6 @@ async fn get_json(scaler: &Scaler, path: &str) -> Value {
     let (status, body) = get(scaler, path).await;
     assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
-}
-
-/// Runs `dashboard.sh` with `args` against `scaler`: success, stdout, stderr.
-fn dashboard_sh(scaler: &Scaler, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboard.sh"))
-        .args(args)
-        .env("SCALER_URL", &scaler.url)
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 fn jobs_dir() -> tempfile::TempDir {
@@ -204,7 +186,7 @@ async fn the_dashboard_shows_what_the_ledger_holds_the_same_after_a_restart() {
         index.contains(&format!(r#"<a href="/batches/{finished}">{finished}</a>"#)),
         "{index}"
     );
-    let (ok, summary, _) = dashboard_sh(&scaler, &[]);
+    let (ok, summary, _) = scaler.dashboard_sh(&[]);
     assert!(ok, "{summary}");
     assert!(
         summary
@@ -212,7 +194,7 @@ async fn the_dashboard_shows_what_the_ledger_holds_the_same_after_a_restart() {
             .any(|l| l.starts_with(finished) && l.contains("done_with_failures")),
         "{summary}"
     );
-    let (ok, json, _) = dashboard_sh(&scaler, &["--json"]);
+    let (ok, json, _) = scaler.dashboard_sh(&["--json"]);
     let json: Value = serde_json::from_str(&json).unwrap();
     assert!(ok);
     assert_eq!(json["batches"], batches);
@@ -277,12 +259,12 @@ async fn an_unreachable_ledger_is_said_plainly_and_the_scaler_stays_ready() {
         "{page}"
     );
 
-    let (ok, summary, _) = dashboard_sh(&scaler, &[]);
+    let (ok, summary, _) = scaler.dashboard_sh(&[]);
     assert!(
         ok && summary.contains("batches cannot be read: the ledger: PostgreSQL"),
         "{summary}"
     );
-    let (ok, json, _) = dashboard_sh(&scaler, &["--json"]);
+    let (ok, json, _) = scaler.dashboard_sh(&["--json"]);
     let json: Value = serde_json::from_str(&json).unwrap();
     assert!(ok && json["batches"] == error, "{json}");
     assert!(json["stats"]["job_types"].is_array());

@@ -282,6 +282,7 @@ mod tests {
                 dead_lettered: Some(2),
                 workers_active: 1,
                 max_jobs: 10,
+                paused: false,
             }],
             vec![JobListing {
                 name: "<script>alert(1)</script>".into(),

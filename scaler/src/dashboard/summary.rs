@@ -120,7 +120,7 @@ pub fn render(board: &Board, batches: Result<&BatchesView, &str>, color: bool) -
     for j in &stats.job_types {
         let _ = writeln!(
             out,
-            "{:<17} {:<20} {:>6} {:>8} {:>9} {:>6}  {}/{}",
+            "{:<17} {:<20} {:>6} {:>8} {:>9} {:>6}  {}/{}{}",
             clean(&j.job_type),
             clean(&j.queue),
             number(j.ready),
@@ -128,7 +128,8 @@ pub fn render(board: &Board, batches: Result<&BatchesView, &str>, color: bool) -
             number(j.consumed_total),
             number(j.dead_lettered),
             j.workers_active,
-            j.max_jobs
+            j.max_jobs,
+            if j.paused { "  PAUSED" } else { "" }
         );
     }
 
@@ -264,6 +265,7 @@ mod tests {
                 dead_lettered: Some(0),
                 workers_active: 1,
                 max_jobs: 10,
+                paused: false,
             }],
             vec![JobListing {
                 name: "w\x1b[2Jevil".into(),

@@ -141,6 +141,21 @@ impl Scaler {
         response
     }
 
+    /// Runs `dashboard.sh` with `args` against this scaler: success, stdout, stderr.
+    pub fn dashboard_sh(&self, args: &[&str]) -> (bool, String, String) {
+        let output = Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboard.sh"))
+            .args(args)
+            .env("SCALER_URL", &self.url)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
     pub fn terminate(&mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
