@@ -61,9 +61,26 @@ pub struct KubeLauncher {
     cache: reflector::Store<Job>,
     /// The watch's latest error and when it came, until an event arrives after it.
     watch_error: Arc<Mutex<Option<(Instant, String)>>>,
+    /// Jobs this launcher created that its cache has not shown yet: counted as
+    /// pending workers meanwhile, so two ticks in quick succession never spawn twice
+    /// for the same rows.
+    created: Mutex<Vec<Created>>,
     template: JobTemplate,
     env: WorkerEnv,
 }
+
+/// A Job created by this launcher, until its watch shows it.
+struct Created {
+    name: String,
+    job_type: String,
+    at: Instant,
+    unix: u64,
+}
+
+/// How long a created Job the watch does not show is still counted: longer than any
+/// watch takes to deliver an event, short enough that a Job deleted at once by
+/// someone else is not counted for long.
+const CREATED_HOLD: Duration = Duration::from_secs(60);
 
 fn managed_by_selector() -> String {
     format!("{}={}", MANAGED_BY.0, MANAGED_BY.1)
@@ -134,6 +151,7 @@ impl KubeLauncher {
                 pods,
                 cache,
                 watch_error,
+                created: Mutex::default(),
                 template,
                 env,
             },
@@ -267,6 +285,19 @@ impl Launcher for KubeLauncher {
                 }
             })
             .collect();
+        {
+            let mut created = self.created.lock().expect("created lock");
+            created.retain(|c| {
+                c.at.elapsed() < CREATED_HOLD && !workers.iter().any(|w| w.name == c.name)
+            });
+            workers.extend(created.iter().map(|c| LaunchedWorker {
+                name: c.name.clone(),
+                job_type: c.job_type.clone(),
+                phase: Phase::Pending,
+                started_unix: c.unix,
+                waiting: None,
+            }));
+        }
         workers.sort_by_key(|w| w.started_unix);
         Ok(workers)
     }
@@ -280,11 +311,17 @@ impl Launcher for KubeLauncher {
         self.jobs
             .create(&PostParams::default(), &job)
             .await
-            .map(drop)
             .map_err(|e| LauncherError::Spawn {
                 name: name.into(),
                 source: e.into(),
-            })
+            })?;
+        self.created.lock().expect("created lock").push(Created {
+            name: name.into(),
+            job_type: job_type.into(),
+            at: Instant::now(),
+            unix: spillway_common::events::unix_now(),
+        });
+        Ok(())
     }
 
     async fn logs(&self, name: &str, tail_lines: Option<u32>) -> Result<String, LauncherError> {

@@ -366,3 +366,50 @@ async fn a_pending_worker_says_why_it_has_not_started() {
     );
     assert_eq!(waiting["busy"], None, "a running worker waits for nothing");
 }
+
+#[tokio::test]
+async fn a_job_just_created_counts_as_pending_before_the_watch_shows_it() {
+    let (launcher, watch, mut handle) = launcher();
+    tokio::spawn(watch);
+    let (_, _, _, _, respond) = next(&mut handle).await;
+    answer(
+        respond,
+        StatusCode::OK,
+        &json!({"apiVersion": "batch/v1", "kind": "JobList",
+                "metadata": {"resourceVersion": "10"}, "items": []}),
+    );
+    // The watch's request, left open: it delivers nothing for now.
+    let (_, _, query, _, _watching) = next(&mut handle).await;
+    assert!(query.contains("watch=true"), "{query}");
+    wait_for("the cache to sync", Duration::from_secs(5), || async {
+        launcher.workers().await.is_ok_and(|w| w.is_empty())
+    })
+    .await;
+
+    let server = tokio::spawn(async move {
+        let (method, _, _, body, respond) = next(&mut handle).await;
+        answer(respond, StatusCode::CREATED, &body);
+        method
+    });
+    launcher
+        .spawn("default", "spillway-default-1")
+        .await
+        .unwrap();
+    assert_eq!(server.await.unwrap(), Method::POST);
+    let workers: Vec<(String, String, Phase)> = launcher
+        .workers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| (w.name, w.job_type, w.phase))
+        .collect();
+    assert_eq!(
+        workers,
+        [(
+            "spillway-default-1".to_string(),
+            "default".to_string(),
+            Phase::Pending
+        )],
+        "the next tick counts it, whatever the watch has shown"
+    );
+}
