@@ -127,6 +127,20 @@ fn count(row: &sqlx::postgres::PgRow, column: &str) -> Result<u64> {
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
+/// The state of `batch_id`, its row locked until `tx` ends; `None` if there is no
+/// such batch.
+pub(crate) async fn lock_state(
+    tx: &mut sqlx::PgConnection,
+    batch_id: &str,
+) -> Result<Option<BatchState>> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM batches WHERE batch_id = $1 FOR UPDATE")
+            .bind(batch_id)
+            .fetch_optional(tx)
+            .await?;
+    state.as_deref().map(state_of).transpose()
+}
+
 /// A batch state as the ledger stores it.
 pub(crate) fn state_of(state: &str) -> Result<BatchState> {
     state
@@ -387,15 +401,9 @@ impl Ledger {
     pub async fn delete_batch(&self, batch_id: &str) -> Result<Deleted> {
         self.schema().await?;
         let mut tx = self.pool().begin().await?;
-        let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM batches WHERE batch_id = $1 FOR UPDATE")
-                .bind(batch_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some(state) = state else {
+        let Some(state) = lock_state(&mut tx, batch_id).await? else {
             return Ok(Deleted::NotFound);
         };
-        let state = state_of(&state)?;
         if !state.is_finished() {
             return Ok(Deleted::Unfinished(state));
         }

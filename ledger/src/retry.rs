@@ -11,7 +11,7 @@
 
 use serde::Serialize;
 
-use crate::{BatchState, Ledger, LedgerError, Result, batches::state_of};
+use crate::{BatchState, Ledger, LedgerError, Result, batches::lock_state};
 
 /// What a retry set in motion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -39,15 +39,9 @@ impl Ledger {
     ) -> Result<std::result::Result<Retry, RetryRefused>> {
         self.schema().await?;
         let mut tx = self.pool().begin().await?;
-        let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM batches WHERE batch_id = $1 FOR UPDATE")
-                .bind(batch_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some(state) = state else {
+        let Some(state) = lock_state(&mut tx, batch_id).await? else {
             return Ok(Err(RetryRefused::NotFound));
         };
-        let state = state_of(&state)?;
         if matches!(
             state,
             BatchState::Publishing | BatchState::Failed | BatchState::Cancelled

@@ -71,7 +71,10 @@ async fn workers_killed_while_they_work_lose_no_row() {
     let dir = dir.path();
     // Rows held by a killed worker are delivered again; a high limit keeps them from
     // being dead-lettered by the kills alone.
-    std::fs::write(dir.join("jobs.toml"), local_jobs(RECORD_ROW, 6, 100)).unwrap();
+    // Each row takes a moment, so workers die with rows in hand: 10,000 rows take
+    // several seconds even though workers start within a second of the upload.
+    let row = format!("{RECORD_ROW}; sleep 0.02");
+    std::fs::write(dir.join("jobs.toml"), local_jobs(&row, 6, 100)).unwrap();
     let (producer, stop_producer) = start_producer(&vhost, dir).await;
     let scaler = Scaler::start_with(&vhost, dir, "scaler.log", &[("CONCURRENCY", "4")]);
     let _reaper = WorkerReaper(dir);
@@ -83,10 +86,9 @@ async fn workers_killed_while_they_work_lose_no_row() {
     let mut kills = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     loop {
-        // Kills are the scenario's pace, not a synchronisation: every 0.7 s while rows
-        // remain (workers start within a second of the upload and run 10,000 rows in
-        // a few seconds).
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // Kills are the scenario's pace, not a synchronisation: every second while rows
+        // remain.
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let done = recorded_rows(dir).len();
         if done >= ROWS {
             break;
