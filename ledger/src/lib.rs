@@ -18,10 +18,12 @@
 //! - [`results`]: a batch's rows and results streamed out as CSV or JSON Lines.
 //! - [`retry`]: a batch's dead rows set back to pending and listed for publication.
 //! - [`pauses`]: job types paused by an operator.
+//! - [`cancel`]: a batch's unsettled rows cancelled, and the batch with them.
 //! - [`copy`]: rows encoded for `COPY ... FROM STDIN`.
 //! - [`totals`]: rows by job type and status, for `/metrics`.
 
 pub mod batches;
+pub mod cancel;
 pub mod copy;
 pub mod outcomes;
 pub mod pauses;

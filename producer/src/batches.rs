@@ -6,7 +6,8 @@
 //! `GET /batches/{id}/results` streams every row with its outcome, CSV by default or
 //! JSON Lines (`?format=jsonl`), optionally only rows of one `status`;
 //! `DELETE /batches/{id}` removes a finished batch; `POST /batches/{id}/retry`
-//! publishes the batch's dead rows again ([`retry`]). All of it reads the ledger, so
+//! publishes the batch's dead rows again ([`retry`]); `POST /batches/{id}/cancel`
+//! cancels an unfinished one ([`cancel`]). All of it reads the ledger, so
 //! the answers are the same after any process restarts.
 
 use std::{
@@ -24,7 +25,11 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use spillway_common::events::{BatchPublishing, publishing_routing_key};
 use spillway_ledger::{
-    BatchFilter, BatchRecord, RowStatus, batches::Deleted, results::Format, retry::RetryRefused,
+    BatchFilter, BatchRecord, RowStatus,
+    batches::Deleted,
+    cancel::{CancelRefused, Cancelled},
+    results::Format,
+    retry::RetryRefused,
 };
 
 use crate::{
@@ -269,4 +274,38 @@ pub async fn retry(
     tracing::info!(batch_id = %id, retried = answer.retried, published = answer.published,
         removed = answer.removed_from_dead_queue, "dead rows retried");
     Ok(Json(answer))
+}
+
+/// What a cancel did.
+#[derive(Debug, Serialize)]
+pub struct CancelAnswer {
+    pub batch_id: String,
+    pub state: &'static str,
+    #[serde(flatten)]
+    pub counts: Cancelled,
+}
+
+/// `POST /batches/{id}/cancel`: the batch's rows not yet settled will not run.
+///
+/// A batch still being published stops being published within a second; rows already
+/// queued are acked by workers without running; rows in a worker's hands finish.
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<CancelAnswer>, ApiError> {
+    match state.ledger.cancel_batch(&id).await? {
+        Ok(counts) => {
+            tracing::info!(batch_id = %id, cancelled = counts.cancelled, ran = counts.ran, "batch cancelled");
+            Ok(Json(CancelAnswer {
+                batch_id: id,
+                state: "cancelled",
+                counts,
+            }))
+        }
+        Err(CancelRefused::NotFound) => Err(ApiError::NoSuchBatch(id)),
+        Err(CancelRefused::Finished(batch_state)) => Err(ApiError::CannotCancel {
+            batch_id: id,
+            state: batch_state,
+        }),
+    }
 }

@@ -35,7 +35,7 @@ use crate::{
     broker::{Broker, BrokerError},
     ingest::{
         self, BatchFile, BatchInfo, IngestError, Limits, Publication, PublicationError,
-        validate::Rejection,
+        publish::PublishError, validate::Rejection,
     },
     metrics::Metrics,
 };
@@ -80,6 +80,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/batches/{id}", get(batches::get).delete(batches::delete))
         .route("/batches/{id}/results", get(batches::results))
         .route("/batches/{id}/retry", post(batches::retry))
+        .route("/batches/{id}/cancel", post(batches::cancel))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -244,6 +245,14 @@ async fn accept(
             queue: job.queue.clone(),
             rows,
         }),
+        Err(PublicationError::Stopped {
+            error: PublishError::Cancelled { published },
+            ..
+        }) => Err(ApiError::CancelledWhilePublishing {
+            batch_id,
+            rows,
+            published,
+        }),
         Err(PublicationError::Stopped { error, published }) => Err(ApiError::PublishFailed {
             batch_id,
             rows,
@@ -347,6 +356,16 @@ pub enum ApiError {
     Unfinished { batch_id: String, state: BatchState },
     #[error("batch {batch_id} is {}: only a batch that was published can be retried", state.as_str())]
     CannotRetry { batch_id: String, state: BatchState },
+    #[error("batch {batch_id} is {} already: only an unfinished batch can be cancelled", state.as_str())]
+    CannotCancel { batch_id: String, state: BatchState },
+    #[error(
+        "batch {batch_id} was cancelled while it was published: {published} of {rows} rows were published"
+    )]
+    CancelledWhilePublishing {
+        batch_id: String,
+        rows: u64,
+        published: u64,
+    },
     #[error("the ledger: {0}")]
     Ledger(#[from] LedgerError),
     #[error(transparent)]
@@ -390,7 +409,10 @@ impl IntoResponse for ApiError {
             }
             ApiError::Broker(BrokerError::Topology { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unfinished { .. } | ApiError::CannotRetry { .. } => StatusCode::CONFLICT,
+            ApiError::Unfinished { .. }
+            | ApiError::CannotRetry { .. }
+            | ApiError::CannotCancel { .. }
+            | ApiError::CancelledWhilePublishing { .. } => StatusCode::CONFLICT,
             ApiError::Ledger(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -408,6 +430,11 @@ impl IntoResponse for ApiError {
             }
             ApiError::UnknownJobType(unknown) => body["known_job_types"] = json!(unknown.known),
             ApiError::PublishFailed {
+                batch_id,
+                published,
+                ..
+            }
+            | ApiError::CancelledWhilePublishing {
                 batch_id,
                 published,
                 ..

@@ -292,7 +292,11 @@ async fn a_refused_upload_leaves_nothing_and_uploads_beyond_the_pool_wait_their_
     let (status, body) = producer.upload(refused).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["line"], 20_002, "{body}");
-    let recorded = ledger.batches(&Default::default()).await.unwrap();
+    let all = spillway_ledger::BatchFilter {
+        limit: 10,
+        ..Default::default()
+    };
+    let recorded = ledger.batches(&all).await.unwrap();
     assert!(
         recorded.is_empty(),
         "a refused upload is not recorded: {recorded:?}"
@@ -310,4 +314,62 @@ async fn a_refused_upload_leaves_nothing_and_uploads_beyond_the_pool_wait_their_
         assert_eq!((batch.rows, batch.published), (5_000, 5_000), "{batch:?}");
     }
     assert_eq!(producer.depth("tasks").await.unwrap(), 30_000);
+}
+
+#[tokio::test]
+async fn a_batch_cancelled_while_it_is_published_stops_being_published() {
+    let (producer, _db, ledger) = producer_with_ledger("ledger-cancel").await;
+    const ROWS: u64 = 300_000;
+    let csv = std::iter::once("n".to_string())
+        .chain((1..=ROWS).map(|n| n.to_string()))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
+    let producer = std::sync::Arc::new(producer);
+    let uploading = tokio::spawn({
+        let producer = std::sync::Arc::clone(&producer);
+        async move { producer.upload(csv).await }
+    });
+    let publishing = || async {
+        let all = spillway_ledger::BatchFilter {
+            limit: 10,
+            ..Default::default()
+        };
+        ledger
+            .batches(&all)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|b| b.state == BatchState::Publishing)
+    };
+    wait_for(
+        "the batch to be recorded and published",
+        Duration::from_secs(60),
+        || async { publishing().await.is_some() },
+    )
+    .await;
+    let id = publishing().await.unwrap().batch_id;
+
+    let response = producer
+        .client
+        .post(format!("{}/batches/{id}/cancel", producer.base_url))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = TestProducer::decode(response).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["cancelled"], ROWS, "none has run: {body}");
+
+    let (status, answer) = uploading.await.unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    let published = answer["published"]
+        .as_u64()
+        .expect("how many were published");
+    assert!(published < ROWS, "publishing stopped: {answer}");
+    let batch = ledger.batch(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (batch.state, batch.cancelled, batch.pending),
+        (BatchState::Cancelled, ROWS, 0),
+        "{batch:?}"
+    );
 }

@@ -27,6 +27,7 @@ use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    cancelled::CancelledBatches,
     drain,
     handler::Handler,
     progress::Progress,
@@ -182,6 +183,7 @@ impl Worker {
             worker: self.name.clone(),
             delivery_limit: self.delivery_limit,
             progress: Arc::clone(progress),
+            cancelled: CancelledBatches::new(self.ledger.clone()),
         });
         let reporter = tokio::spawn(report_every(
             self.progress_interval,

@@ -13,7 +13,8 @@
 //! ([`crate::record`]) before its delivery is settled: a row is acked only once its
 //! outcome is committed, and one whose outcome cannot be recorded goes back to the
 //! queue. A redelivered row the ledger already has as done (or dead) is acked without
-//! running again: at-least-once delivery, effectively-once results.
+//! running again: at-least-once delivery, effectively-once results. A row of a
+//! cancelled batch is acked without running at all.
 
 use std::{
     panic::AssertUnwindSafe,
@@ -32,6 +33,7 @@ use spillway_common::{envelope::RowMessage, topology};
 use spillway_ledger::{Ledger, LedgerError, Outcome, Recorded, RowStatus};
 
 use crate::{
+    cancelled::CancelledBatches,
     handler::{Handler, RowFailed},
     progress::{Progress, Tally},
     record::{RecordError, RecordObserver, Recorder},
@@ -62,6 +64,7 @@ pub(crate) struct Settler {
     pub worker: String,
     pub delivery_limit: u32,
     pub progress: Arc<Progress>,
+    pub cancelled: CancelledBatches,
 }
 
 /// Handles one delivery and settles it.
@@ -76,6 +79,13 @@ pub(crate) async fn process(delivery: Delivery, handler: &Handler, settler: &Set
         });
     let (key, outcome) = match row {
         Ok(row) => {
+            if settler.cancelled.is_cancelled(&row.batch_id).await {
+                // The ledger has the row as `cancelled` already: nothing to run or record.
+                if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(%error, "cannot ack a cancelled row; the broker will redeliver it");
+                }
+                return;
+            }
             if delivery.redelivered && already_settled(settler, &row).await {
                 // Its outcome is committed: running it again would only repeat work.
                 if let Err(error) = delivery.ack(BasicAckOptions::default()).await {

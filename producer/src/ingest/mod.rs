@@ -39,7 +39,7 @@ use spillway_common::{
     },
     retry,
 };
-use spillway_ledger::{Ledger, LedgerError, NewBatch};
+use spillway_ledger::{BatchState, Ledger, LedgerError, NewBatch};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
@@ -246,7 +246,9 @@ pub async fn publish_batch(
         );
         let result = tokio::select! {
             result = sending => result,
-            never = write_progress(&ledger, &batch) => match never {},
+            () = write_progress(&ledger, &batch) => Err(PublishError::Cancelled {
+                published: batch.confirmed.load(Ordering::Relaxed),
+            }),
         };
         if result.is_ok() {
             let announcement = BatchPublished {
@@ -292,10 +294,11 @@ pub async fn publish_batch(
     publishing.await?
 }
 
-/// Writes `batch`'s confirmed count to the ledger every [`PROGRESS_INTERVAL`]; never
-/// ends. A write that fails is logged and tried again at the next tick: publishing goes
-/// on, as the rows are already in the ledger.
-async fn write_progress(ledger: &Ledger, batch: &Publication) -> std::convert::Infallible {
+/// Writes `batch`'s confirmed count to the ledger every [`PROGRESS_INTERVAL`], and
+/// ends only when the ledger says the batch was cancelled. A write that fails is
+/// logged and tried again at the next tick: publishing goes on, as the rows are
+/// already in the ledger.
+async fn write_progress(ledger: &Ledger, batch: &Publication) {
     let mut ticks = tokio::time::interval(PROGRESS_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -303,6 +306,13 @@ async fn write_progress(ledger: &Ledger, batch: &Publication) -> std::convert::I
         let published = batch.confirmed.load(Ordering::Relaxed);
         if let Err(error) = ledger.set_published(&batch.batch_id, published).await {
             tracing::warn!(batch_id = %batch.batch_id, %error, "cannot record publishing progress");
+        }
+        if matches!(
+            ledger.batch_state(&batch.batch_id).await,
+            Ok(Some(BatchState::Cancelled))
+        ) {
+            tracing::info!(batch_id = %batch.batch_id, published, "batch cancelled: publishing stops");
+            return;
         }
     }
 }

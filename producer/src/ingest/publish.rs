@@ -45,6 +45,8 @@ pub enum PublishError {
     Unroutable { published: u64, line: u64 },
     #[error("cannot read the rows to publish: {0}")]
     Source(#[from] io::Error),
+    #[error("the batch was cancelled after {published} rows were confirmed")]
+    Cancelled { published: u64 },
 }
 
 /// Bytes of unconfirmed bodies kept for resending, whatever `window` allows: wide rows

@@ -1,0 +1,94 @@
+//! Cancelling a batch: every row of it not yet settled becomes `cancelled`, and the
+//! batch is finished, `cancelled`.
+//!
+//! Rows already queued stay in RabbitMQ; workers ack them without running them (they
+//! ask [`Ledger::batch_state`]). A row in a worker's hands when the batch is cancelled
+//! finishes, but its outcome is not recorded over `cancelled`: the counts say how many
+//! rows ran before the cancel.
+
+use serde::Serialize;
+
+use crate::{BatchState, Ledger, Result, batches::lock_state};
+
+/// What cancelling a batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Cancelled {
+    /// Rows that will not run.
+    pub cancelled: u64,
+    /// Rows that ran before: done or dead.
+    pub ran: u64,
+}
+
+/// Why a batch cannot be cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelRefused {
+    NotFound,
+    /// It is finished already.
+    Finished(BatchState),
+}
+
+impl Ledger {
+    /// Cancels `batch_id`: its pending rows, and failed ones with attempts left, are
+    /// `cancelled`, as is the batch.
+    pub async fn cancel_batch(
+        &self,
+        batch_id: &str,
+    ) -> Result<std::result::Result<Cancelled, CancelRefused>> {
+        self.schema().await?;
+        let mut tx = self.pool().begin().await?;
+        let Some(state) = lock_state(&mut tx, batch_id).await? else {
+            return Ok(Err(CancelRefused::NotFound));
+        };
+        if state.is_finished() {
+            return Ok(Err(CancelRefused::Finished(state)));
+        }
+        let (pending, failed): (i64, i64) = sqlx::query_as(
+            "WITH cancelled AS (
+                 UPDATE batch_rows r SET status = 'cancelled', settled_at = now()
+                 FROM (SELECT line, status FROM batch_rows
+                       WHERE batch_id = $1 AND status IN ('pending', 'failed')
+                       ORDER BY line FOR UPDATE) o
+                 WHERE r.batch_id = $1 AND r.line = o.line
+                 RETURNING o.status AS was
+             )
+             SELECT count(*) FILTER (WHERE was = 'pending'), count(*) FILTER (WHERE was = 'failed')
+             FROM cancelled",
+        )
+        .bind(batch_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let (done, dead): (i64, i64) = sqlx::query_as(
+            "UPDATE batches SET pending = pending - $2, failed = failed - $3,
+                    cancelled = cancelled + $2 + $3, state = 'cancelled', finished_at = now()
+             WHERE batch_id = $1
+             RETURNING done, dead",
+        )
+        .bind(batch_id)
+        .bind(pending)
+        .bind(failed)
+        .fetch_one(&mut *tx)
+        .await?;
+        // A retry still to be published is not.
+        sqlx::query("DELETE FROM retry_rows WHERE batch_id = $1")
+            .bind(batch_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);
+        Ok(Ok(Cancelled {
+            cancelled: unsigned(pending + failed),
+            ran: unsigned(done + dead),
+        }))
+    }
+
+    /// The state of `batch_id`, or `None` if the ledger does not hold it.
+    pub async fn batch_state(&self, batch_id: &str) -> Result<Option<BatchState>> {
+        self.schema().await?;
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM batches WHERE batch_id = $1")
+                .bind(batch_id)
+                .fetch_optional(self.pool())
+                .await?;
+        state.as_deref().map(crate::batches::state_of).transpose()
+    }
+}
