@@ -319,12 +319,16 @@ pub fn decide(
             reason,
         });
     }
-    if observed.paused {
-        let to_drain: Vec<String> = active
+    // Workers still taking rows: those a drain request would reach.
+    let not_yet_asked = || -> Vec<String> {
+        active
             .clone()
             .filter(|w| w.drain_requested_at.is_none() && w.phase != Phase::Stopping)
             .map(|w| w.name.clone())
-            .collect();
+            .collect()
+    };
+    if observed.paused {
+        let to_drain = not_yet_asked();
         if !to_drain.is_empty() {
             decisions.push(Decision {
                 action: Action::Drain(to_drain),
@@ -359,11 +363,7 @@ pub fn decide(
     if let Some(since) = idle_since
         && now.duration_since(since) >= limits.idle_window
     {
-        let to_drain: Vec<String> = active
-            .clone()
-            .filter(|w| w.drain_requested_at.is_none() && w.phase != Phase::Stopping)
-            .map(|w| w.name.clone())
-            .collect();
+        let to_drain = not_yet_asked();
         if !to_drain.is_empty() {
             decisions.push(Decision {
                 action: Action::Drain(to_drain),

@@ -7,12 +7,11 @@ mod support;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::Value;
 use spillway_ledger::BatchState;
 use spillway_testkit::{TestVhost, local_workers::WorkerReaper, wait_for};
 use support::{
-    RECORD_ROW, Scaler, ledger::ledger_of, local_jobs, numbered_csv, recorded_rows, start_producer,
-    upload,
+    RECORD_ROW, Scaler, ledger::ledger_of, local_jobs, numbered_csv, post_json, recorded_rows,
+    start_producer, upload,
 };
 
 const ROWS: usize = 2_000;
@@ -34,17 +33,8 @@ async fn a_cancelled_batch_runs_no_more_rows_and_its_queue_empties() {
     })
     .await;
 
-    let http = reqwest::Client::new();
-    let cancel = || async {
-        let answer = http
-            .post(format!("{producer}/batches/{batch}/cancel"))
-            .send()
-            .await
-            .unwrap();
-        let status = answer.status();
-        (status, answer.json::<Value>().await.unwrap())
-    };
-    let (status, body) = cancel().await;
+    let cancel = format!("{producer}/batches/{batch}/cancel");
+    let (status, body) = post_json(&cancel).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["state"], "cancelled", "{body}");
     let cancelled = body["cancelled"].as_u64().unwrap();
@@ -75,6 +65,6 @@ async fn a_cancelled_batch_runs_no_more_rows_and_its_queue_empties() {
         "{ran_at_all} rows ran, {ran} before the cancel: most of the {cancelled} left were skipped"
     );
 
-    let (status, body) = cancel().await;
+    let (status, body) = post_json(&cancel).await;
     assert_eq!(status, StatusCode::CONFLICT, "cancelled already: {body}");
 }

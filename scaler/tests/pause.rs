@@ -7,7 +7,6 @@ mod support;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::Value;
 use spillway_ledger::BatchState;
 use spillway_testkit::{
     TestVhost,
@@ -17,20 +16,10 @@ use spillway_testkit::{
 use support::{
     RECORD_ROW, Scaler, expected_rows,
     ledger::{ledger_of, wait_finished},
-    local_jobs, numbered_csv, recorded_rows, start_producer, upload,
+    local_jobs, numbered_csv, post_json, recorded_rows, start_producer, upload,
 };
 
 const ROWS: usize = 300;
-
-async fn post(scaler: &Scaler, path: &str) -> (StatusCode, Value) {
-    let answer = reqwest::Client::new()
-        .post(format!("{}{path}", scaler.url))
-        .send()
-        .await
-        .unwrap();
-    let status = answer.status();
-    (status, answer.json().await.unwrap())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_drains_every_worker_outlives_a_restart_and_resume_finishes_the_rows() {
@@ -51,7 +40,7 @@ async fn a_pause_drains_every_worker_outlives_a_restart_and_resume_finishes_the_
     })
     .await;
 
-    let (status, body) = post(&scaler, "/job-types/default/pause").await;
+    let (status, body) = post_json(&format!("{}/job-types/default/pause", scaler.url)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["paused"], true, "{body}");
     wait_for(
@@ -112,6 +101,6 @@ async fn a_pause_drains_every_worker_outlives_a_restart_and_resume_finishes_the_
             .collect::<Vec<_>>()
     );
 
-    let (status, _) = post(&scaler, "/job-types/no-such-type/pause").await;
+    let (status, _) = post_json(&format!("{}/job-types/no-such-type/pause", scaler.url)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }

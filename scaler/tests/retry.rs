@@ -14,7 +14,7 @@ use spillway_testkit::{TestVhost, local_workers::WorkerReaper};
 use support::{
     Scaler,
     ledger::{ledger_of, wait_finished},
-    local_jobs, numbered_csv, start_producer, upload,
+    local_jobs, numbered_csv, post_json, start_producer, upload,
 };
 
 /// Counts its runs of each row in `$RECORD.<line>`; fails the first two, then answers
@@ -52,17 +52,8 @@ async fn dead_rows_retried_pass_once_leave_the_dead_queue_and_an_interrupted_ret
         (ROWS as u64, ROWS as u64)
     );
 
-    let http = reqwest::Client::new();
-    let retry = || async {
-        let answer = http
-            .post(format!("{producer}/batches/{batch}/retry"))
-            .send()
-            .await
-            .unwrap();
-        let status = answer.status();
-        (status, answer.json::<Value>().await.unwrap())
-    };
-    let (status, body) = retry().await;
+    let retry = format!("{producer}/batches/{batch}/retry");
+    let (status, body) = post_json(&retry).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
         body["retried"], 0,
@@ -111,7 +102,7 @@ async fn dead_rows_retried_pass_once_leave_the_dead_queue_and_an_interrupted_ret
     }
 
     // Nothing is dead any more: a retry now does nothing, and says so.
-    let (status, body) = retry().await;
+    let (status, body) = post_json(&retry).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
         (&body["retried"], &body["published"]),
@@ -119,10 +110,6 @@ async fn dead_rows_retried_pass_once_leave_the_dead_queue_and_an_interrupted_ret
         "{body}"
     );
     // A batch that does not exist is a 404.
-    let missing = http
-        .post(format!("{producer}/batches/no-such-batch/retry"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let (status, _) = post_json(&format!("{producer}/batches/no-such-batch/retry")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }

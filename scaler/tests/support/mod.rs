@@ -330,6 +330,21 @@ pub async fn upload(producer: &str, csv: String) -> String {
     body["batch_id"].as_str().expect("a batch id").to_string()
 }
 
+/// POSTs to `url` with no body: the status and the JSON answer.
+pub async fn post_json(url: &str) -> (StatusCode, Value) {
+    let answer = reqwest::Client::new()
+        .post(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = answer.status();
+    let body = answer
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url} answered {status} without JSON: {e}"));
+    (status, body)
+}
+
 /// An `exec` command that records each row it handles as `<batch id>:<line>`.
 pub const RECORD_ROW: &str = r#"echo "$SPILLWAY_BATCH_ID:$SPILLWAY_LINE" >> "$RECORD""#;
 
