@@ -8,7 +8,7 @@
 
 use serde::Serialize;
 
-use crate::{BatchState, Ledger, Result, batches::lock_state};
+use crate::{BatchState, Ledger, Result};
 
 /// What cancelling a batch did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -35,8 +35,10 @@ impl Ledger {
         batch_id: &str,
     ) -> Result<std::result::Result<Cancelled, CancelRefused>> {
         self.schema().await?;
+        // Rows first, then their batch: the order in which workers record outcomes, so
+        // a cancel and a worker wait for each other instead of deadlocking.
         let mut tx = self.pool().begin().await?;
-        let Some(state) = lock_state(&mut tx, batch_id).await? else {
+        let Some(state) = self.batch_state(batch_id).await? else {
             return Ok(Err(CancelRefused::NotFound));
         };
         if state.is_finished() {
@@ -57,17 +59,26 @@ impl Ledger {
         .bind(batch_id)
         .fetch_one(&mut *tx)
         .await?;
-        let (done, dead): (i64, i64) = sqlx::query_as(
+        let counted: Option<(i64, i64)> = sqlx::query_as(
             "UPDATE batches SET pending = pending - $2, failed = failed - $3,
                     cancelled = cancelled + $2 + $3, state = 'cancelled', finished_at = now()
              WHERE batch_id = $1
+               AND state NOT IN ('done', 'done_with_failures', 'failed', 'cancelled')
              RETURNING done, dead",
         )
         .bind(batch_id)
         .bind(pending)
         .bind(failed)
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
+        let Some((done, dead)) = counted else {
+            // It finished (or was cancelled) meanwhile: the rows go back as they were.
+            tx.rollback().await?;
+            let state = self.batch_state(batch_id).await?;
+            return Ok(Err(
+                state.map_or(CancelRefused::NotFound, CancelRefused::Finished)
+            ));
+        };
         // A retry still to be published is not.
         sqlx::query("DELETE FROM retry_rows WHERE batch_id = $1")
             .bind(batch_id)
