@@ -79,8 +79,12 @@ async fn workers_killed_while_they_work_lose_no_row() {
     let scaler = Scaler::start_with(&vhost, dir, "scaler.log", &[("CONCURRENCY", "4")]);
     let _reaper = WorkerReaper(dir);
 
-    let batch = upload(&producer, numbered_csv(ROWS)).await;
-    let expected = expected_rows(&batch, ROWS);
+    // Kills start while the upload is still being published: workers start on its
+    // first rows.
+    let uploading = tokio::spawn({
+        let producer = producer.clone();
+        async move { upload(&producer, numbered_csv(ROWS)).await }
+    });
 
     let mut dice = Dice::seeded();
     let mut kills = 0;
@@ -111,6 +115,8 @@ async fn workers_killed_while_they_work_lose_no_row() {
         kills >= 3,
         "only {kills} workers were killed before the rows ran out: too few to prove anything"
     );
+    let batch = uploading.await.unwrap();
+    let expected = expected_rows(&batch, ROWS);
 
     let dead = dead_rows(&vhost).await;
     let account = Account::of(&expected, &recorded_rows(dir), &dead);
