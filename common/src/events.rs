@@ -16,8 +16,8 @@ use lapin::{
 use serde::{Deserialize, Serialize};
 
 /// Topic exchange of worker reports (routing key `worker.<job_type>.<worker>`), of
-/// batches starting to be published (`publishing.<job_type>`) and of published batches
-/// (`batch.<job_type>`).
+/// batches starting to be published (`publishing.<job_type>`) and of every change of a
+/// batch's state (`batch.<job_type>.<state>`).
 pub const EVENTS_EXCHANGE: &str = "spillway.events";
 /// Topic exchange of requests to workers; routing key `drain.<worker>`.
 pub const CONTROL_EXCHANGE: &str = "spillway.control";
@@ -26,8 +26,8 @@ pub fn report_routing_key(job_type: &str, worker: &str) -> String {
     format!("worker.{job_type}.{worker}")
 }
 
-pub fn batch_routing_key(job_type: &str) -> String {
-    format!("batch.{job_type}")
+pub fn batch_routing_key(job_type: &str, state: &str) -> String {
+    format!("batch.{job_type}.{state}")
 }
 
 pub fn publishing_routing_key(job_type: &str) -> String {
@@ -62,6 +62,9 @@ pub struct WorkerReport {
     pub failed: u64,
     /// Rows this worker sent to the dead queue.
     pub dead_lettered: u64,
+    /// Rows of cancelled batches this worker acked without running them.
+    #[serde(default)]
+    pub skipped: u64,
     /// Rows received and not yet settled: work in hand.
     pub in_flight: u64,
     pub started_unix: u64,
@@ -82,14 +85,44 @@ pub struct BatchPublishing {
     pub rows: u64,
 }
 
-/// What the producer announces once every row of a batch is confirmed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BatchPublished {
+/// A batch whose state changed, as it was then: the body of every
+/// `batch.<job_type>.<state>` event, and of the completion callback of a final state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchStateChanged {
     pub batch_id: String,
     pub job_type: String,
-    pub queue: String,
+    /// `publishing`, `queued`, `running`, `done`, `done_with_failures`, `failed` or
+    /// `cancelled`.
+    pub state: String,
+    pub file_name: Option<String>,
+    /// Why the batch failed, when it did.
+    pub error: Option<String>,
     pub rows: u64,
-    pub published_unix: u64,
+    /// Rows confirmed by RabbitMQ.
+    pub published: u64,
+    pub pending: u64,
+    /// Failed with attempts left.
+    pub failed: u64,
+    pub done: u64,
+    pub dead: u64,
+    pub cancelled: u64,
+    pub received_at: String,
+    pub published_at: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// Where the batch's rows and results can be downloaded.
+    pub results_url: String,
+    /// The change's id in the ledger: a receiver that sees it twice has seen one change.
+    pub event_id: i64,
+}
+
+impl BatchStateChanged {
+    /// Rows of a cancelled batch that may still wait in its queue: published and not
+    /// settled when it was cancelled (workers ack them without running them).
+    pub fn cancelled_in_queue(&self) -> u64 {
+        self.cancelled
+            .min(self.published.saturating_sub(self.done + self.dead))
+    }
 }
 
 /// Declares both exchanges (durable topic exchanges).

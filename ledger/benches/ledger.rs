@@ -357,6 +357,7 @@ async fn record_batch(ledger: &Ledger, batch_id: &str, csv: &Path, rows: u64) {
         file_name: Some("rows.csv"),
         header: &header,
         rows: Some(rows),
+        callback_url: None,
     };
     // generate_data.py writes one line per row, after the header on line 1.
     let lines = reader

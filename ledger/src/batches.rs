@@ -15,7 +15,12 @@ use serde::Serialize;
 use sqlx::Row;
 use tokio::io::AsyncRead;
 
-use crate::{BatchState, Ledger, LedgerError, Result, copy::COPY_ROWS, rfc3339};
+use crate::{
+    BatchState, Ledger, LedgerError, Result,
+    copy::COPY_ROWS,
+    events::{CallbackDelivery, callback_column},
+    rfc3339,
+};
 
 /// A batch about to be recorded.
 #[derive(Debug, Clone)]
@@ -27,6 +32,8 @@ pub struct NewBatch<'a> {
     pub header: &'a [String],
     /// How many rows the batch holds, when known before they are recorded: a check.
     pub rows: Option<u64>,
+    /// Where to POST the batch's summary when it reaches a final state.
+    pub callback_url: Option<&'a str>,
 }
 
 /// A batch as the ledger holds it.
@@ -52,6 +59,10 @@ pub struct BatchRecord {
     pub finished_at: Option<String>,
     /// Seconds from the first row settled to the last (or to now, while running).
     pub seconds_running: Option<f64>,
+    /// Where the batch's summary is POSTed when it reaches a final state.
+    pub callback_url: Option<String>,
+    /// How the latest such callback went, once there is one.
+    pub callback: Option<CallbackDelivery>,
 }
 
 impl BatchRecord {
@@ -117,7 +128,9 @@ macro_rules! batch_columns {
     " AS started_at, ",
     rfc3339!("finished_at"),
     " AS finished_at, ",
-    "extract(epoch FROM coalesce(finished_at, now()) - started_at)::float8 AS seconds_running"
+    "extract(epoch FROM coalesce(finished_at, now()) - started_at)::float8 AS seconds_running, ",
+    "callback_url, ",
+    callback_column!()
         )
     };
 }
@@ -170,6 +183,12 @@ fn batch_of(row: &sqlx::postgres::PgRow) -> Result<BatchRecord> {
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
         seconds_running: row.try_get("seconds_running")?,
+        callback_url: row.try_get("callback_url")?,
+        callback: row
+            .try_get::<Option<String>, _>("callback")?
+            .map(|json| serde_json::from_str(&json))
+            .transpose()
+            .map_err(|e| LedgerError::Query(sqlx::Error::Decode(e.into())))?,
     })
 }
 
@@ -195,14 +214,16 @@ impl Ledger {
             .expect("the ledger never closes its recording slots");
         let mut tx = self.pool().begin().await?;
         sqlx::query(
-            "INSERT INTO batches (batch_id, job_type, queue, file_name, header, rows, pending)
-             VALUES ($1, $2, $3, $4, $5, 0, 0)",
+            "INSERT INTO batches (batch_id, job_type, queue, file_name, header, callback_url,
+                                  rows, pending)
+             VALUES ($1, $2, $3, $4, $5, $6, 0, 0)",
         )
         .bind(batch.batch_id)
         .bind(batch.job_type)
         .bind(batch.queue)
         .bind(batch.file_name)
         .bind(batch.header)
+        .bind(batch.callback_url)
         .execute(&mut *tx)
         .await?;
         let mut copy = tx.copy_in_raw(COPY_ROWS).await?;
@@ -285,7 +306,7 @@ impl Ledger {
                  RETURNING *)
              SELECT ",
             batch_columns!(),
-            " FROM claimed"
+            " FROM claimed batches"
         );
         let row = sqlx::query(sql)
             .bind(stale.as_secs_f64())
@@ -408,6 +429,7 @@ impl Ledger {
             return Ok(Deleted::Unfinished(state));
         }
         for statement in [
+            "DELETE FROM batch_events WHERE batch_id = $1",
             "DELETE FROM batch_rows WHERE batch_id = $1",
             "DELETE FROM batches WHERE batch_id = $1",
         ] {

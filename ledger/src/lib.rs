@@ -19,12 +19,15 @@
 //! - [`retry`]: a batch's dead rows set back to pending and listed for publication.
 //! - [`pauses`]: job types paused by an operator.
 //! - [`cancel`]: a batch's unsettled rows cancelled, and the batch with them.
+//! - [`events`]: the outbox of batch state changes, for the events exchange and
+//!   completion callbacks.
 //! - [`copy`]: rows encoded for `COPY ... FROM STDIN`.
 //! - [`totals`]: rows by job type and status, for `/metrics`.
 
 pub mod batches;
 pub mod cancel;
 pub mod copy;
+pub mod events;
 pub mod outcomes;
 pub mod pauses;
 pub mod results;

@@ -25,6 +25,7 @@ async fn record_batch(ledger: &Ledger, id: &str, header: &[&str], rows: &[&[&str
         file_name: Some("data.csv"),
         header: &header,
         rows: Some(rows.len() as u64),
+        callback_url: None,
     };
     let lines = (2..).zip(rows.iter().map(|fields| fields.iter()));
     spillway_testkit::ledger::record_batch(ledger, &batch, lines).await;

@@ -106,6 +106,23 @@ impl Broker {
         Ok(channel)
     }
 
+    /// A channel with publisher confirms on, for the events exchange.
+    pub async fn events_channel(&self) -> Result<Channel, BrokerError> {
+        let connection = self.connection(self.retry_budget).await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        events::declare_exchanges(&channel)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(channel)
+    }
+
     /// Announces `event` about `batch_id` on the events exchange with `routing_key`,
     /// for the scaler. Best effort: the batch's rows are safe whether or not it
     /// arrives.

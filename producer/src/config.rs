@@ -7,7 +7,7 @@ use clap::Parser;
 use spillway_common::config::{BrokerSettings, JobsSettings, LogSettings, Process};
 use spillway_ledger::DatabaseSettings;
 
-use crate::ingest::Limits;
+use crate::{ingest::Limits, outbox::Callbacks};
 
 /// Spillway producer: turns an uploaded CSV file into one RabbitMQ message per row.
 ///
@@ -59,6 +59,31 @@ pub struct Settings {
     #[arg(long = "spool-dir", env = "SPOOL_DIR", value_name = "SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,
 
+    /// Key of the HMAC-SHA256 signature of every completion callback
+    /// (`Spillway-Signature`); an upload with a `callback_url` is refused without it.
+    #[arg(
+        long = "callback-secret",
+        env = "CALLBACK_SECRET",
+        value_name = "CALLBACK_SECRET",
+        hide_env_values = true
+    )]
+    pub callback_secret: Option<String>,
+
+    /// Seconds after a batch reaches its final state during which its callback is
+    /// retried (with backoff) until the receiver answers 2xx; then it is given up on.
+    #[arg(long = "callback-give-up-seconds", env = "CALLBACK_GIVE_UP_SECONDS", value_name = "CALLBACK_GIVE_UP_SECONDS",
+          default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    pub callback_give_up_seconds: u64,
+
+    /// The producer's URL as its users reach it, for the results URL in events and
+    /// callbacks (default: http://localhost and the port of PRODUCER_LISTEN).
+    #[arg(
+        long = "public-url",
+        env = "PRODUCER_PUBLIC_URL",
+        value_name = "PRODUCER_PUBLIC_URL"
+    )]
+    pub public_url: Option<String>,
+
     #[command(flatten)]
     pub broker: BrokerSettings,
 
@@ -86,6 +111,20 @@ impl Settings {
             )
         })?;
         Ok(())
+    }
+
+    pub fn public_url(&self) -> String {
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://localhost:{}", self.listen.port()))
+    }
+
+    pub fn callbacks(&self) -> Callbacks {
+        Callbacks::new(
+            self.callback_secret.as_deref().filter(|s| !s.is_empty()),
+            Duration::from_secs(self.callback_give_up_seconds),
+            &self.public_url(),
+        )
     }
 
     pub fn spool_dir(&self) -> PathBuf {

@@ -15,6 +15,7 @@
 //! - [`batches`]: the batches API (list, progress, results, delete), read from the
 //!   ledger.
 //!   - [`ingest::resume`]: publications whose producer stopped, resumed from the ledger.
+//! - [`outbox`]: batch state changes published as events, and completion callbacks.
 //! - [`metrics`]: Prometheus counters and the publish-latency histogram.
 
 pub mod batches;
@@ -22,6 +23,7 @@ pub mod broker;
 pub mod config;
 pub mod ingest;
 pub mod metrics;
+pub mod outbox;
 pub mod routes;
 pub mod strict;
 
@@ -46,13 +48,15 @@ pub fn build_state(settings: &Settings, jobs: JobsConfig) -> anyhow::Result<Arc<
         spool_dir: settings.spool_dir(),
         ledger: settings.database.open()?,
         metrics: Arc::new(Metrics::new()),
+        callbacks: settings.callbacks(),
         tasks: TaskTracker::new(),
     }))
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then lets requests in
 /// flight finish and every batch being published reach its last confirm. Meanwhile
-/// it resumes publications whose producer stopped (see [`ingest::resume`]).
+/// it resumes publications whose producer stopped (see [`ingest::resume`]) and
+/// delivers the ledger's outbox (see [`outbox`]).
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
@@ -63,11 +67,13 @@ pub async fn serve(
         Arc::clone(&state),
         stop_resuming.clone(),
     ));
+    let delivering = tokio::spawn(outbox::run(Arc::clone(&state), stop_resuming.clone()));
     let served = axum::serve(listener, routes::router(Arc::clone(&state)))
         .with_graceful_shutdown(shutdown)
         .await;
     stop_resuming.cancel();
     let _ = resuming.await;
+    let _ = delivering.await;
     state.tasks.close();
     state.tasks.wait().await;
     served

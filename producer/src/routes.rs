@@ -1,7 +1,7 @@
 //! The producer's HTTP API, and the one place its errors become JSON.
 //!
 //! `POST /upload` and `POST /submit/{job_type}` take a multipart body with a `file`
-//! field; the batches API is in [`crate::batches`]; `/healthz`, `/readyz` and
+//! field, and optionally a `callback_url` (before or after it); the batches API is in [`crate::batches`]; `/healthz`, `/readyz` and
 //! `/metrics` serve probes and Prometheus. Every error is `{"error": ..., "line": ...}`
 //! with a status that says whose fault it is: 4xx for the request, 503 for the broker
 //! or PostgreSQL being out of reach.
@@ -38,6 +38,7 @@ use crate::{
         publish::PublishError, validate::Rejection,
     },
     metrics::Metrics,
+    outbox::{self, Callbacks},
 };
 
 /// Everything a request handler needs, built once at start.
@@ -53,6 +54,7 @@ pub struct AppState {
     pub spool_dir: PathBuf,
     pub ledger: Ledger,
     pub metrics: Arc<Metrics>,
+    pub callbacks: Callbacks,
     /// Batches being published; shutdown waits for them.
     pub tasks: TaskTracker,
 }
@@ -169,15 +171,15 @@ async fn accept(
     }
     let mut multipart = multipart.map_err(|e| Rejection::NotMultipart(e.body_text()))?;
     let idle = state.body_idle_timeout;
+    let mut callback_url = None;
     let field = loop {
-        let next = tokio::time::timeout(idle, multipart.next_field())
-            .await
-            .map_err(|_| body_idle(idle))?;
-        match next {
-            Ok(Some(field)) if field.name() == Some("file") => break field,
-            Ok(Some(_)) => continue,
-            Ok(None) => return Err(Rejection::MissingFile.into()),
-            Err(e) => return Err(multipart_rejection(&e, state.limits.max_upload_bytes).into()),
+        match next_field(&mut multipart, idle, state.limits.max_upload_bytes).await? {
+            Some(field) if field.name() == Some("file") => break field,
+            Some(field) if field.name() == Some(CALLBACK_FIELD) => {
+                callback_url = Some(callback_field(state, field, idle).await?);
+            }
+            Some(_) => continue,
+            None => return Err(Rejection::MissingFile.into()),
         }
     };
 
@@ -199,6 +201,7 @@ async fn accept(
             job_type: job_type.to_string(),
             queue: job.queue.clone(),
             file_name,
+            callback_url: callback_url.clone(),
         },
         tail,
     ));
@@ -206,6 +209,9 @@ async fn accept(
     let spool =
         ingest::spool_upload(body, info, state.limits, &state.spool_dir, ledger_rows).await?;
     let rows = spool.rows;
+    // Fields after the file: a callback URL may come last. A bad one refuses the
+    // upload before any row is published.
+    let late_callback_url = late_fields(state, &mut multipart, idle).await;
     tracing::info!(%batch_id, job_type, rows, elapsed = ?received.elapsed(), "upload validated");
 
     let channel = state
@@ -216,6 +222,18 @@ async fn accept(
     recording
         .await
         .map_err(|e| ApiError::Internal(format!("the ledger's recording task failed: {e}")))??;
+    match late_callback_url {
+        Ok(Some(url)) => state.ledger.set_callback_url(&batch_id, &url).await?,
+        Ok(None) => {}
+        Err(refused) => {
+            // Recorded and never to be published: failed, with the reason.
+            state
+                .ledger
+                .fail_publishing(&batch_id, 0, &refused.to_string())
+                .await?;
+            return Err(refused);
+        }
+    }
     state
         .metrics
         .ledger_seconds
@@ -261,6 +279,73 @@ async fn accept(
         }),
         Err(error @ PublicationError::Task(_)) => Err(ApiError::Internal(error.to_string())),
     }
+}
+
+/// The form field naming where to POST the batch's summary when it is finished.
+const CALLBACK_FIELD: &str = "callback_url";
+/// The longest callback URL accepted.
+const MAX_CALLBACK_URL_BYTES: usize = 2048;
+
+/// The next field of an upload's form, if any; the client has `idle` to send it.
+async fn next_field<'a>(
+    multipart: &'a mut Multipart,
+    idle: Duration,
+    max_upload_bytes: u64,
+) -> Result<Option<Field<'a>>, Rejection> {
+    match tokio::time::timeout(idle, multipart.next_field()).await {
+        Ok(Ok(field)) => Ok(field),
+        Ok(Err(e)) => Err(multipart_rejection(&e, max_upload_bytes)),
+        Err(_) => Err(body_idle(idle)),
+    }
+}
+
+/// The fields after the file: the `callback_url`, if it is among them.
+async fn late_fields(
+    state: &AppState,
+    multipart: &mut Multipart,
+    idle: Duration,
+) -> Result<Option<String>, ApiError> {
+    let mut callback_url = None;
+    while let Some(field) = next_field(multipart, idle, state.limits.max_upload_bytes).await? {
+        if field.name() == Some(CALLBACK_FIELD) {
+            callback_url = Some(callback_field(state, field, idle).await?);
+        }
+    }
+    Ok(callback_url)
+}
+
+/// The `callback_url` field, checked: a URL the outbox can POST to, signed.
+async fn callback_field(
+    state: &AppState,
+    mut field: Field<'_>,
+    idle: Duration,
+) -> Result<String, ApiError> {
+    let mut url = Vec::new();
+    loop {
+        match tokio::time::timeout(idle, field.chunk()).await {
+            Ok(Ok(Some(chunk))) => {
+                url.extend_from_slice(&chunk);
+                if url.len() > MAX_CALLBACK_URL_BYTES {
+                    return Err(ApiError::BadCallback(format!(
+                        "callback_url is longer than {MAX_CALLBACK_URL_BYTES} bytes"
+                    )));
+                }
+            }
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => return Err(multipart_rejection(&e, state.limits.max_upload_bytes).into()),
+            Err(_) => return Err(body_idle(idle).into()),
+        }
+    }
+    let url = String::from_utf8(url)
+        .map_err(|_| ApiError::BadCallback("callback_url is not UTF-8".into()))?;
+    let url = url.trim().to_string();
+    outbox::check_callback_url(&url).map_err(ApiError::BadCallback)?;
+    if state.callbacks.secret.is_none() {
+        return Err(ApiError::BadCallback(
+            "callbacks are signed, and this producer has no CALLBACK_SECRET: set it to accept callback_url".into(),
+        ));
+    }
+    Ok(url)
 }
 
 /// The file field's bytes as they arrive. The client has `idle` to send each chunk:
@@ -352,6 +437,8 @@ pub enum ApiError {
     NoSuchBatch(String),
     #[error("{0}")]
     BadQuery(String),
+    #[error("{0}")]
+    BadCallback(String),
     #[error("batch {batch_id} is {}: only a finished batch can be deleted", state.as_str())]
     Unfinished { batch_id: String, state: BatchState },
     #[error("batch {batch_id} is {}: only a batch that was published can be retried", state.as_str())]
@@ -408,7 +495,7 @@ impl IntoResponse for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Broker(BrokerError::Topology { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadQuery(_) | ApiError::BadCallback(_) => StatusCode::BAD_REQUEST,
             ApiError::Unfinished { .. }
             | ApiError::CannotRetry { .. }
             | ApiError::CannotCancel { .. }

@@ -238,6 +238,7 @@ async fn a_publication_whose_producer_stopped_is_resumed_from_the_ledger() {
         file_name: None,
         header: &header,
         rows: Some(5),
+        callback_url: None,
     };
     ledger.create_batch(&batch, &rows[..]).await.unwrap();
     ledger.set_published("abandoned", 2).await.unwrap();

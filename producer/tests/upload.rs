@@ -6,7 +6,7 @@ mod support;
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use spillway_common::events::BatchPublished;
+use spillway_common::events::BatchStateChanged;
 use spillway_testkit::events::EventListener;
 use support::TestProducer;
 
@@ -213,19 +213,35 @@ async fn a_queue_declared_with_other_arguments_is_a_clear_500_not_a_503() {
 }
 
 #[tokio::test]
-async fn a_published_batch_is_announced_on_the_events_exchange() {
+async fn every_change_of_a_batch_state_is_announced_on_the_events_exchange() {
     let producer = TestProducer::start("announce", &[]).await;
     let mut announcements = EventListener::start(&producer.vhost, &["batch.#"]).await;
     let (status, body) = producer.upload("a\n1\n2\n").await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let (routing_key, batch): (_, BatchPublished) = announcements
-        .next(std::time::Duration::from_secs(10))
-        .await
-        .expect("an announcement within 10 s");
-    assert_eq!(batch.batch_id, body["batch_id"].as_str().unwrap());
+    let batch_id = body["batch_id"].as_str().unwrap();
+    let mut heard = Vec::new();
+    for _ in 0..2 {
+        let (routing_key, batch): (_, BatchStateChanged) = announcements
+            .next(std::time::Duration::from_secs(10))
+            .await
+            .expect("an announcement within 10 s");
+        assert_eq!(batch.batch_id, batch_id);
+        assert_eq!(batch.rows, 2);
+        assert_eq!(
+            batch.results_url,
+            format!("{}/batches/{batch_id}/results", producer.base_url)
+        );
+        heard.push((routing_key, batch.state, batch.published));
+    }
     assert_eq!(
-        (batch.rows, batch.queue.as_str(), batch.job_type.as_str()),
-        (2, "tasks", "default")
+        heard,
+        [
+            (
+                "batch.default.publishing".to_string(),
+                "publishing".to_string(),
+                0
+            ),
+            ("batch.default.queued".to_string(), "queued".to_string(), 2),
+        ]
     );
-    assert_eq!(routing_key, "batch.default");
 }

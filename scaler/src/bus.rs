@@ -1,5 +1,5 @@
 //! The scaler's side of RabbitMQ messaging: worker reports and batch announcements
-//! in, drain requests out.
+//! (rows being published, batches queued and cancelled) in, drain requests out.
 //!
 //! One task keeps a connection open (reconnecting with backoff for as long as the
 //! scaler runs) and consumes every worker's reports and the producer's batch
@@ -24,7 +24,7 @@ use lapin::{
 use spillway_common::{
     config::{BrokerSettings, Process},
     events::{
-        self, BatchPublished, BatchPublishing, CONTROL_EXCHANGE, EVENTS_EXCHANGE, WorkerReport,
+        self, BatchPublishing, BatchStateChanged, CONTROL_EXCHANGE, EVENTS_EXCHANGE, WorkerReport,
         drain_routing_key,
     },
     jobs_config::JobsConfig,
@@ -186,9 +186,17 @@ impl Bus {
                 continue;
             }
             if key.starts_with("batch.") {
-                match serde_json::from_slice::<BatchPublished>(&delivery.data) {
-                    Ok(batch) => self.reports.record_batch(&batch.job_type, Instant::now()),
-                    Err(error) => tracing::warn!(%error, "ignoring a malformed batch announcement"),
+                match serde_json::from_slice::<BatchStateChanged>(&delivery.data) {
+                    Ok(batch) => match batch.state.as_str() {
+                        "queued" => self.reports.record_batch(&batch.job_type, Instant::now()),
+                        "cancelled" => self.reports.record_cancelled(
+                            &batch.job_type,
+                            batch.cancelled_in_queue(),
+                            Instant::now(),
+                        ),
+                        _ => {}
+                    },
+                    Err(error) => tracing::warn!(%error, "ignoring a malformed batch event"),
                 }
                 continue;
             }

@@ -8,8 +8,11 @@
 //! 2. Ready above `threshold` -> spawn one; above `burst_threshold` -> spawn
 //!    `min(burst_size, max_jobs - workers)`. Ready is the queue figures', or, while
 //!    they may not show them yet, the rows announced lately less those settled and in
-//!    hand since ([`ready_rows`]), so an upload is met with workers in a second. Pending (unscheduled) workers count, so a
-//!    full cluster cannot make the scaler spawn without bound.
+//!    hand since ([`ready_rows`]), so an upload is met with workers in a second. Rows
+//!    of batches cancelled lately count only for rule 1 ([`worth_workers`]): one
+//!    worker acks them without running them, so a cancelled batch starts no burst.
+//!    Pending (unscheduled) workers count, so a full cluster cannot make the scaler
+//!    spawn without bound.
 //! 3. Drain only after ready, unacked and every worker's work in hand have been zero
 //!    for the whole idle window; any activity restarts the window. Activity includes
 //!    what the queue figures may not show yet (the management API lags by seconds): a
@@ -154,6 +157,8 @@ pub struct Observation {
     pub news: News,
     /// Paused by an operator: no worker is spawned, and every one is asked to drain.
     pub paused: bool,
+    /// Rows of batches cancelled lately that may still wait in the queue.
+    pub cancelled_in_queue: u64,
 }
 
 /// What the producer and the workers said lately about rows of one job type, within a
@@ -175,6 +180,13 @@ pub fn ready_rows(queue: Option<QueueDepth>, news: News, in_hand: u64) -> u64 {
         .saturating_sub(news.settled)
         .saturating_sub(in_hand);
     queue.map_or(0, |q| q.ready).max(fresh)
+}
+
+/// Of `ready` rows, those worth more than one worker: less the rows of cancelled
+/// batches that may still wait in the queue (a worker acks those without running
+/// them, thousands a second).
+pub fn worth_workers(ready: u64, cancelled_in_queue: u64) -> u64 {
+    ready.saturating_sub(cancelled_in_queue)
 }
 
 /// What the policy remembers between ticks of one job type.
@@ -283,7 +295,8 @@ pub fn decide(
     // Rows announced are worth workers even before the queue figures show them: the
     // figures of a queue just declared take seconds to appear.
     let in_hand: u64 = active.clone().filter_map(|w| w.in_flight).sum();
-    let ready = ready_rows(observed.queue, observed.news, in_hand);
+    let waiting = ready_rows(observed.queue, observed.news, in_hand);
+    let ready = worth_workers(waiting, observed.cancelled_in_queue);
     let room = limits.max_jobs.saturating_sub(workers);
     let spawn = if ready > limits.burst_threshold {
         Some((
@@ -305,6 +318,13 @@ pub fn decide(
         Some((
             1.min(room),
             format!("{ready} ready and no worker taking rows"),
+        ))
+    } else if waiting > 0 && taking_rows == 0 {
+        Some((
+            1.min(room),
+            format!(
+                "{waiting} ready, of cancelled batches: one worker acks them without running them"
+            ),
         ))
     } else {
         None
@@ -348,7 +368,7 @@ pub fn decide(
         .clone()
         .filter(|w| matches!(w.phase, Phase::Running | Phase::Stopping) && w.in_flight.is_none())
         .count();
-    let idle = ready == 0
+    let idle = waiting == 0
         && queue.unacked == 0
         && in_hand == 0
         && unknown == 0
@@ -498,6 +518,7 @@ mod tests {
             last_batch_published: None,
             news: News::default(),
             paused: false,
+            cancelled_in_queue: 0,
         }
     }
 
@@ -625,6 +646,7 @@ mod tests {
             last_batch_published: None,
             news: News::default(),
             paused: false,
+            cancelled_in_queue: 0,
         };
         let memory = Memory {
             idle_since: Some(start),
@@ -1301,6 +1323,31 @@ mod tests {
             ),
             7_000
         );
+    }
+
+    #[test]
+    fn a_cancelled_batch_in_the_queue_gets_one_worker_not_a_burst() {
+        // A million rows of a cancelled batch: one worker acks them all.
+        let cancelled = Observation {
+            cancelled_in_queue: 1_000_000,
+            ..observed(1_000_000, 0, vec![])
+        };
+        assert_eq!(actions(&cancelled), vec![Action::Spawn(1)]);
+        // With it running, nothing more.
+        let draining = Observation {
+            cancelled_in_queue: 1_000_000,
+            ..observed(900_000, 100, running(1))
+        };
+        assert_eq!(actions(&draining), vec![]);
+        // Rows of a live batch behind them still count.
+        let behind = Observation {
+            cancelled_in_queue: 500_000,
+            ..observed(505_000, 100, running(1))
+        };
+        assert_eq!(actions(&behind), vec![Action::Spawn(LIMITS.burst_size)]);
+        // A queue holding only cancelled rows is not idle: one worker stays for them.
+        let (_, memory) = decide(&draining, &LIMITS, Memory::default(), Instant::now());
+        assert_eq!(memory.idle_since, None);
     }
 
     #[test]

@@ -39,6 +39,11 @@ pub struct Reports {
 struct Flow {
     announced: VecDeque<(Instant, u64)>,
     settled: VecDeque<(Instant, u64)>,
+    /// Rows settled since the scaler started, by every worker's reports.
+    settled_ever: u64,
+    /// Batches cancelled with rows still in the queue: those rows, and
+    /// `settled_ever` when the cancel was heard.
+    cancelled: Vec<(u64, u64)>,
 }
 
 impl Flow {
@@ -51,9 +56,10 @@ impl Flow {
     }
 }
 
-/// Rows a report says its worker settled: done, failed or dead-lettered.
+/// Rows a report says its worker settled: done, failed, dead-lettered, or skipped
+/// (of a cancelled batch).
 fn settled(report: &WorkerReport) -> u64 {
-    report.processed + report.failed + report.dead_lettered
+    report.processed + report.failed + report.dead_lettered + report.skipped
 }
 
 impl Reports {
@@ -63,7 +69,8 @@ impl Reports {
         let moved = settled(&report).saturating_sub(before);
         if moved > 0 {
             self.flow(&report.job_type, at, |flow| {
-                flow.settled.push_back((at, moved))
+                flow.settled.push_back((at, moved));
+                flow.settled_ever += moved;
             });
         }
         latest.insert(report.worker.clone(), (report, at));
@@ -88,6 +95,37 @@ impl Reports {
             announced: sum(&flow.announced),
             settled: sum(&flow.settled),
         }
+    }
+
+    /// Records that a batch of `job_type` was cancelled with `rows` still in its queue,
+    /// and wakes the tick.
+    pub fn record_cancelled(&self, job_type: &str, rows: u64, at: Instant) {
+        if rows > 0 {
+            self.flow(job_type, at, |flow| {
+                let since = flow.settled_ever;
+                flow.cancelled.push((rows, since));
+            });
+        }
+        self.wake.notify_one();
+    }
+
+    /// Rows of cancelled batches of `job_type` that may still wait in its queue: each
+    /// cancelled batch's, less every row settled since it was cancelled. An upper
+    /// bound, never too low for long: rows of other batches settled meanwhile count
+    /// against it too, so what it withholds from the policy only ever errs towards
+    /// spawning.
+    pub fn cancelled_in_queue(&self, job_type: &str) -> u64 {
+        let mut news = self.news.lock().expect("news lock");
+        let Some(flow) = news.get_mut(job_type) else {
+            return 0;
+        };
+        let ever = flow.settled_ever;
+        flow.cancelled
+            .retain(|(rows, since)| ever.saturating_sub(*since) < *rows);
+        flow.cancelled
+            .iter()
+            .map(|(rows, since)| rows - (ever - since))
+            .sum()
     }
 
     /// Pauses or resumes `job_type`, and wakes the tick.
@@ -199,5 +237,26 @@ mod tests {
             reports.news("default", start + NEWS_WINDOW + Duration::from_secs(3)),
             News::default()
         );
+        // A batch cancelled with 1,000 rows queued: those wait until as many rows are
+        // settled, skipped ones included.
+        reports.record_cancelled("default", 1_000, start + Duration::from_secs(20));
+        assert_eq!(reports.cancelled_in_queue("default"), 1_000);
+        reports.record(
+            WorkerReport {
+                skipped: 600,
+                ..settled_by("w2", 40, 0)
+            },
+            start + Duration::from_secs(21),
+        );
+        assert_eq!(reports.cancelled_in_queue("default"), 400);
+        reports.record(
+            WorkerReport {
+                skipped: 1_100,
+                ..settled_by("w2", 40, 0)
+            },
+            start + Duration::from_secs(21),
+        );
+        assert_eq!(reports.cancelled_in_queue("default"), 0);
+        assert_eq!(reports.cancelled_in_queue("other"), 0);
     }
 }

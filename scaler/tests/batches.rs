@@ -33,6 +33,7 @@ async fn record_batch(ledger: &Ledger, id: &str, file_name: &str, rows: u64) {
         file_name: Some(file_name),
         header: &header,
         rows: Some(rows),
+        callback_url: None,
     };
     ledger
         .create_batch(&batch, &encoder.finish().unwrap()[..])

@@ -23,9 +23,7 @@ use lapin::{
 };
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use spillway_common::{
-    events::{
-        BatchPublished, EVENTS_EXCHANGE, WorkerReport, batch_routing_key, report_routing_key,
-    },
+    events::{EVENTS_EXCHANGE, WorkerReport, batch_routing_key, report_routing_key},
     jobs_config::JobsConfig,
     rabbit_api::RabbitApi,
 };
@@ -239,21 +237,21 @@ impl Harness {
         .await;
     }
 
-    /// Publishes a batch announcement as the producer does, and waits for the bus.
+    /// Publishes a batch's change to `queued` as the producer's outbox does, and waits
+    /// for the bus.
     async fn announce_batch(&self) {
         let before = self.scaler.ctx.reports.last_batch_published("default");
-        let batch = BatchPublished {
-            batch_id: "b1".into(),
-            job_type: "default".into(),
-            queue: "tasks".into(),
-            rows: 5_000,
-            published_unix: 1,
-        };
-        self.publish(
-            &batch_routing_key("default"),
-            &serde_json::to_value(&batch).unwrap(),
-        )
-        .await;
+        let batch = serde_json::json!({
+            "batch_id": "b1", "job_type": "default", "state": "queued",
+            "file_name": null, "error": null,
+            "rows": 5_000, "published": 5_000, "pending": 5_000, "failed": 0, "done": 0,
+            "dead": 0, "cancelled": 0,
+            "received_at": "2026-12-01T06:00:00+00:00", "published_at": "2026-12-01T06:00:01+00:00",
+            "started_at": null, "finished_at": null,
+            "results_url": "http://localhost:8000/batches/b1/results", "event_id": 1
+        });
+        self.publish(&batch_routing_key("default", "queued"), &batch)
+            .await;
         let reports = &self.scaler.ctx.reports;
         wait_for("the bus to hear the batch", PATIENCE, || {
             std::future::ready(reports.last_batch_published("default") != before)

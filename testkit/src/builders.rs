@@ -15,6 +15,7 @@ pub fn worker_report(worker: &str) -> WorkerReport {
         processed: 0,
         failed: 0,
         dead_lettered: 0,
+        skipped: 0,
         in_flight: 0,
         started_unix: 1,
         last_activity_unix: 1,

@@ -34,7 +34,11 @@ pub async fn start(amqp_url: &str, args: &[&str]) -> Started {
         false => Some(TestDatabase::new("producer").await),
     };
     let database_url = database.as_ref().map(|db| db.url.clone());
-    let argv = ["producer", "--amqp-url", amqp_url]
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("an ephemeral port for the producer");
+    let url = format!("http://{}", listener.local_addr().expect("a bound address"));
+    let argv = ["producer", "--amqp-url", amqp_url, "--public-url", &url]
         .into_iter()
         .chain(args.iter().copied())
         .chain(
@@ -48,10 +52,6 @@ pub async fn start(amqp_url: &str, args: &[&str]) -> Started {
     let database_url = settings.database.database_url.clone();
     let jobs = JobsConfig::load(settings.jobs.jobs_config.as_deref()).expect("valid job types");
     let state = spillway_producer::build_state(&settings, jobs).expect("a valid DATABASE_URL");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("an ephemeral port for the producer");
-    let url = format!("http://{}", listener.local_addr().expect("a bound address"));
     let stop = CancellationToken::new();
     let until = stop.clone();
     let served = spillway_producer::serve(listener, Arc::clone(&state), async move {

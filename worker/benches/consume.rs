@@ -74,6 +74,7 @@ async fn main() {
                     file_name: None,
                     header: &SAMPLE_HEADER.map(String::from),
                     rows: Some(rows_count),
+                    callback_url: None,
                 },
                 (1..=rows_count).map(|line| (line, SAMPLE_FIELDS)),
             )

@@ -23,6 +23,8 @@ pub enum Tally {
     Failed,
     /// Failed for good and moved to the dead queue.
     DeadLettered,
+    /// A row of a cancelled batch, acked without running it.
+    Skipped,
 }
 
 /// Live counters of one worker.
@@ -33,6 +35,7 @@ pub struct Progress {
     processed: AtomicU64,
     failed: AtomicU64,
     dead_lettered: AtomicU64,
+    skipped: AtomicU64,
     in_flight: AtomicU64,
     started_unix: u64,
     last_activity_unix: AtomicU64,
@@ -49,6 +52,7 @@ impl Progress {
             processed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             started_unix: now,
             last_activity_unix: AtomicU64::new(now),
@@ -70,6 +74,7 @@ impl Progress {
             Tally::Processed => &self.processed,
             Tally::Failed => &self.failed,
             Tally::DeadLettered => &self.dead_lettered,
+            Tally::Skipped => &self.skipped,
         };
         total.fetch_add(1, Ordering::Relaxed);
     }
@@ -91,6 +96,7 @@ impl Progress {
             processed: self.processed.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             started_unix: self.started_unix,
             last_activity_unix: self.last_activity_unix.load(Ordering::Relaxed),
@@ -140,13 +146,19 @@ mod tests {
             Tally::DeadLettered,
             Tally::Processed,
             Tally::DeadLettered,
+            Tally::Skipped,
         ] {
             progress.tally(tally);
         }
         let report = progress.report();
         assert_eq!(
-            (report.processed, report.failed, report.dead_lettered),
-            (2, 1, 2)
+            (
+                report.processed,
+                report.failed,
+                report.dead_lettered,
+                report.skipped
+            ),
+            (2, 1, 2, 1)
         );
     }
 

@@ -81,8 +81,11 @@ pub(crate) async fn process(delivery: Delivery, handler: &Handler, settler: &Set
         Ok(row) => {
             if settler.cancelled.is_cancelled(&row.batch_id).await {
                 // The ledger has the row as `cancelled` already: nothing to run or record.
-                if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-                    tracing::warn!(%error, "cannot ack a cancelled row; the broker will redeliver it");
+                match delivery.ack(BasicAckOptions::default()).await {
+                    Ok(_) => settler.progress.tally(Tally::Skipped),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot ack a cancelled row; the broker will redeliver it")
+                    }
                 }
                 return;
             }

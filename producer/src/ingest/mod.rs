@@ -34,9 +34,7 @@ use bytes::{Buf, Bytes};
 use futures_util::{Stream, StreamExt};
 use lapin::Channel;
 use spillway_common::{
-    events::{
-        BatchPublished, BatchPublishing, batch_routing_key, publishing_routing_key, unix_now,
-    },
+    events::{BatchPublishing, publishing_routing_key},
     retry,
 };
 use spillway_ledger::{BatchState, Ledger, LedgerError, NewBatch};
@@ -158,6 +156,7 @@ pub struct BatchFile {
     pub job_type: String,
     pub queue: String,
     pub file_name: Option<String>,
+    pub callback_url: Option<String>,
 }
 
 /// Records `batch` and its rows in the ledger as `tail` brings them: committed once
@@ -179,6 +178,7 @@ pub async fn record_batch(
         file_name: batch.file_name.as_deref(),
         header: &header,
         rows: None,
+        callback_url: batch.callback_url.as_deref(),
     };
     ledger.create_batch(&new, tail.rows()).await
 }
@@ -210,8 +210,9 @@ pub struct Publication {
 /// resumed publication starts from.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Publishes the rows of `rows` through `channel` (which it closes when done), then
-/// announces the batch and records the outcome in the ledger and in `metrics`.
+/// Announces the batch, publishes the rows of `rows` through `channel` (which it
+/// closes when done), then records the outcome in the ledger (whose outbox announces
+/// the batch's new state) and in `metrics`.
 ///
 /// Publishing runs in its own task, tracked by `tasks` so shutdown waits for it, and
 /// keeps its own books: a client that hangs up mid-way (dropping this future) does not
@@ -250,17 +251,6 @@ pub async fn publish_batch(
                 published: batch.confirmed.load(Ordering::Relaxed),
             }),
         };
-        if result.is_ok() {
-            let announcement = BatchPublished {
-                batch_id: batch.batch_id.clone(),
-                job_type: batch.job_type.clone(),
-                queue: batch.queue.clone(),
-                rows: batch.rows,
-                published_unix: unix_now(),
-            };
-            let key = batch_routing_key(&batch.job_type);
-            Broker::announce(&channel, &key, &batch.batch_id, &announcement).await;
-        }
         let _ = channel.close(200, "batch published".into()).await;
         let published = batch.confirmed.load(Ordering::Relaxed);
         metrics.rows_published.inc_by(published - already);

@@ -225,6 +225,8 @@ pub(crate) mod tests {
             started_at: Some("2026-12-01T06:00:02.000Z".into()),
             finished_at: None,
             seconds_running: Some(10.0),
+            callback_url: None,
+            callback: None,
         }
     }
 

@@ -115,6 +115,7 @@ impl Rig {
             file_name: None,
             header: &["n".to_string()],
             rows: Some(rows),
+            callback_url: None,
         };
         let lines = (1..=rows).map(|line| (line, [line.to_string()]));
         record_published_batch(&ledger, &batch, lines).await;
