@@ -49,6 +49,14 @@ impl TestProducer {
         }
     }
 
+    /// Stops this producer and starts another on the same vhost with `args`.
+    pub async fn restart(&mut self, args: &[&str]) {
+        self.stop.cancel();
+        let started = spillway_testkit::producer::start(&self.vhost.amqp_url, args).await;
+        self.base_url = started.url;
+        self.stop = started.stop;
+    }
+
     /// Uploads `csv` as the `file` field to `path`; returns the status and JSON body.
     pub async fn upload_to(&self, path: &str, csv: impl Into<Vec<u8>>) -> (StatusCode, Value) {
         let part = multipart::Part::bytes(csv.into())
