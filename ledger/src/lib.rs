@@ -17,6 +17,7 @@
 //! - [`outcomes`]: recording rows' outcomes, idempotently, in batches.
 //! - [`results`]: a batch's rows and results streamed out as CSV or JSON Lines.
 //! - [`retry`]: a batch's dead rows set back to pending and listed for publication.
+//! - [`dead`]: dead rows listed, and revived for a replay of the dead queue.
 //! - [`pauses`]: job types paused by an operator.
 //! - [`cancel`]: a batch's unsettled rows cancelled, and the batch with them.
 //! - [`events`]: the outbox of batch state changes, for the events exchange and
@@ -27,6 +28,7 @@
 pub mod batches;
 pub mod cancel;
 pub mod copy;
+pub mod dead;
 pub mod events;
 pub mod outcomes;
 pub mod pauses;

@@ -239,41 +239,55 @@ pub async fn retry(
         .broker
         .remove_dead_copies(&record.queue, job.delivery_limit, &id, &lines)
         .await?;
+    answer.published =
+        publish_listed(&state, &record, job.delivery_limit, retry.to_publish).await?;
+    tracing::info!(batch_id = %id, retried = answer.retried, published = answer.published,
+        removed = answer.removed_from_dead_queue, "dead rows retried");
+    Ok(Json(answer))
+}
+
+/// Publishes the rows of `record`'s batch that a retry or replay listed, with
+/// confirms, and then empties the list; returns how many were published.
+pub(crate) async fn publish_listed(
+    state: &AppState,
+    record: &BatchRecord,
+    delivery_limit: u32,
+    listed: u64,
+) -> Result<u64, ApiError> {
+    let id = &record.batch_id;
     let channel = state
         .broker
-        .publishing_channel(&record.queue, job.delivery_limit)
+        .publishing_channel(&record.queue, delivery_limit)
         .await?;
     let announcement = BatchPublishing {
         batch_id: id.clone(),
         job_type: record.job_type.clone(),
         queue: record.queue.clone(),
-        rows: retry.to_publish,
+        rows: listed,
     };
     let key = publishing_routing_key(&record.job_type);
-    Broker::announce(&channel, &key, &id, &announcement).await;
+    Broker::announce(&channel, &key, id, &announcement).await;
     let confirmed = AtomicU64::new(0);
-    let rows = LedgerRows::retried(state.ledger.clone(), &record);
+    let rows = LedgerRows::retried(state.ledger.clone(), record);
     let published = publish::publish(
         rows,
         &channel,
-        &id,
+        id,
         &record.queue,
         state.publish_window,
         &confirmed,
     )
     .await;
-    let _ = channel.close(200, "retry published".into()).await;
-    answer.published = published.map_err(|error| ApiError::PublishFailed {
+    let _ = channel.close(200, "listed rows published".into()).await;
+    let published = published.map_err(|error| ApiError::PublishFailed {
         batch_id: id.clone(),
-        rows: retry.to_publish,
+        rows: listed,
         published: confirmed.load(std::sync::atomic::Ordering::Relaxed),
         message: format!("retry: {error}"),
     })?;
-    state.ledger.retried(&id).await?;
-    state.metrics.rows_published.inc_by(answer.published);
-    tracing::info!(batch_id = %id, retried = answer.retried, published = answer.published,
-        removed = answer.removed_from_dead_queue, "dead rows retried");
-    Ok(Json(answer))
+    state.ledger.retried(id).await?;
+    state.metrics.rows_published.inc_by(published);
+    Ok(published)
 }
 
 /// What a cancel did.

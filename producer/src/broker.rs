@@ -237,7 +237,7 @@ impl Broker {
         Ok(connection)
     }
 
-    fn unavailable(&self, reason: impl ToString) -> BrokerError {
+    pub(crate) fn unavailable(&self, reason: impl ToString) -> BrokerError {
         BrokerError::Unavailable {
             endpoint: self.endpoint.clone(),
             reason: reason.to_string(),

@@ -84,6 +84,12 @@ pub struct Settings {
     )]
     pub public_url: Option<String>,
 
+    /// Most dead rows a replay (`POST /dead/replay`) moves back to the work queue per
+    /// second, so a replay does not flood workers or the broker.
+    #[arg(long = "replay-rows-per-second", env = "REPLAY_ROWS_PER_SECOND", value_name = "REPLAY_ROWS_PER_SECOND",
+          default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub replay_rows_per_second: u64,
+
     #[command(flatten)]
     pub broker: BrokerSettings,
 

@@ -15,12 +15,14 @@
 //! - [`batches`]: the batches API (list, progress, results, delete), read from the
 //!   ledger.
 //!   - [`ingest::resume`]: publications whose producer stopped, resumed from the ledger.
+//! - [`dead`]: the dead-letter list and replays of the dead queue.
 //! - [`outbox`]: batch state changes published as events, and completion callbacks.
 //! - [`metrics`]: Prometheus counters and the publish-latency histogram.
 
 pub mod batches;
 pub mod broker;
 pub mod config;
+pub mod dead;
 pub mod ingest;
 pub mod metrics;
 pub mod outbox;
@@ -49,6 +51,8 @@ pub fn build_state(settings: &Settings, jobs: JobsConfig) -> anyhow::Result<Arc<
         ledger: settings.database.open()?,
         metrics: Arc::new(Metrics::new()),
         callbacks: settings.callbacks(),
+        replay_rows_per_second: settings.replay_rows_per_second,
+        replays: Default::default(),
         tasks: TaskTracker::new(),
     }))
 }

@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use crate::{
     batches,
     broker::{Broker, BrokerError},
+    dead::{self, Replays},
     ingest::{
         self, BatchFile, BatchInfo, IngestError, Limits, Publication, PublicationError,
         publish::PublishError, validate::Rejection,
@@ -55,6 +56,9 @@ pub struct AppState {
     pub ledger: Ledger,
     pub metrics: Arc<Metrics>,
     pub callbacks: Callbacks,
+    /// Most dead rows a replay moves per second.
+    pub replay_rows_per_second: u64,
+    pub replays: Replays,
     /// Batches being published; shutdown waits for them.
     pub tasks: TaskTracker,
 }
@@ -83,6 +87,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/batches/{id}/results", get(batches::results))
         .route("/batches/{id}/retry", post(batches::retry))
         .route("/batches/{id}/cancel", post(batches::cancel))
+        .route("/dead", get(dead::list))
+        .route("/dead/replay", post(dead::replay))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -439,6 +445,10 @@ pub enum ApiError {
     BadQuery(String),
     #[error("{0}")]
     BadCallback(String),
+    #[error(
+        "the dead queue of job type {0} is being replayed already; try again when that replay ends"
+    )]
+    ReplayRunning(String),
     #[error("batch {batch_id} is {}: only a finished batch can be deleted", state.as_str())]
     Unfinished { batch_id: String, state: BatchState },
     #[error("batch {batch_id} is {}: only a batch that was published can be retried", state.as_str())]
@@ -499,7 +509,8 @@ impl IntoResponse for ApiError {
             ApiError::Unfinished { .. }
             | ApiError::CannotRetry { .. }
             | ApiError::CannotCancel { .. }
-            | ApiError::CancelledWhilePublishing { .. } => StatusCode::CONFLICT,
+            | ApiError::CancelledWhilePublishing { .. }
+            | ApiError::ReplayRunning(_) => StatusCode::CONFLICT,
             ApiError::Ledger(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
