@@ -11,6 +11,7 @@ usage() {
 Usage: ./dashboard.sh [options]
        ./dashboard.sh logs <worker> [--tail N]
        ./dashboard.sh pause|resume <job type>
+       ./dashboard.sh retry|cancel <batch id>
 
   (no options)    a one-shot summary: queues, workers, batches, recent scaling
   -w [SECONDS]    watch: refresh the summary every SECONDS (default 2); Ctrl-C stops
@@ -19,9 +20,12 @@ Usage: ./dashboard.sh [options]
   logs <worker>   a worker's log (--tail N for its last N lines)
   pause <type>    spawn no workers for a job type and drain its workers (rows wait)
   resume <type>   let the job type's workers start again
+  retry <batch>   publish a batch's dead rows again, attempts reset
+  cancel <batch>  cancel a batch: rows not run yet will not run (those in hand finish)
   -h, --help      this text
 
-SCALER_URL points at the scaler (default http://localhost:8080).
+SCALER_URL points at the scaler (default http://localhost:8080); retry and
+cancel go through it to the producer.
 USAGE
 }
 
@@ -118,6 +122,13 @@ cmd_pause() { # pause|resume, job type
     post "/job-types/$job_type/$action"
 }
 
+cmd_batch() { # retry|cancel, batch id
+    local action=$1 batch=${2:-}
+    [[ -n "$batch" ]] || die "$action needs a batch id: ./dashboard.sh $action <batch id>"
+    [[ "$batch" =~ ^[A-Za-z0-9._-]+$ ]] || die "'$batch' is not a batch id"
+    post "/batches/$batch/$action"
+}
+
 main() {
     case "${1:-}" in
         "") cmd_summary ;;
@@ -125,6 +136,7 @@ main() {
         --json) cmd_json ;;
         logs) shift; cmd_logs "$@" ;;
         pause | resume) cmd_pause "$1" "${2:-}" ;;
+        retry | cancel) cmd_batch "$1" "${2:-}" ;;
         -h | --help | help) usage ;;
         *) usage >&2; die "unknown option: $1" ;;
     esac

@@ -39,6 +39,16 @@ pub struct Settings {
     )]
     pub launcher: Option<LauncherKind>,
 
+    /// The producer, as the scaler reaches it: the dashboard's Retry and Cancel buttons
+    /// (and `dashboard.sh retry|cancel`) are forwarded there.
+    #[arg(
+        long = "producer-url",
+        env = "PRODUCER_URL",
+        value_name = "PRODUCER_URL",
+        default_value = "http://127.0.0.1:8000"
+    )]
+    pub producer_url: String,
+
     /// RabbitMQ management API (same vhost as AMQP_URL); credentials in the URL.
     #[arg(
         long = "rabbitmq-api-url",

@@ -23,7 +23,7 @@ use spillway_ledger::{Ledger, LedgerError};
 
 use crate::{
     bus::Bus,
-    dashboard::{self, DashboardState, batches},
+    dashboard::{self, DashboardState, batches, dead, operations},
     launcher::{Launcher, LauncherError},
     metrics::Metrics,
     reports::Reports,
@@ -99,6 +99,9 @@ pub fn app<L: Launcher>(state: HttpState<L>, dashboard: DashboardState) -> Route
         .route("/api/batches/{id}", get(batches::get))
         .route("/batches/{id}", get(batches::page))
         .route("/batches/{id}/results", get(batches::results))
+        .route("/dead", get(dead::page))
+        .route("/batches/{id}/retry", post(operations::retry))
+        .route("/batches/{id}/cancel", post(operations::cancel))
         .route("/api/events", get(dashboard::events))
         .route("/api/summary", get(dashboard::summary))
         .with_state(dashboard);
@@ -311,6 +314,7 @@ mod tests {
             board: Arc::default(),
             page: Arc::new(Page::new(2000)),
             ledger,
+            producer: crate::dashboard::operations::Producer::new("http://127.0.0.1:9"),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!(

@@ -45,7 +45,7 @@ use crate::{
     bus::Bus,
     config::{LauncherKind, Settings},
     context::{Context, Timing},
-    dashboard::{DashboardState, Page},
+    dashboard::{DashboardState, Page, operations::Producer},
     http::HttpState,
     launcher::{Launcher, kube::KubeLauncher, local::LocalLauncher},
     metrics::Metrics,
@@ -63,6 +63,7 @@ struct Parts {
     /// Read by the dashboard only: scaling never waits for PostgreSQL.
     ledger: Ledger,
     timing: Timing,
+    producer_url: String,
 }
 
 /// Runs the scaler until `stop`: HTTP endpoints on `listener`, the bus, and the ticks.
@@ -94,6 +95,7 @@ pub async fn run(
             report_stale_after: Duration::from_secs(settings.report_stale_seconds),
             start_timeout: Duration::from_secs(settings.worker_start_timeout_seconds),
         },
+        producer_url: settings.producer_url.clone(),
     };
     tokio::spawn(Arc::clone(&parts.bus).run(settings.broker.clone(), stop.clone()));
     match settings.launcher() {
@@ -128,6 +130,7 @@ async fn serve_and_tick<L: Launcher>(
         board: Arc::clone(&parts.board),
         page: Arc::new(Page::new(2000)),
         ledger: parts.ledger.clone(),
+        producer: Producer::new(&parts.producer_url),
     };
     tokio::spawn(load_pauses(
         parts.ledger.clone(),

@@ -2,7 +2,9 @@
 //! (chromedriver), opens the scaler's page during a run on the local launcher and
 //! checks that the cards show live numbers, workers appear with processed counts, a
 //! worker's logs open, and a CSV value containing `<script>` shows as text. It saves
-//! a screenshot to `target/test-artifacts/dashboard.png`.
+//! a screenshot to `target/test-artifacts/dashboard.png`. A second run retries a
+//! batch's dead rows and cancels a running batch from their pages, through the
+//! scaler to the producer.
 
 mod support;
 
@@ -15,7 +17,7 @@ use std::{
 use base64::Engine;
 use serde_json::{Value, json};
 use spillway_testkit::{TestVhost, wait_for};
-use support::{Scaler, free_port, start_producer, upload};
+use support::{Scaler, free_port, start_producer, start_producer_with, upload};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -319,5 +321,128 @@ async fn the_dashboard_shows_live_numbers_workers_and_logs_and_escapes_what_it_s
     assert!(ok && log.lines().count() <= 3 && !log.is_empty(), "{log}");
     let (ok, _, error) = run(&[], &format!("http://127.0.0.1:{}", free_port()));
     assert!(!ok && error.contains("cannot reach the scaler"), "{error}");
+    stop_producer.cancel();
+}
+
+/// Rows holding `boom` fail (and, with one delivery, die); rows holding `slow` take a
+/// second; the rest pass.
+const OPERATIONS_JOBS: &str = r#"
+tick_seconds = 1
+idle_seconds = 300
+
+[job_types.default]
+queue = "tasks"
+handler = "exec"
+command = ["sh", "-c", "input=$(cat); case \"$input\" in *boom*) exit 1;; *slow*) sleep 1;; esac"]
+delivery_limit = 1
+max_jobs = 1
+"#;
+
+/// The batch's state as the dashboard's API gives it.
+async fn batch_state(scaler: &str, id: &str) -> Value {
+    reqwest::get(format!("{scaler}/api/batches/{id}"))
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["batch"]
+        .clone()
+}
+
+/// Clicks `button` on the page, answering its confirmation, and returns what the page
+/// then says of the operation.
+async fn operate(browser: &Browser, button: &str) -> String {
+    browser
+        .eval(&format!(
+            "window.confirm = () => true; document.getElementById('{button}').click()"
+        ))
+        .await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let text = browser
+            .eval(
+                "const r = document.getElementById('action-result'); return r ? r.textContent : ''",
+            )
+            .await;
+        let said = text.as_str().unwrap_or_default();
+        if !said.is_empty() && !said.ends_with('…') {
+            return said.to_string();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the page did not say how {button} went within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_page_retries_dead_rows_and_cancels_a_running_batch() {
+    let vhost = TestVhost::new("browser-ops").await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::write(dir.join("jobs.toml"), OPERATIONS_JOBS).unwrap();
+    let (producer, stop_producer) = start_producer_with(&vhost, dir, &[]).await;
+    let scaler = Scaler::start_with(&vhost, dir, "scaler.log", &[("PRODUCER_URL", &producer)]);
+    let browser = Browser::start(&dir.join("profile")).await;
+
+    // Two of five rows die; Retry dead rows runs them again (and they die again).
+    let failing = upload(&producer, "n\n1\nboom 2\n3\nboom 4\n5\n".into()).await;
+    wait_for("the batch to finish with 2 dead rows", PATIENCE, || async {
+        let batch = batch_state(&scaler.url, &failing).await;
+        batch["state"] == "done_with_failures" && batch["dead"] == 2
+    })
+    .await;
+    browser
+        .open(&format!("{}/batches/{failing}", scaler.url))
+        .await;
+    let said = operate(&browser, "retry").await;
+    assert!(
+        said.starts_with("2 dead rows back to pending, 2 published"),
+        "{said}"
+    );
+    wait_for(
+        "the retried rows to run and die again",
+        PATIENCE,
+        || async {
+            let batch = batch_state(&scaler.url, &failing).await;
+            batch["state"] == "done_with_failures" && batch["dead"] == 2 && batch["done"] == 3
+        },
+    )
+    .await;
+
+    // A batch of slow rows, cancelled while it runs: what has not run never will.
+    let mut csv = String::from("n\n");
+    for n in 0..100 {
+        csv.push_str(&format!("slow {n}\n"));
+    }
+    let slow = upload(&producer, csv).await;
+    wait_for("the slow batch to start running", PATIENCE, || async {
+        batch_state(&scaler.url, &slow).await["state"] == "running"
+    })
+    .await;
+    browser
+        .open(&format!("{}/batches/{slow}", scaler.url))
+        .await;
+    let said = operate(&browser, "cancel").await;
+    assert!(said.starts_with("cancelled: "), "{said}");
+    let batch = batch_state(&scaler.url, &slow).await;
+    assert_eq!(batch["state"], "cancelled", "{batch}");
+    assert!(batch["cancelled"].as_u64().unwrap() > 50, "{batch}");
+    // The page, reloaded, offers neither operation any more.
+    wait_for("the cancelled batch's page to reload", PATIENCE, || async {
+        browser
+            .eval("return document.getElementById('state').textContent")
+            .await
+            == json!("cancelled")
+    })
+    .await;
+    assert_eq!(
+        browser
+            .eval("return document.querySelectorAll('button[data-action]').length")
+            .await,
+        json!(0)
+    );
+    browser.screenshot(&artifact("batch-cancelled.png")).await;
     stop_producer.cancel();
 }

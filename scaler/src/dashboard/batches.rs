@@ -83,7 +83,9 @@ pub struct BatchPage {
 }
 
 /// `what`, read from the ledger within [`LEDGER_READ_TIMEOUT`].
-async fn read<T>(what: impl Future<Output = spillway_ledger::Result<T>>) -> Result<T, ApiError> {
+pub(crate) async fn read<T>(
+    what: impl Future<Output = spillway_ledger::Result<T>>,
+) -> Result<T, ApiError> {
     match tokio::time::timeout(LEDGER_READ_TIMEOUT, what).await {
         Ok(read) => Ok(read?),
         Err(_) => Err(ApiError::LedgerSilent(LEDGER_READ_TIMEOUT)),

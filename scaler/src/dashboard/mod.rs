@@ -12,6 +12,8 @@
 //! it is.
 
 pub mod batches;
+pub mod dead;
+pub mod operations;
 pub mod summary;
 
 use std::sync::Arc;
@@ -32,6 +34,7 @@ use batches::{BatchPage, BatchesView};
 
 const TEMPLATE: &str = "index.html";
 const BATCH_TEMPLATE: &str = "batch.html";
+const DEAD_TEMPLATE: &str = "dead.html";
 
 /// The compiled pages.
 pub struct Page {
@@ -49,6 +52,7 @@ impl Page {
         tera.add_raw_templates([
             (TEMPLATE, include_str!("index.html")),
             (BATCH_TEMPLATE, include_str!("batch.html")),
+            (DEAD_TEMPLATE, include_str!("dead.html")),
         ])
         .expect("the dashboard templates compile");
         Page { tera, refresh_ms }
@@ -122,6 +126,35 @@ impl Page {
     }
 }
 
+impl Page {
+    /// A page of `job_type`'s dead rows (`page` at most), or why it cannot be shown.
+    pub fn render_dead(
+        &self,
+        job_type: &str,
+        rows: Result<&Vec<spillway_ledger::dead::DeadLetter>, &ApiError>,
+        page: u32,
+    ) -> Result<String, tera::Error> {
+        let mut context = Context::new();
+        context.insert("job_type", job_type);
+        context.insert("page", &page);
+        match rows {
+            Ok(rows) => {
+                context.insert("error", "");
+                context.insert("rows", rows);
+                let next = (rows.len() == page as usize)
+                    .then(|| rows.last().map(|r| format!("{}:{}", r.batch_id, r.line)))
+                    .flatten();
+                context.insert("next_after", &next.unwrap_or_default());
+            }
+            Err(error) => {
+                context.insert("error", &error.to_string());
+                context.insert("next_after", "");
+            }
+        }
+        self.tera.render(DEAD_TEMPLATE, &context)
+    }
+}
+
 /// `s` as one segment of a URL path: every byte but the unreserved ones
 /// percent-encoded, so an id cannot add a segment, a query or markup to a link.
 fn path_segment(s: &str) -> String {
@@ -158,6 +191,8 @@ pub struct DashboardState {
     /// Where batches are read from; connects lazily, so the dashboard serves whether
     /// or not PostgreSQL answers.
     pub ledger: Ledger,
+    /// Where batch operations are forwarded.
+    pub producer: operations::Producer,
 }
 
 pub async fn index(State(state): State<DashboardState>) -> Result<Html<String>, ApiError> {
