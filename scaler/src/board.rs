@@ -39,6 +39,9 @@ pub struct JobTypeStats {
     pub max_jobs: u32,
     /// Paused by an operator: spawning nothing, its workers draining.
     pub paused: bool,
+    /// Rows of batches cancelled lately that may still wait in the queue: worth one
+    /// worker to ack them, not a burst.
+    pub cancelled_in_queue: u64,
 }
 
 impl JobTypeStats {
@@ -65,6 +68,7 @@ impl JobTypeStats {
                 .count() as u64,
             max_jobs: job.max_jobs,
             paused: observation.paused,
+            cancelled_in_queue: observation.cancelled_in_queue,
         }
     }
 }

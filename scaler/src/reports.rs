@@ -109,22 +109,24 @@ impl Reports {
         self.wake.notify_one();
     }
 
-    /// Rows of cancelled batches of `job_type` that may still wait in its queue: each
-    /// cancelled batch's, less every row settled since it was cancelled. An upper
-    /// bound, never too low for long: rows of other batches settled meanwhile count
-    /// against it too, so what it withholds from the policy only ever errs towards
-    /// spawning.
-    pub fn cancelled_in_queue(&self, job_type: &str) -> u64 {
+    /// Rows of cancelled batches of `job_type` that may still wait in its queue as the
+    /// queue figures show it at `now`: each cancelled batch's, less every row settled
+    /// since it was cancelled and long enough ago ([`NEWS_WINDOW`]) for the figures to
+    /// show it. Rows of other batches settled meanwhile count against it too, so what
+    /// it withholds from the policy only ever errs towards spawning.
+    pub fn cancelled_in_queue(&self, job_type: &str, now: Instant) -> u64 {
         let mut news = self.news.lock().expect("news lock");
         let Some(flow) = news.get_mut(job_type) else {
             return 0;
         };
-        let ever = flow.settled_ever;
+        flow.forget_before(now.checked_sub(NEWS_WINDOW).unwrap_or(now));
+        let lately: u64 = flow.settled.iter().map(|(_, n)| n).sum();
+        let ever = flow.settled_ever.saturating_sub(lately);
         flow.cancelled
             .retain(|(rows, since)| ever.saturating_sub(*since) < *rows);
         flow.cancelled
             .iter()
-            .map(|(rows, since)| rows - (ever - since))
+            .map(|(rows, since)| rows - ever.saturating_sub(*since))
             .sum()
     }
 
@@ -238,25 +240,27 @@ mod tests {
             News::default()
         );
         // A batch cancelled with 1,000 rows queued: those wait until as many rows are
-        // settled, skipped ones included.
-        reports.record_cancelled("default", 1_000, start + Duration::from_secs(20));
-        assert_eq!(reports.cancelled_in_queue("default"), 1_000);
-        reports.record(
-            WorkerReport {
-                skipped: 600,
-                ..settled_by("w2", 40, 0)
-            },
-            start + Duration::from_secs(21),
+        // settled (skipped ones included) and the queue figures can show it.
+        let cancelled = start + Duration::from_secs(20);
+        reports.record_cancelled("default", 1_000, cancelled);
+        assert_eq!(reports.cancelled_in_queue("default", cancelled), 1_000);
+        let skipped = |n| WorkerReport {
+            skipped: n,
+            ..settled_by("w2", 40, 0)
+        };
+        reports.record(skipped(600), cancelled + Duration::from_secs(1));
+        let shown = cancelled + Duration::from_secs(2) + NEWS_WINDOW;
+        assert_eq!(
+            reports.cancelled_in_queue("default", cancelled + Duration::from_secs(2)),
+            1_000,
+            "the queue figures may not show the skipped rows yet"
         );
-        assert_eq!(reports.cancelled_in_queue("default"), 400);
-        reports.record(
-            WorkerReport {
-                skipped: 1_100,
-                ..settled_by("w2", 40, 0)
-            },
-            start + Duration::from_secs(21),
+        assert_eq!(reports.cancelled_in_queue("default", shown), 400);
+        reports.record(skipped(1_100), shown);
+        assert_eq!(
+            reports.cancelled_in_queue("default", shown + NEWS_WINDOW + Duration::from_secs(1)),
+            0
         );
-        assert_eq!(reports.cancelled_in_queue("default"), 0);
-        assert_eq!(reports.cancelled_in_queue("other"), 0);
+        assert_eq!(reports.cancelled_in_queue("other", shown), 0);
     }
 }

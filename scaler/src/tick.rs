@@ -106,7 +106,7 @@ impl<L: Launcher, Q: QueueFigures, D: DrainRequests> Scaler<L, Q, D> {
                 last_batch_published: self.ctx.reports.last_batch_published(&job_type),
                 news: self.ctx.reports.news(&job_type, now),
                 paused: self.ctx.reports.is_paused(&job_type),
-                cancelled_in_queue: self.ctx.reports.cancelled_in_queue(&job_type),
+                cancelled_in_queue: self.ctx.reports.cancelled_in_queue(&job_type, now),
             };
             self.ctx.metrics.record_observation(&job_type, &observation);
             board_rows.push(JobTypeStats::observed(

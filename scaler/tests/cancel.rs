@@ -68,3 +68,73 @@ async fn a_cancelled_batch_runs_no_more_rows_and_its_queue_empties() {
     let (status, body) = post_json(&cancel).await;
     assert_eq!(status, StatusCode::CONFLICT, "cancelled already: {body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_batch_of_100_000_rows_gets_one_worker_not_a_burst_and_its_queue_empties() {
+    const ROWS: usize = 100_000;
+    let vhost = TestVhost::new("cancel-burst").await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::write(dir.join("jobs.toml"), local_jobs(RECORD_ROW, 5, 5)).unwrap();
+    let (producer, _stop_producer) = start_producer(&vhost, dir).await;
+    // A worker holding many rows at once acks a cancelled batch's rows quickly.
+    let scaler = Scaler::start_with(
+        &vhost,
+        dir,
+        "scaler.log",
+        &[("CONCURRENCY", "8"), ("PREFETCH", "500")],
+    );
+    let _reaper = WorkerReaper(dir);
+
+    // Paused while the batch is uploaded and cancelled, so that no worker starts before.
+    wait_for("the scaler to serve", Duration::from_secs(30), || async {
+        reqwest::get(format!("{}/healthz", scaler.url))
+            .await
+            .is_ok()
+    })
+    .await;
+    let (status, body) = post_json(&format!("{}/job-types/default/pause", scaler.url)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let batch = upload(&producer, numbered_csv(ROWS)).await;
+    let (status, body) = post_json(&format!("{producer}/batches/{batch}/cancel")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["cancelled"], ROWS, "{body}");
+    wait_for(
+        "the scaler to hear of the cancelled rows",
+        Duration::from_secs(30),
+        || async {
+            let stats: serde_json::Value = reqwest::get(format!("{}/api/stats", scaler.url))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            stats["job_types"][0]["cancelled_in_queue"] == ROWS
+        },
+    )
+    .await;
+
+    let (status, body) = post_json(&format!("{}/job-types/default/resume", scaler.url)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_for(
+        "the cancelled rows to leave the queue",
+        Duration::from_secs(180),
+        || async { vhost.ready("tasks").await == Some(0) },
+    )
+    .await;
+    let events: serde_json::Value = reqwest::get(format!("{}/api/events", scaler.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let spawned: usize = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "spawn")
+        .map(|e| e["workers"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(spawned, 1, "one worker for the cancelled rows: {events}");
+    assert!(recorded_rows(dir).is_empty(), "no cancelled row ran");
+}

@@ -318,6 +318,7 @@ mod tests {
                 workers_active: 1,
                 max_jobs: 10,
                 paused: false,
+                cancelled_in_queue: 0,
             }],
             vec![JobListing {
                 name: "<script>alert(1)</script>".into(),
@@ -430,6 +431,45 @@ mod tests {
             !html.contains("http-equiv=\"refresh\""),
             "a finished batch's page stays put"
         );
+    }
+
+    #[test]
+    fn the_dead_rows_page_escapes_what_it_shows_and_links_the_next_page() {
+        const HOSTILE: &str = "<script>alert(1)</script>";
+        let rows: Vec<spillway_ledger::dead::DeadLetter> = (2..4)
+            .map(|line| spillway_ledger::dead::DeadLetter {
+                batch_id: format!("b\"{HOSTILE}"),
+                line,
+                attempts: 5,
+                error: Some(format!("exit 1: {HOSTILE}")),
+                worker: Some("w1".into()),
+                settled_at: Some("2026-12-01T06:00:00.000Z".into()),
+                fields: vec![HOSTILE.into()],
+            })
+            .collect();
+        let html = Page::new(2000).render_dead(HOSTILE, Ok(&rows), 2).unwrap();
+        assert!(!html.contains(HOSTILE), "escaped: {html}");
+        assert!(escaped(&html, &format!("exit 1: {HOSTILE}")), "{html}");
+        assert!(
+            html.contains(r#"<td class="num">3</td><td class="num">5</td>"#),
+            "{html}"
+        );
+        assert!(
+            html.contains(r#"id="next" href="/dead?job_type=%3Cscript%3Ealert%281%29%3C%2Fscript%3E&amp;after=b%22%3Cscript%3Ealert%281%29%3C%2Fscript%3E%3A3""#),
+            "{html}"
+        );
+        let shorter = Page::new(2000)
+            .render_dead("default", Ok(&rows), 100)
+            .unwrap();
+        assert!(!shorter.contains(r#"id="next""#), "a last page has no next");
+        let failed = Page::new(2000)
+            .render_dead(
+                "default",
+                Err(&ApiError::LedgerSilent(std::time::Duration::from_secs(5))),
+                100,
+            )
+            .unwrap();
+        assert!(failed.contains("did not answer within"), "{failed}");
     }
 
     #[test]

@@ -266,6 +266,7 @@ mod tests {
                 workers_active: 1,
                 max_jobs: 10,
                 paused: false,
+                cancelled_in_queue: 0,
             }],
             vec![JobListing {
                 name: "w\x1b[2Jevil".into(),
