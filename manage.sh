@@ -277,7 +277,22 @@ Spillway is running:
   producer     http://localhost:8000   (curl -F file=@data.csv http://localhost:8000/upload)
   scaler       http://localhost:8080   (/metrics; workers' logs in $WORKER_DIR/)
   RabbitMQ UI  http://localhost:15672  (guest/guest)
+  callbacks    signed with CALLBACK_SECRET (kept in $STATE_DIR/callback-secret unless set)
 URLS
+}
+
+# The key completion callbacks are signed with: CALLBACK_SECRET if set, else one
+# generated on the first run and kept in the state directory (readable by you only).
+ensure_callback_secret() {
+    if [[ -z "${CALLBACK_SECRET:-}" ]]; then
+        local file="$STATE_DIR/callback-secret"
+        if [[ ! -s "$file" ]]; then
+            (umask 077 && random_password >"$file")
+            say "generated the callbacks' signing key in $file"
+        fi
+        CALLBACK_SECRET=$(cat "$file")
+    fi
+    export CALLBACK_SECRET
 }
 
 cmd_local() {
@@ -291,6 +306,7 @@ cmd_local() {
     ensure_postgres
     build_release
     mkdir -p "$STATE_DIR"
+    ensure_callback_secret
     "$ROOT/target/release/producer" &
     FOREGROUND_PIDS=$!
     "$ROOT/target/release/scaler" &
@@ -323,6 +339,7 @@ local_detach() {
     ensure_postgres
     build_release
     mkdir -p "$STATE_DIR"
+    ensure_callback_secret
     local component pidfile
     for pidfile in "$STATE_DIR"/*.pid; do
         if [[ -e "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
@@ -426,8 +443,8 @@ random_password() {
     od -An -tx1 -N24 /dev/urandom | tr -d ' \n'
 }
 
-# RabbitMQ's and PostgreSQL's credentials: generated once per cluster, never stored in
-# the repository.
+# RabbitMQ's and PostgreSQL's credentials and the callbacks' signing key: generated
+# once per cluster, never stored in the repository.
 ensure_secret() {
     kubectl get namespace "$NAMESPACE" >/dev/null 2>&1 || kubectl create namespace "$NAMESPACE" >/dev/null
     local user=spillway password
@@ -446,6 +463,11 @@ ensure_secret() {
         kubectl -n "$NAMESPACE" create secret generic spillway-postgres \
             --from-literal=password="$password" \
             --from-literal=url="postgres://$user:$password@postgres:5432/spillway" >/dev/null
+    fi
+    if ! kubectl -n "$NAMESPACE" get secret spillway-callbacks >/dev/null 2>&1; then
+        say "generating the completion callbacks' signing key (Secret spillway-callbacks)"
+        kubectl -n "$NAMESPACE" create secret generic spillway-callbacks \
+            --from-literal=secret="$(random_password)" >/dev/null
     fi
 }
 

@@ -41,7 +41,7 @@ case "$*" in
     cluster-info) [[ "${FAKE_CLUSTER:-up}" == up ]] ;;
     "config current-context") echo "${FAKE_CONTEXT:-minikube}" ;;
     *"get configmap spillway-jobs"*) [[ -f "${FAKE_JOBS_TOML:-/nonexistent}" ]] && cat "$FAKE_JOBS_TOML" ;;
-    *"get secret spillway-rabbitmq"* | *"get secret spillway-postgres"*) [[ "${FAKE_SECRET:-absent}" == present ]] ;;
+    *"get secret spillway-rabbitmq"* | *"get secret spillway-postgres"* | *"get secret spillway-callbacks"*) [[ "${FAKE_SECRET:-absent}" == present ]] ;;
     *"create configmap"*"--dry-run=client -o jsonpath={.data}"*)
         python3 -c 'import json, sys; print(json.dumps({"jobs.toml": sys.stdin.read()}), end="")' ;;
     *port-forward*) trap 'kill $! 2>/dev/null; exit 0' TERM; sleep 600 & wait ;;
@@ -160,6 +160,7 @@ done
 not_called "kind load"
 called "create secret generic spillway-rabbitmq --from-literal=username=spillway"
 called "create secret generic spillway-postgres --from-literal=password="
+called "create secret generic spillway-callbacks --from-literal=secret="
 grep -q "secret generic.*guest" "$CALLS" && fail "the credentials are guest's"
 # Each Secret has a password of its own, 48 hex digits.
 rabbit=$(grep -o "spillway-rabbitmq --from-literal=username=spillway --from-literal=password=[0-9a-f]*" "$CALLS" | sed 's/.*password=//')
