@@ -444,5 +444,29 @@ async fn a_batch_page_retries_dead_rows_and_cancels_a_running_batch() {
         json!(0)
     );
     browser.screenshot(&artifact("batch-cancelled.png")).await;
+
+    // The same operations in a terminal, with curl only, through the scaler.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboard.sh");
+    let run = |args: &[&str]| {
+        let output = Command::new("bash")
+            .arg(script)
+            .args(args)
+            .env("SCALER_URL", &scaler.url)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = run(&["retry", &failing]);
+    assert!(ok && out.contains("\"retried\":2"), "{out}{err}");
+    let (ok, _, err) = run(&["cancel", &slow]);
+    assert!(!ok && err.contains("409"), "cancelled already: {err}");
+    let (ok, _, err) = run(&["cancel", "no-such-batch"]);
+    assert!(!ok && err.contains("404"), "{err}");
+    let (ok, _, err) = run(&["retry"]);
+    assert!(!ok && err.contains("needs a batch id"), "{err}");
     stop_producer.cancel();
 }
