@@ -25,6 +25,11 @@ pub struct JobsConfig {
     /// The job type `POST /upload` submits to.
     #[serde(default = "defaults::default_job_type")]
     pub default_job_type: String,
+    /// Most workers of all job types at once, pending ones included; when it binds,
+    /// job types of higher `priority` spawn first. Unset: each job type's `max_jobs`
+    /// is its only cap.
+    #[serde(default)]
+    pub max_workers_total: Option<u32>,
     /// Job types by name.
     pub job_types: BTreeMap<String, JobType>,
 }
@@ -71,6 +76,10 @@ pub struct JobType {
     /// Most workers of this type at once, pending ones included.
     #[serde(default = "defaults::max_jobs")]
     pub max_jobs: u32,
+    /// Under `max_workers_total`, job types of higher priority spawn first; equal
+    /// priorities take turns.
+    #[serde(default)]
+    pub priority: u32,
     /// Container image of its workers on Kubernetes; without it, the scaler's
     /// `WORKER_IMAGE` (the worker image the deployment built).
     #[serde(default)]
@@ -147,12 +156,14 @@ impl Default for JobsConfig {
             burst_threshold: defaults::burst_threshold(),
             burst_size: defaults::burst_size(),
             max_jobs: defaults::max_jobs(),
+            priority: 0,
             image: None,
         };
         JobsConfig {
             tick_seconds: defaults::tick_seconds(),
             idle_seconds: defaults::idle_seconds(),
             default_job_type: defaults::default_job_type(),
+            max_workers_total: None,
             job_types: BTreeMap::from([("default".to_string(), default_type)]),
         }
     }
@@ -181,7 +192,8 @@ impl JobsConfig {
         })
     }
 
-    fn parse(text: &str) -> Result<Self, ParseError> {
+    /// The job types `text` (the file's contents) holds, checked.
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
         let config: JobsConfig =
             toml::from_str(text).map_err(|e| ParseError::Syntax(e.to_string()))?;
         config.validate().map_err(ParseError::Invalid)?;
@@ -195,6 +207,11 @@ impl JobsConfig {
         in_range("idle_seconds", self.idle_seconds, IDLE_SECONDS)?;
         if self.job_types.is_empty() {
             return Err("job_types must name at least one job type".into());
+        }
+        if self.max_workers_total == Some(0) {
+            return Err(
+                "max_workers_total: must be at least 1 (leave it out for no total cap)".into(),
+            );
         }
         if !self.job_types.contains_key(&self.default_job_type) {
             return Err(format!(
@@ -284,8 +301,12 @@ fn is_label_value(text: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-enum ParseError {
+/// Why the text of a job-types file is not one.
+#[derive(Debug)]
+pub enum ParseError {
+    /// Not TOML, or not the file's shape.
     Syntax(String),
+    /// A value out of bounds or inconsistent.
     Invalid(String),
 }
 

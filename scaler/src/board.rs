@@ -42,6 +42,9 @@ pub struct JobTypeStats {
     /// Rows of batches cancelled lately that may still wait in the queue: worth one
     /// worker to ack them, not a burst.
     pub cancelled_in_queue: u64,
+    /// Why it got fewer workers than its policy wanted this tick, if it did: the total
+    /// cap, higher priorities, or a pause.
+    pub held: Option<String>,
 }
 
 impl JobTypeStats {
@@ -69,6 +72,7 @@ impl JobTypeStats {
             max_jobs: job.max_jobs,
             paused: observation.paused,
             cancelled_in_queue: observation.cancelled_in_queue,
+            held: None,
         }
     }
 }

@@ -12,6 +12,7 @@
 //!   and [`launcher::kube`] (Kubernetes Jobs), both starting a worker from the same
 //!   [`launcher::spec`] (its name, job type and environment, from the settings).
 //! - [`bus`]: worker reports in, drain requests out, over RabbitMQ.
+//! - [`share`]: workers fitted under `max_workers_total`, by priority (pure).
 //! - [`reports`]: each worker's latest report and each job type's latest batch
 //!   announcement, as heard on the bus.
 //! - [`board`]: what the dashboard shows of live scaling, kept bounded.
@@ -30,6 +31,7 @@ pub mod launcher;
 pub mod metrics;
 pub mod policy;
 pub mod reports;
+pub mod share;
 pub mod tick;
 
 use std::{future::IntoFuture, sync::Arc, time::Duration};

@@ -19,6 +19,13 @@ pub struct PhaseLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HeldLabels {
+    pub job_type: String,
+    /// `cap`, `priority` or `paused`.
+    pub why: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabels {
     pub job_type: String,
     pub action: &'static str,
@@ -32,6 +39,7 @@ pub struct Metrics {
     pub decisions: Family<ActionLabels, Counter>,
     pub observe_failures: Family<JobLabels, Counter>,
     pub drain_failures: Family<JobLabels, Counter>,
+    pub held: Family<HeldLabels, Counter>,
     pub ticks: Counter,
 }
 
@@ -45,6 +53,7 @@ impl Metrics {
             decisions: Family::default(),
             observe_failures: Family::default(),
             drain_failures: Family::default(),
+            held: Family::default(),
             ticks: Counter::default(),
         };
         let mut registry = metrics.registry;
@@ -74,6 +83,11 @@ impl Metrics {
             "Drain requests the broker did not confirm (refused, or no connection); each is tried again next tick",
             metrics.drain_failures.clone(),
         );
+        registry.register(
+            "held",
+            "Ticks in which a job type with rows waiting got fewer workers than its policy wanted, by why (cap: max_workers_total; priority: the room went to higher priorities; paused)",
+            metrics.held.clone(),
+        );
         registry.register("ticks", "Scaler ticks", metrics.ticks.clone());
         Metrics {
             registry,
@@ -97,6 +111,12 @@ impl Metrics {
         };
         let _ = self.observe_failures.get_or_create(&labels);
         let _ = self.drain_failures.get_or_create(&labels);
+        for why in ["cap", "priority", "paused"] {
+            let _ = self.held.get_or_create(&HeldLabels {
+                job_type: job_type.into(),
+                why,
+            });
+        }
     }
 
     /// How many `action`s (`spawn`, `drain`, `stop`) were taken for `job_type` so far.

@@ -178,7 +178,8 @@ mod tests {
         // The order requests arrive in changes nothing.
         let mut reversed = requests.to_vec();
         reversed.reverse();
-        let mut again = spawns(&share(&reversed, Some(7), 7));
+        let grants = share(&reversed, Some(7), 7);
+        let mut again = spawns(&grants);
         again.sort();
         assert_eq!(again, [("a", 2), ("b", 3), ("c", 2)]);
     }

@@ -33,10 +33,11 @@ use crate::{
     board::{JobListing, JobTypeStats, ScalingEvent},
     context::{Context, DrainRequests, QueueFigures},
     launcher::{LaunchedWorker, Launcher, worker_name},
-    metrics::{ActionLabels, JobLabels},
+    metrics::{ActionLabels, HeldLabels, JobLabels},
     policy::{
         self, Action, Decision, Limits, Memory, Observation, Progress, QueueDepth, WorkerView,
     },
+    share,
 };
 
 pub struct Scaler<L, Q, D> {
@@ -92,6 +93,7 @@ impl<L: Launcher, Q: QueueFigures, D: DrainRequests> Scaler<L, Q, D> {
             })
             .collect();
         let mut board_rows = Vec::with_capacity(reads.len());
+        let mut spawns = Vec::new();
         let mut listings = Vec::with_capacity(workers.len());
         while let Some((job_type, job, queue, dead)) = reads.next().await {
             let stats = self.queue_stats(&job_type, queue);
@@ -129,14 +131,75 @@ impl<L: Launcher, Q: QueueFigures, D: DrainRequests> Scaler<L, Q, D> {
             let memory = self.memory.remove(&job_type).unwrap_or_default();
             let (decisions, memory) = policy::decide(&observation, &limits, memory, now);
             self.memory.insert(job_type.clone(), memory);
+            let waiting = observation.queue.map_or(0, |q| q.ready);
+            if observation.paused && waiting > 0 {
+                self.held(&job_type, "paused");
+                if let Some(row) = board_rows.last_mut() {
+                    row.held = Some("paused".into());
+                }
+            }
             for decision in decisions {
-                self.act(&job_type, decision, now).await;
+                match decision.action {
+                    // Spawns wait until every job type has asked: the total cap is shared.
+                    Action::Spawn(wanted) => spawns.push((
+                        share::Request {
+                            job_type: job_type.clone(),
+                            priority: job.priority,
+                            wanted,
+                            waiting,
+                        },
+                        decision.reason,
+                    )),
+                    _ => self.act(&job_type, decision, now).await,
+                }
             }
         }
         self.orphans(&workers, &mut listings, now).await;
+        let total = self.jobs.max_workers_total;
+        let room = total.map(|total| {
+            let active = workers.iter().filter(|w| w.phase.is_active()).count();
+            total.saturating_sub(u32::try_from(active).unwrap_or(u32::MAX))
+        });
+        let requests: Vec<share::Request> = spawns.iter().map(|(r, _)| r.clone()).collect();
+        let grants = share::share(&requests, room, total.unwrap_or(0));
+        for (grant, (_, reason)) in grants.into_iter().zip(spawns) {
+            if let Some(held) = &grant.held {
+                let why = match held {
+                    share::Held::Cap { .. } => "cap",
+                    share::Held::Priority { .. } => "priority",
+                };
+                self.held(&grant.job_type, why);
+                if let Some(row) = board_rows.iter_mut().find(|r| r.job_type == grant.job_type) {
+                    row.held = Some(held.to_string());
+                }
+            }
+            if grant.spawn > 0 {
+                let reason = match &grant.held {
+                    Some(held) => format!("{reason}; {} of them: {held}", grant.spawn),
+                    None => reason,
+                };
+                let decision = Decision {
+                    action: Action::Spawn(grant.spawn),
+                    reason,
+                };
+                self.act(&grant.job_type, decision, now).await;
+            }
+        }
         // By job type name, as job types are listed everywhere, whichever read ended first.
         board_rows.sort_by(|a, b| a.job_type.cmp(&b.job_type));
         self.ctx.board.record_tick(board_rows, listings);
+    }
+
+    /// Counts a tick in which `job_type` got fewer workers than it wanted, and `why`.
+    fn held(&self, job_type: &str, why: &'static str) {
+        self.ctx
+            .metrics
+            .held
+            .get_or_create(&HeldLabels {
+                job_type: job_type.into(),
+                why,
+            })
+            .inc();
     }
 
     /// Workers of no configured job type: listed, drained, stopped once idle.

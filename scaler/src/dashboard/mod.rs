@@ -322,6 +322,7 @@ mod tests {
                 max_jobs: 10,
                 paused: false,
                 cancelled_in_queue: 0,
+                held: None,
             }],
             vec![JobListing {
                 name: "<script>alert(1)</script>".into(),

@@ -267,6 +267,7 @@ mod tests {
                 max_jobs: 10,
                 paused: false,
                 cancelled_in_queue: 0,
+                held: None,
             }],
             vec![JobListing {
                 name: "w\x1b[2Jevil".into(),

@@ -36,9 +36,13 @@ struct FakeLauncher {
 
 impl FakeLauncher {
     fn add(&self, name: &str, phase: Phase) {
+        self.add_of("default", name, phase);
+    }
+
+    fn add_of(&self, job_type: &str, name: &str, phase: Phase) {
         self.workers.lock().unwrap().push(LaunchedWorker {
             name: name.into(),
-            job_type: "default".into(),
+            job_type: job_type.into(),
             phase,
             started_unix: unix_now(),
             waiting: None,
@@ -54,7 +58,7 @@ impl Launcher for FakeLauncher {
         Ok(self.workers.lock().unwrap().clone())
     }
 
-    async fn spawn(&self, _job_type: &str, name: &str) -> Result<(), LauncherError> {
+    async fn spawn(&self, job_type: &str, name: &str) -> Result<(), LauncherError> {
         if self.cannot_spawn.load(Ordering::SeqCst) {
             return Err(LauncherError::Spawn {
                 name: name.into(),
@@ -62,7 +66,7 @@ impl Launcher for FakeLauncher {
             });
         }
         self.spawned.lock().unwrap().push(name.into());
-        self.add(name, Phase::Pending);
+        self.add_of(job_type, name, Phase::Pending);
         Ok(())
     }
 
@@ -143,10 +147,17 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
+        Self::with_jobs(JobsConfig::default())
+    }
+
+    /// A scaler over fakes with the job types of `jobs`, every queue empty at first.
+    fn with_jobs(jobs: JobsConfig) -> Self {
         let (launcher, queues, drains) =
             (Arc::default(), Arc::<FakeQueues>::default(), Arc::default());
-        queues.set("tasks", 0, 0);
-        queues.set("tasks.dead", 0, 0);
+        for job in jobs.job_types.values() {
+            queues.set(&job.queue, 0, 0);
+            queues.set(&format!("{}.dead", job.queue), 0, 0);
+        }
         let reports = Arc::new(Reports::default());
         let ctx = Context {
             launcher: Arc::clone(&launcher),
@@ -162,7 +173,7 @@ impl Fixture {
             },
         };
         Fixture {
-            scaler: Scaler::new(JobsConfig::default(), ctx),
+            scaler: Scaler::new(jobs, ctx),
             launcher,
             queues,
             drains,
@@ -348,4 +359,74 @@ async fn a_refused_drain_is_counted_as_a_failure_and_asked_again() {
     f.report("w0", 0, 96);
     f.scaler.tick(f.at(96)).await;
     assert_eq!(f.stopped(), ["w0"]);
+}
+
+#[tokio::test]
+async fn under_a_total_cap_the_higher_priority_spawns_first_and_the_board_says_why() {
+    let jobs = JobsConfig::parse(
+        r#"
+max_workers_total = 6
+default_job_type = "bulk"
+
+[job_types.bulk]
+queue = "bulk"
+priority = 1
+
+[job_types.urgent]
+queue = "urgent"
+priority = 5
+"#,
+    )
+    .unwrap();
+    let mut f = Fixture::with_jobs(jobs);
+    let spawned_of = |f: &Fixture, job_type: &str| {
+        f.launcher
+            .workers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|w| w.job_type == job_type)
+            .count()
+    };
+    // Both have a burst waiting; the room (6) goes to urgent's 5 first.
+    f.queues.set("bulk", 10_000, 0);
+    f.queues.set("urgent", 500, 0);
+    f.scaler.tick(f.at(0)).await;
+    assert_eq!((spawned_of(&f, "urgent"), spawned_of(&f, "bulk")), (5, 1));
+    let board = f.scaler.ctx.board.stats().job_types;
+    let held = |job_type: &str| {
+        board
+            .iter()
+            .find(|t| t.job_type == job_type)
+            .and_then(|t| t.held.clone())
+    };
+    assert_eq!(held("urgent"), None);
+    assert_eq!(
+        held("bulk").as_deref(),
+        Some("room given to higher priority: urgent")
+    );
+    let metrics = Arc::clone(&f.scaler.ctx.metrics);
+    let count = |why| {
+        metrics
+            .held
+            .get_or_create(&HeldLabels {
+                job_type: "bulk".into(),
+                why,
+            })
+            .get()
+    };
+    assert_eq!(count("priority"), 1);
+    // At the cap nothing more starts, and bulk is told so.
+    f.scaler.tick(f.at(1)).await;
+    assert_eq!(f.spawned(), 6);
+    assert_eq!(count("cap"), 1);
+    // Once urgent has nothing waiting and its workers are gone, bulk gets the room.
+    f.queues.set("urgent", 0, 0);
+    f.launcher
+        .workers
+        .lock()
+        .unwrap()
+        .retain(|w| w.job_type != "urgent");
+    f.scaler.tick(f.at(2)).await;
+    assert_eq!(spawned_of(&f, "bulk"), 6, "1 + a burst of 5");
 }
