@@ -254,7 +254,7 @@ pub struct Settings {
 }
 
 /// What the binary does besides scaling (its default).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
 pub enum Command {
     /// Print the worker Job the Kubernetes launcher would create for each job type, as
     /// YAML documents (JSON), from the same settings: for review and schema checks.
@@ -262,6 +262,17 @@ pub enum Command {
     /// Print the local launcher's workers (the registry in WORKER_DIR) as JSON: name,
     /// job type, phase (`running` only while its pid is still that worker), pid, start.
     Workers,
+    /// Run the scaling policy against a simulated cluster and queue, beside KEDA
+    /// ScaledJob's strategies and the prototype's rules; print a table per scenario.
+    Simulate {
+        /// Seed of the simulated row times and pod start latencies: a seed always gives
+        /// the same tables.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Only this scenario (default: every one).
+        #[arg(long)]
+        scenario: Option<String>,
+    },
 }
 
 /// A container's `imagePullPolicy`.

@@ -12,6 +12,7 @@
 //!   and [`launcher::kube`] (Kubernetes Jobs), both starting a worker from the same
 //!   [`launcher::spec`] (its name, job type and environment, from the settings).
 //! - [`bus`]: worker reports in, drain requests out, over RabbitMQ.
+//! - [`simulate`]: `scaler simulate`, the policy against a simulated cluster.
 //! - [`share`]: workers fitted under `max_workers_total`, by priority (pure).
 //! - [`reports`]: each worker's latest report and each job type's latest batch
 //!   announcement, as heard on the bus.
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod policy;
 pub mod reports;
 pub mod share;
+pub mod simulate;
 pub mod tick;
 
 use std::{future::IntoFuture, sync::Arc, time::Duration};

@@ -33,6 +33,13 @@ async fn run() -> anyhow::Result<()> {
             return print_worker_jobs(&settings, &jobs);
         }
         Some(Command::Workers) => return print_workers(&settings),
+        Some(Command::Simulate { seed, scenario }) => {
+            print!(
+                "{}",
+                spillway_scaler::simulate::report(seed, scenario.as_deref())?
+            );
+            return Ok(());
+        }
         None => {}
     }
     settings.broker.validate()?;

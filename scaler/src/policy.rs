@@ -11,6 +11,10 @@
 //!    hand since ([`ready_rows`]), so an upload is met with workers in a second. Rows
 //!    of batches cancelled lately count only for rule 1 ([`worth_workers`]): one
 //!    worker acks them without running them, so a cancelled batch starts no burst.
+//!    Rows only announced count while no worker is pending (one is on its way for
+//!    them), and rows only the queue figures show are acted on once per refresh of
+//!    the figures ([`FIGURES_REFRESH`]): a scaler woken by every announcement of a
+//!    stream of small uploads does not spawn again for the same rows.
 //!    Pending (unscheduled) workers count, so a full cluster cannot make the scaler
 //!    spawn without bound.
 //! 3. Drain only after ready, unacked and every worker's work in hand have been zero
@@ -51,6 +55,11 @@ pub struct Limits {
     /// How long a worker may stay pending before it is taken as unable to start.
     pub start_timeout: Duration,
 }
+
+/// How often the management API's queue figures refresh (RabbitMQ's default
+/// `collect_statistics_interval`): a scaler woken more often than this (by
+/// announcements) would otherwise spawn again for rows it has spawned for already.
+pub const FIGURES_REFRESH: Duration = Duration::from_secs(5);
 
 /// The first pause of spawning after a worker could not start, doubled with each
 /// further failure in a row up to [`START_BACKOFF_MAX`].
@@ -201,6 +210,8 @@ pub struct Memory {
     /// Workers in a row that could not start, and until when spawning pauses for it.
     pub start_failures: u32,
     pub spawn_paused_until: Option<Instant>,
+    /// When workers were last spawned: the queue figures then are not acted on twice.
+    pub last_spawned: Option<Instant>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -282,7 +293,8 @@ pub fn decide(
             progress.insert(worker.name.clone(), counters);
         }
     }
-    let remember = |idle_since| Memory {
+    let mut last_spawned = memory.last_spawned;
+    let remember = |idle_since, last_spawned| Memory {
         idle_since,
         progress,
         last_batch_published: observed
@@ -290,12 +302,22 @@ pub fn decide(
             .or(memory.last_batch_published),
         start_failures,
         spawn_paused_until,
+        last_spawned,
     };
 
     // Rows announced are worth workers even before the queue figures show them: the
     // figures of a queue just declared take seconds to appear.
     let in_hand: u64 = active.clone().filter_map(|w| w.in_flight).sum();
-    let waiting = ready_rows(observed.queue, observed.news, in_hand);
+    let seen = ready_rows(observed.queue, observed.news, in_hand);
+    // Rows the queue figures do not show yet are worth workers only while none is
+    // pending: a pending worker is on its way for them already, and a stream of small
+    // announcements would otherwise add workers on every one.
+    let pending = active.clone().filter(|w| w.phase == Phase::Pending).count();
+    let waiting = if pending > 0 {
+        observed.queue.map_or(0, |q| q.ready)
+    } else {
+        seen
+    };
     let ready = worth_workers(waiting, observed.cancelled_in_queue);
     let room = limits.max_jobs.saturating_sub(workers);
     let spawn = if ready > limits.burst_threshold {
@@ -329,15 +351,24 @@ pub fn decide(
     } else {
         None
     };
+    // Rows only the queue figures show were answered already if workers were spawned
+    // since those figures last refreshed.
+    let only_in_figures = waiting <= observed.queue.map_or(0, |q| q.ready);
+    let answered = only_in_figures
+        && memory
+            .last_spawned
+            .is_some_and(|at| now.duration_since(at) < FIGURES_REFRESH);
     if let Some((count, reason)) = spawn
         && count > 0
         && !spawning_paused
         && !observed.paused
+        && !answered
     {
         decisions.push(Decision {
             action: Action::Spawn(count),
             reason,
         });
+        last_spawned = Some(now);
     }
     // Workers still taking rows: those a drain request would reach.
     let not_yet_asked = || -> Vec<String> {
@@ -359,7 +390,7 @@ pub fn decide(
 
     let Some(queue) = observed.queue else {
         // Without numbers nothing else is safe to do, and the idle window restarts.
-        return (decisions, remember(None));
+        return (decisions, remember(None, last_spawned));
     };
 
     // A pending worker has never run, so holds nothing; only a running one can be
@@ -368,12 +399,8 @@ pub fn decide(
         .clone()
         .filter(|w| matches!(w.phase, Phase::Running | Phase::Stopping) && w.in_flight.is_none())
         .count();
-    let idle = waiting == 0
-        && queue.unacked == 0
-        && in_hand == 0
-        && unknown == 0
-        && moved == 0
-        && !announced;
+    let idle =
+        seen == 0 && queue.unacked == 0 && in_hand == 0 && unknown == 0 && moved == 0 && !announced;
     let idle_since = if idle && !observed.paused {
         memory.idle_since.or(Some(now))
     } else {
@@ -415,7 +442,7 @@ pub fn decide(
         }
     }
 
-    (decisions, remember(idle_since))
+    (decisions, remember(idle_since, last_spawned))
 }
 
 /// Decides what to do with workers of no configured job type (`why` says which).
@@ -1279,6 +1306,18 @@ mod tests {
             ..observed(0, 0, vec![])
         };
         assert_eq!(actions(&no_figures), vec![Action::Spawn(5)]);
+        // Workers spawned for them are still pending: more news (a stream of small
+        // uploads) adds none until the figures show rows waiting.
+        let on_their_way = Observation {
+            news,
+            ..observed(0, 0, vec![worker("p1", Phase::Pending, None)])
+        };
+        assert_eq!(actions(&on_their_way), vec![]);
+        let shown = Observation {
+            news,
+            ..observed(5_000, 0, vec![worker("p1", Phase::Pending, None)])
+        };
+        assert_eq!(actions(&shown), vec![Action::Spawn(5)]);
     }
 
     #[test]

@@ -140,16 +140,19 @@ impl<L: Launcher, Q: QueueFigures, D: DrainRequests> Scaler<L, Q, D> {
             }
             for decision in decisions {
                 match decision.action {
-                    // Spawns wait until every job type has asked: the total cap is shared.
-                    Action::Spawn(wanted) => spawns.push((
-                        share::Request {
-                            job_type: job_type.clone(),
-                            priority: job.priority,
-                            wanted,
-                            waiting,
-                        },
-                        decision.reason,
-                    )),
+                    // Under a total cap, spawns wait until every job type has asked, to
+                    // share the room; without one, nothing waits for a slow read.
+                    Action::Spawn(wanted) if self.jobs.max_workers_total.is_some() => {
+                        spawns.push((
+                            share::Request {
+                                job_type: job_type.clone(),
+                                priority: job.priority,
+                                wanted,
+                                waiting,
+                            },
+                            decision.reason,
+                        ))
+                    }
                     _ => self.act(&job_type, decision, now).await,
                 }
             }
