@@ -1426,4 +1426,90 @@ mod tests {
         // Resumed, with rows waiting and no worker: a burst at once.
         assert_eq!(actions(&observed(5_000, 0, vec![])), vec![Action::Spawn(5)]);
     }
+
+    /// The known failures of queue-driven Job spawners, each ruled out by name.
+    mod known_failures {
+        use super::*;
+
+        #[test]
+        fn pods_pending_for_90_s_with_100_rows_waiting_start_no_more_than_min_rows_max_jobs() {
+            let start = Instant::now();
+            let mut workers: Vec<WorkerView> = Vec::new();
+            let mut memory = Memory::default();
+            for second in (0..=90).step_by(5) {
+                let now = start + Duration::from_secs(second);
+                for w in &mut workers {
+                    w.age = now.duration_since(start);
+                }
+                let (decisions, next) =
+                    decide(&observed(100, 0, workers.clone()), &LIMITS, memory, now);
+                memory = next;
+                for decision in decisions {
+                    match decision.action {
+                        Action::Spawn(n) => {
+                            for _ in 0..n {
+                                let name = format!("w{}", workers.len());
+                                workers.push(worker(&name, Phase::Pending, None));
+                            }
+                        }
+                        other => panic!("at {second}s: {other:?}"),
+                    }
+                }
+                assert!(
+                    workers.len() <= 10,
+                    "at {second}s: {} workers",
+                    workers.len()
+                );
+            }
+            assert_eq!(workers.len(), 10, "min(100 rows, max_jobs 10)");
+        }
+
+        #[test]
+        fn long_rows_unacked_and_new_rows_below_the_cap_get_a_new_worker_in_one_tick() {
+            // Two workers each on a 120 s row; 30 new rows arrive (above threshold 20).
+            let busy = vec![
+                worker("w0", Phase::Running, Some(1)),
+                worker("w1", Phase::Running, Some(1)),
+            ];
+            assert_eq!(actions(&observed(30, 2, busy)), vec![Action::Spawn(1)]);
+        }
+
+        #[test]
+        fn fifteen_rows_and_no_worker_below_the_threshold_get_one_worker_in_one_tick() {
+            assert_eq!(actions(&observed(15, 0, vec![])), vec![Action::Spawn(1)]);
+        }
+
+        #[test]
+        fn a_busy_worker_survives_a_scaler_restart_new_settings_and_the_idle_window() {
+            let start = Instant::now();
+            // A 120 s row in hand, asked to drain before the restart; the new scaler has
+            // no memory and tighter settings.
+            let holding = WorkerView {
+                drain_requested_at: Some(start),
+                ..worker("busy", Phase::Running, Some(1))
+            };
+            let tight = Limits {
+                max_jobs: 1,
+                idle_window: Duration::from_secs(1),
+                drain_grace: Duration::from_secs(1),
+                ..LIMITS
+            };
+            let mut memory = Memory::default();
+            for second in (0..=120).step_by(5) {
+                let now = start + Duration::from_secs(second);
+                let (decisions, next) =
+                    decide(&observed(0, 1, vec![holding.clone()]), &tight, memory, now);
+                memory = next;
+                assert!(decisions.is_empty(), "at {second}s: {decisions:?}");
+            }
+        }
+
+        #[test]
+        fn failed_jobs_never_count_as_active() {
+            let failed: Vec<WorkerView> = (0..10)
+                .map(|i| worker(&format!("f{i}"), Phase::Failed, None))
+                .collect();
+            assert_eq!(actions(&observed(500, 0, failed)), vec![Action::Spawn(5)]);
+        }
+    }
 }
