@@ -34,6 +34,25 @@ pub struct DeadLetter {
     pub fields: Vec<String>,
 }
 
+impl DeadLetter {
+    /// Where the next page starts: `<batch_id>:<line>`, for [`parse_cursor`].
+    pub fn cursor(&self) -> String {
+        format!("{}:{}", self.batch_id, self.line)
+    }
+}
+
+/// The row a [`DeadLetter::cursor`] names.
+pub fn parse_cursor(cursor: &str) -> Result<(String, u64), String> {
+    cursor
+        .rsplit_once(':')
+        .and_then(|(batch, line)| Some((batch.to_string(), line.parse().ok()?)))
+        .ok_or_else(|| {
+            format!(
+                "after must be <batch_id>:<line>, as the previous page gives it, not {cursor:?}"
+            )
+        })
+}
+
 /// Which dead rows to list: of one job type (and optionally one batch), after a
 /// given row, in (batch, line) order.
 #[derive(Debug, Clone, Default)]

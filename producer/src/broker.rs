@@ -72,19 +72,8 @@ impl Broker {
         queue: &str,
         delivery_limit: u32,
     ) -> Result<Channel, BrokerError> {
-        let connection = self.connection(self.retry_budget).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| self.unavailable(e))?;
+        let channel = self.events_channel().await?;
         let _declaring = self.declaring.lock().await;
-        events::declare_exchanges(&channel)
-            .await
-            .map_err(|e| self.unavailable(e))?;
         topology::declare_work_queue(&channel, queue, delivery_limit)
             .await
             .map_err(|e| match e.kind() {
@@ -106,7 +95,8 @@ impl Broker {
         Ok(channel)
     }
 
-    /// A channel with publisher confirms on, for the events exchange.
+    /// A channel with publisher confirms on, whose exchanges (the events exchange's
+    /// among them) are declared.
     pub async fn events_channel(&self) -> Result<Channel, BrokerError> {
         let connection = self.connection(self.retry_budget).await?;
         let channel = connection

@@ -44,7 +44,7 @@ use spillway_common::{
     jobs_config::JobType,
     topology,
 };
-use spillway_ledger::dead::{DeadFilter, DeadLetter, Revival};
+use spillway_ledger::dead::{DeadFilter, DeadLetter, Revival, parse_cursor};
 
 use crate::{
     batches::publish_listed,
@@ -116,17 +116,9 @@ pub async fn list(
     let after = query
         .after
         .as_deref()
-        .map(|after| {
-            after
-                .rsplit_once(':')
-                .and_then(|(batch, line)| Some((batch.to_string(), line.parse().ok()?)))
-                .ok_or_else(|| {
-                    ApiError::BadQuery(format!(
-                        "after must be <batch_id>:<line>, as next_after gives it, not {after:?}"
-                    ))
-                })
-        })
-        .transpose()?;
+        .map(parse_cursor)
+        .transpose()
+        .map_err(ApiError::BadQuery)?;
     let rows = state
         .ledger
         .dead_letters(&DeadFilter {
@@ -146,7 +138,7 @@ pub async fn list(
         .map_err(|e| state.broker.unavailable(e))?;
     let _ = channel.close(200, "dead queue counted".into()).await;
     let next_after = (rows.len() == limit as usize)
-        .then(|| rows.last().map(|r| format!("{}:{}", r.batch_id, r.line)))
+        .then(|| rows.last().map(DeadLetter::cursor))
         .flatten();
     Ok(Json(DeadPage {
         job_type,

@@ -7,7 +7,7 @@ use axum::{
     response::{Html, IntoResponse, Response},
 };
 use serde::Deserialize;
-use spillway_ledger::dead::DeadFilter;
+use spillway_ledger::dead::{DeadFilter, parse_cursor};
 
 use super::{DashboardState, batches::read};
 use crate::http::ApiError;
@@ -24,19 +24,12 @@ pub struct DeadQuery {
 
 pub async fn page(State(state): State<DashboardState>, Query(query): Query<DeadQuery>) -> Response {
     let rows = async {
-        let after = match query.after.as_deref() {
-            None => None,
-            Some(after) => Some(
-                after
-                    .rsplit_once(':')
-                    .and_then(|(batch, line)| Some((batch.to_string(), line.parse().ok()?)))
-                    .ok_or_else(|| {
-                        ApiError::BadQuery(format!(
-                            "after must be <batch_id>:<line>, not {after:?}"
-                        ))
-                    })?,
-            ),
-        };
+        let after = query
+            .after
+            .as_deref()
+            .map(parse_cursor)
+            .transpose()
+            .map_err(ApiError::BadQuery)?;
         read(state.ledger.dead_letters(&DeadFilter {
             job_type: query.job_type.clone(),
             batch_id: None,

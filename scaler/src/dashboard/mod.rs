@@ -142,7 +142,7 @@ impl Page {
                 context.insert("error", "");
                 context.insert("rows", rows);
                 let next = (rows.len() == page as usize)
-                    .then(|| rows.last().map(|r| format!("{}:{}", r.batch_id, r.line)))
+                    .then(|| rows.last().map(spillway_ledger::dead::DeadLetter::cursor))
                     .flatten();
                 context.insert("next_after", &next.unwrap_or_default());
             }
