@@ -160,6 +160,23 @@ impl Drop for Browser {
     }
 }
 
+/// Runs `dashboard.sh` with `args` against the scaler at `url`: whether it succeeded,
+/// its output and its errors.
+fn dashboard_sh(url: &str, args: &[&str]) -> (bool, String, String) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboard.sh");
+    let output = Command::new("bash")
+        .arg(script)
+        .args(args)
+        .env("SCALER_URL", url)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 fn artifact(name: &str) -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join("../test-artifacts")
@@ -287,20 +304,7 @@ async fn the_dashboard_shows_live_numbers_workers_and_logs_and_escapes_what_it_s
     browser.screenshot(&artifact("dashboard.png")).await;
 
     // The same board in a terminal, through dashboard.sh and curl.
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboard.sh");
-    let run = |args: &[&str], url: &str| {
-        let output = Command::new("bash")
-            .arg(script)
-            .args(args)
-            .env("SCALER_URL", url)
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str], url: &str| dashboard_sh(url, args);
     let (ok, summary, _) = run(&[], &scaler.url);
     assert!(
         ok && summary.contains("spillway-default-") && summary.contains("3 of 3 active"),
@@ -446,20 +450,7 @@ async fn a_batch_page_retries_dead_rows_and_cancels_a_running_batch() {
     browser.screenshot(&artifact("batch-cancelled.png")).await;
 
     // The same operations in a terminal, with curl only, through the scaler.
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboard.sh");
-    let run = |args: &[&str]| {
-        let output = Command::new("bash")
-            .arg(script)
-            .args(args)
-            .env("SCALER_URL", &scaler.url)
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| dashboard_sh(&scaler.url, args);
     let (ok, out, err) = run(&["retry", &failing]);
     assert!(ok && out.contains("\"retried\":2"), "{out}{err}");
     let (ok, _, err) = run(&["cancel", &slow]);
