@@ -15,27 +15,29 @@ COPY common/Cargo.toml common/
 COPY ledger/Cargo.toml ledger/
 COPY producer/Cargo.toml producer/
 COPY worker/Cargo.toml worker/
+COPY scaling/Cargo.toml scaling/
 COPY scaler/Cargo.toml scaler/
 COPY testkit/Cargo.toml testkit/
 # Placeholder sources for every target the manifests declare (binaries, benches), so
 # cargo can build the dependencies alone.
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN for crate in common ledger producer worker scaler testkit; do \
+RUN for crate in common ledger producer worker scaling scaler testkit; do \
         mkdir -p "$crate/src" "$crate/benches" \
         && echo 'fn main() {}' > "$crate/src/main.rs" && touch "$crate/src/lib.rs" \
         && sed -n '/^\[\[bench\]\]/,/^name/s/^name = "\(.*\)"/\1/p' "$crate/Cargo.toml" \
             | while read -r bench; do echo 'fn main() {}' > "$crate/benches/$bench.rs"; done; \
     done \
     && cargo build --release --locked --bins \
-    && rm -rf common ledger producer worker scaler testkit
+    && rm -rf common ledger producer worker scaling scaler testkit
 COPY common common
 COPY ledger ledger
 COPY producer producer
 COPY worker worker
+COPY scaling scaling
 COPY scaler scaler
 COPY testkit testkit
 # Touch the sources so cargo rebuilds them over the placeholder builds above.
-RUN find common ledger producer worker scaler testkit -name '*.rs' -exec touch {} + \
+RUN find common ledger producer worker scaling scaler testkit -name '*.rs' -exec touch {} + \
     && cargo build --release --locked --bins
 
 # The run-time base: no compiler, no build tools; a shell for the exec handler.

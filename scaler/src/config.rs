@@ -263,7 +263,8 @@ pub enum Command {
     /// job type, phase (`running` only while its pid is still that worker), pid, start.
     Workers,
     /// Run the scaling policy against a simulated cluster and queue, beside KEDA
-    /// ScaledJob's strategies and the prototype's rules; print a table per scenario.
+    /// ScaledJob's strategies and the prototype's rules; print a table per scenario
+    /// (and the CPU time it took, on standard error).
     Simulate {
         /// Seed of the simulated row times and pod start latencies: a seed always gives
         /// the same tables.
@@ -272,6 +273,10 @@ pub enum Command {
         /// Only this scenario (default: every one).
         #[arg(long)]
         scenario: Option<String>,
+        /// Also write each scenario's chart (workers and rows ready over time, a line
+        /// per strategy) to DIR/<scenario>.svg.
+        #[arg(long, value_name = "DIR")]
+        svg: Option<PathBuf>,
     },
 }
 

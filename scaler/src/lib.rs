@@ -30,11 +30,10 @@ pub mod dashboard;
 pub mod http;
 pub mod launcher;
 pub mod metrics;
-pub mod policy;
 pub mod reports;
-pub mod share;
-pub mod simulate;
 pub mod tick;
+
+pub use spillway_scaling::{policy, share, simulate};
 
 use std::{future::IntoFuture, sync::Arc, time::Duration};
 

@@ -4,7 +4,10 @@
 //! printed as one `error: ...` line with its causes, never as a stack trace: it is
 //! meant for the operator who set the value, whatever `RUST_BACKTRACE` says.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::Context;
 use clap::Parser;
@@ -12,6 +15,7 @@ use spillway_common::{jobs_config::JobsConfig, shutdown, telemetry};
 use spillway_scaler::{
     config::{Command, Settings},
     launcher::{kube::worker_job, local::LocalLauncher, spec::WorkerEnv, worker_name},
+    simulate,
 };
 
 #[tokio::main]
@@ -33,13 +37,11 @@ async fn run() -> anyhow::Result<()> {
             return print_worker_jobs(&settings, &jobs);
         }
         Some(Command::Workers) => return print_workers(&settings),
-        Some(Command::Simulate { seed, scenario }) => {
-            print!(
-                "{}",
-                spillway_scaler::simulate::report(seed, scenario.as_deref())?
-            );
-            return Ok(());
-        }
+        Some(Command::Simulate {
+            seed,
+            scenario,
+            svg,
+        }) => return simulate(seed, scenario.as_deref(), svg.as_deref()),
         None => {}
     }
     settings.broker.validate()?;
@@ -51,6 +53,26 @@ async fn run() -> anyhow::Result<()> {
     tracing::info!(listen = %settings.listen, launcher = ?settings.launcher(), "scaler starting");
     let stop = shutdown::on_signal()?;
     spillway_scaler::run(settings, jobs, listener, stop).await
+}
+
+fn simulate(seed: u64, scenario: Option<&str>, svg: Option<&Path>) -> anyhow::Result<()> {
+    if let Some(dir) = svg {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create --svg directory {}", dir.display()))?;
+    }
+    for run in simulate::run_scenarios(seed, scenario)? {
+        println!("{}", run.table());
+        if let Some(dir) = svg {
+            let path = dir.join(format!("{}.svg", run.scenario.name));
+            std::fs::write(&path, simulate::chart::svg(&run))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
+    eprintln!(
+        "simulated in {:.1} s of CPU",
+        simulate::cpu_time()?.as_secs_f64()
+    );
+    Ok(())
 }
 
 fn print_workers(settings: &Settings) -> anyhow::Result<()> {

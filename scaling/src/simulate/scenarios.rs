@@ -138,21 +138,21 @@ pub fn all() -> Vec<Scenario> {
         },
         Scenario {
             name: "ten-thousand-workers",
-            about: "1,000,000 rows of 20-40 s at once; 10,000 workers at most, nodes for all, pods taking 5-30 s to start.",
+            about: "10,000,000 rows of 20-40 s at once; 10,000 workers at most, nodes for all, pods taking 5-30 s to start.",
             job_types: vec![SimJobType {
                 burst_size: 500,
                 ..job_type(
                     "default",
                     10_000,
                     Dist::Uniform(20.0, 40.0),
-                    vec![(0, 1_000_000)],
+                    vec![(0, 10_000_000)],
                 )
             }],
             capacity: 10_000,
             start_latency: Dist::Uniform(5.0, 30.0),
             more_nodes: None,
             total_cap: None,
-            horizon: 14_400,
+            horizon: 100_000,
         },
     ]
 }

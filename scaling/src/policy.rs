@@ -39,7 +39,7 @@
 //! waits on them, and draining loses nothing (rows not taken stay in their queue).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
 
@@ -242,7 +242,8 @@ pub fn decide(
         .iter()
         .filter_map(|w| Some((w, cannot_start(w, limits)?)))
         .collect();
-    let is_stuck = |w: &WorkerView| stuck.iter().any(|(s, _)| s.name == w.name);
+    let stuck_names: BTreeSet<&str> = stuck.iter().map(|(w, _)| w.name.as_str()).collect();
+    let is_stuck = |w: &WorkerView| stuck_names.contains(w.name.as_str());
     let active = observed
         .workers
         .iter()
@@ -286,13 +287,16 @@ pub fn decide(
         .count();
     let announced = observed.last_batch_published.is_some()
         && observed.last_batch_published != memory.last_batch_published;
-    let mut progress = memory.progress;
-    progress.retain(|name, _| observed.workers.iter().any(|w| &w.name == name));
-    for worker in &observed.workers {
-        if let Some(counters) = worker.progress {
-            progress.insert(worker.name.clone(), counters);
-        }
-    }
+    // Each observed worker's latest counters: its report's, or the last remembered.
+    let mut remembered = memory.progress;
+    let progress: BTreeMap<String, Progress> = observed
+        .workers
+        .iter()
+        .filter_map(|w| {
+            let counters = w.progress.or_else(|| remembered.remove(&w.name))?;
+            Some((w.name.clone(), counters))
+        })
+        .collect();
     let mut last_spawned = memory.last_spawned;
     let remember = |idle_since, last_spawned| Memory {
         idle_since,
