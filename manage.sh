@@ -392,6 +392,7 @@ cmd_bench() {
     cargo bench --locked -p spillway-producer --bench ingest
     cargo bench --locked -p spillway-worker --bench consume
     cargo bench --locked -p spillway-ledger --bench ledger
+    cargo bench --locked -p spillway-scaler --bench watch_cache
     cargo bench --locked -p spillway-scaler --bench system
     say "the table above is what BENCHMARKS.md keeps: copy it there with the machine it ran on"
 }

@@ -16,6 +16,13 @@
 //!   (one lapin connection with a consumer on the events, the management API read at
 //!   the same tick), run alongside it in the same window. That process is this
 //!   benchmark's own executable, started again in that role.
+//! - **g.** How fast the scaler reacts, with no worker running: from an upload's answer
+//!   until the first worker is spawned (g1) and until the first row is settled (g2), each
+//!   against the time until the management API's figures show the rows, taken from the
+//!   same upload (what a scaler reading only those figures waits for, before its tick);
+//!   three rounds, each with a fresh scaler. And wasted workers (spawned, then drained
+//!   having settled no row) over a burst of batches uploaded at once (g3), against the
+//!   workers spawned: the ledger names the worker that settled each row.
 
 use std::{
     path::{Path, PathBuf},
@@ -71,7 +78,18 @@ async fn main() {
     }
     let idle = idle_scaler().await;
     let e2e = end_to_end().await;
-    record("system", &[e2e, idle.cpu, idle.memory]);
+    let reaction = reaction().await;
+    record(
+        "system",
+        &[
+            e2e,
+            idle.cpu,
+            idle.memory,
+            reaction.spawn,
+            reaction.first_row,
+            reaction.wasted,
+        ],
+    );
     println!("\n{}", table(&recorded()));
 }
 
@@ -341,6 +359,245 @@ async fn idle_baseline() {
             let _ = api.queue_stats(&dead_queue_name(&job.queue)).await;
         }
     }
+}
+
+// g: reaction
+
+/// Rows of a second: long enough for the management API's figures to show them.
+const REACTION_JOBS: &str =
+    "idle_seconds = 5\n\n[job_types.default]\nqueue = \"tasks\"\nsimulate_ms = 1000\n";
+const REACTION_ROUNDS: usize = 3;
+const REACTION_ROWS: u64 = 200;
+/// The burst: batches uploaded at once, of short rows.
+const BURST_JOBS: &str =
+    "idle_seconds = 5\n\n[job_types.default]\nqueue = \"tasks\"\nsimulate_ms = 100\n";
+const BURST_BATCHES: usize = 10;
+const BURST_ROWS: u64 = 100;
+/// How often the reaction rounds look at the worker registry, the ledger and the API.
+const REACTION_POLL: Duration = Duration::from_millis(5);
+const API_POLL: Duration = Duration::from_millis(100);
+
+struct Reaction {
+    spawn: Figure,
+    first_row: Figure,
+    wasted: Figure,
+}
+
+async fn reaction() -> Reaction {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let jobs_path = dir.path().join("reaction.toml");
+    std::fs::write(&jobs_path, REACTION_JOBS).expect("write reaction.toml");
+    let jobs = JobsConfig::load(Some(&jobs_path)).expect("the benchmark's job types");
+    let job = jobs.job_type("default").expect("the default job type");
+    let csv = dir.path().join("reaction.csv");
+    generate_csv(&csv, REACTION_ROWS);
+    let mut rounds = Vec::new();
+    for round in 0..REACTION_ROUNDS {
+        let run_dir = dir.path().join(format!("reaction-{round}"));
+        rounds.push(reaction_round(&jobs_path, job, &csv, &run_dir).await);
+    }
+    let mean = |pick: fn(&Round) -> Duration| {
+        Measure::Seconds(
+            rounds.iter().map(pick).sum::<Duration>().as_secs_f64() / rounds.len() as f64,
+        )
+    };
+    let api = mean(|r| r.api);
+    let tick = jobs.tick_seconds;
+    let baseline_is = format!(
+        "against the time from the same answer until the management API's figures show the \
+         rows, polled every {} ms: what a scaler reading only those figures waits for before \
+         its next tick (up to {tick} s more) and a worker's start; release `producer` and \
+         `scaler` (local launcher, tick {tick} s), {REACTION_ROWS} rows of 1 s, no worker \
+         running before, mean of {REACTION_ROUNDS} rounds, each with a fresh scaler; lower is \
+         better",
+        API_POLL.as_millis()
+    );
+
+    let burst_dir = dir.path().join("burst");
+    std::fs::create_dir_all(&burst_dir).expect("the burst's directory");
+    let burst_jobs = burst_dir.join("burst.toml");
+    std::fs::write(&burst_jobs, BURST_JOBS).expect("write burst.toml");
+    let burst_csv = burst_dir.join("burst.csv");
+    generate_csv(&burst_csv, BURST_ROWS);
+    let (spawned, wasted) = burst(&burst_jobs, &burst_csv, &burst_dir.join("run")).await;
+    Reaction {
+        spawn: Figure {
+            key: "g1".into(),
+            what: "upload answered to first worker spawned".into(),
+            spillway: mean(|r| r.spawn),
+            baseline: api,
+            note: format!(
+                "from the upload's answer until the scaler has spawned a worker (0 when it \
+                 spawned before the answer: the producer announces a batch as it starts \
+                 publishing), {baseline_is}; goal under 1 s"
+            ),
+        },
+        first_row: Figure {
+            key: "g2".into(),
+            what: "upload answered to first row settled".into(),
+            spillway: mean(|r| r.first_row),
+            baseline: api,
+            note: format!(
+                "from the upload's answer until the ledger holds a settled row (a worker \
+                 started, took a row and ran it for 1 s), {baseline_is}"
+            ),
+        },
+        wasted: Figure {
+            key: "g3".into(),
+            what: format!("wasted workers, burst of {BURST_BATCHES} batches of {BURST_ROWS} rows"),
+            spillway: Measure::Count(wasted),
+            baseline: Measure::Count(spawned),
+            note: format!(
+                "workers that the release `scaler` spawned and drained having settled no row \
+                 (the ledger names the worker that settled each row), against the workers \
+                 spawned, over {BURST_BATCHES} batches of {BURST_ROWS} rows of 100 ms uploaded \
+                 at once, until every worker has exited; goal 0"
+            ),
+        },
+    }
+}
+
+/// When things happened after one upload's answer.
+struct Round {
+    spawn: Duration,
+    first_row: Duration,
+    api: Duration,
+}
+
+async fn reaction_round(jobs_path: &Path, job: &JobType, csv: &Path, dir: &Path) -> Round {
+    let vhost = TestVhost::new("bench-reaction").await;
+    let database = TestDatabase::new("bench-reaction").await;
+    let (_connection, _channel) = work_queue_channel(&vhost.amqp_url, job).await;
+    let _reaper = WorkerReaper(dir);
+    let mut scaler = Scaler::start(
+        &vhost,
+        Some(jobs_path),
+        dir,
+        &[("DATABASE_URL", database.url.clone())],
+    )
+    .await;
+    let producer = Producer::start(&vhost.amqp_url, Some(jobs_path), &database.url).await;
+    assert_eq!(scaler.spawned(), 0, "no worker before the upload");
+
+    let upload = producer.upload(csv);
+    tokio::pin!(upload);
+    let started = Instant::now();
+    let (mut answered, mut batch_path) = (None, None);
+    let (mut spawned, mut first_row, mut api) = (None, None, None);
+    let (mut last_ledger, mut last_api) = (started, started);
+    while spawned.is_none() || first_row.is_none() || api.is_none() {
+        tokio::select! {
+            (_, answer) = &mut upload, if answered.is_none() => {
+                answered = Some(Instant::now());
+                batch_path = answer["batch_id"].as_str().map(|id| format!("/batches/{id}"));
+            }
+            _ = tokio::time::sleep(REACTION_POLL) => {}
+        }
+        let now = Instant::now();
+        if spawned.is_none() && scaler.spawned() > 0 {
+            spawned = Some(now);
+        }
+        if let Some(path) = &batch_path
+            && first_row.is_none()
+            && now - last_ledger >= LEDGER_POLL
+        {
+            last_ledger = now;
+            let batch = producer.get_json(path).await;
+            if batch["done"].as_u64().is_some_and(|done| done > 0) {
+                first_row = Some(now);
+            }
+        }
+        if answered.is_some() && api.is_none() && now - last_api >= API_POLL {
+            last_api = now;
+            if let Ok(queue) = vhost.api.queue_stats(&job.queue).await
+                && queue.ready + queue.unacked > 0
+            {
+                api = Some(now);
+            }
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "no worker, no settled row or no API figures within {PATIENCE:?}"
+        );
+        scaler.process.assert_running();
+    }
+    let answered = answered.expect("answered");
+    let since = |at: Option<Instant>| at.expect("seen").saturating_duration_since(answered);
+    let round = Round {
+        spawn: since(spawned),
+        first_row: since(first_row),
+        api: since(api),
+    };
+    println!(
+        "reaction: first worker {:.2} s after the upload's answer, first row settled {:.2} s, \
+         API figures showing the rows {:.2} s",
+        round.spawn.as_secs_f64(),
+        round.first_row.as_secs_f64(),
+        round.api.as_secs_f64()
+    );
+    let status = scaler.process.terminate();
+    assert!(status.success(), "the scaler stops cleanly: {status}");
+    round
+}
+
+/// Uploads a burst of batches at once and waits until every row is done and every
+/// worker has exited; returns the workers spawned and those that settled no row.
+async fn burst(jobs_path: &Path, csv: &Path, dir: &Path) -> (u64, u64) {
+    let jobs = JobsConfig::load(Some(jobs_path)).expect("the burst's job types");
+    let job = jobs.job_type("default").expect("the default job type");
+    let vhost = TestVhost::new("bench-burst").await;
+    let database = TestDatabase::new("bench-burst").await;
+    let (_connection, _channel) = work_queue_channel(&vhost.amqp_url, job).await;
+    let _reaper = WorkerReaper(dir);
+    let mut scaler = Scaler::start(
+        &vhost,
+        Some(jobs_path),
+        dir,
+        &[("DATABASE_URL", database.url.clone())],
+    )
+    .await;
+    let producer = Producer::start(&vhost.amqp_url, Some(jobs_path), &database.url).await;
+    let answers =
+        futures_util::future::join_all((0..BURST_BATCHES).map(|_| producer.upload(csv))).await;
+    let paths: Vec<String> = answers
+        .iter()
+        .map(|(_, answer)| format!("/batches/{}", answer["batch_id"].as_str().expect("an id")))
+        .collect();
+    let deadline = Instant::now() + PATIENCE;
+    for path in &paths {
+        loop {
+            let batch = producer.get_json(path).await;
+            match batch["state"].as_str() {
+                Some("done") => break,
+                Some("queued" | "running") => {}
+                _ => panic!("the batch cannot finish as done: {batch}"),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not done within {PATIENCE:?}: {batch}"
+            );
+            scaler.process.assert_running();
+            tokio::time::sleep(LEDGER_POLL).await;
+        }
+    }
+    let spawned = scaler.drained().await as u64;
+    let status = scaler.process.terminate();
+    assert!(status.success(), "the scaler stops cleanly: {status}");
+    let pool = sqlx::PgPool::connect(&database.url)
+        .await
+        .expect("connect to the ledger");
+    let (settling,): (i64,) =
+        sqlx::query_as("SELECT count(DISTINCT worker) FROM batch_rows WHERE status = 'done'")
+            .fetch_one(&pool)
+            .await
+            .expect("count the workers that settled rows");
+    pool.close().await;
+    let settling = u64::try_from(settling).expect("a count");
+    println!(
+        "burst: {BURST_BATCHES} batches of {BURST_ROWS} rows, {spawned} workers spawned, \
+         {settling} of them settled rows"
+    );
+    (spawned, spawned - settling)
 }
 
 // the scaler process

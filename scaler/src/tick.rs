@@ -16,7 +16,7 @@
 pub(crate) mod tests;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -35,10 +35,15 @@ use crate::{
     launcher::{LaunchedWorker, Launcher, worker_name},
     metrics::{ActionLabels, HeldLabels, JobLabels},
     policy::{
-        self, Action, Decision, Limits, Memory, Observation, Progress, QueueDepth, WorkerView,
+        self, Action, Decision, Limits, Memory, Observation, Phase, Progress, QueueDepth,
+        WorkerView,
     },
     share,
 };
+
+/// Finished workers (succeeded, failed, ended) the scaler keeps listed with their
+/// logs, the newest first; older ones are forgotten ([`Launcher::forget`]).
+pub const FINISHED_KEPT: usize = 100;
 
 pub struct Scaler<L, Q, D> {
     pub jobs: JobsConfig,
@@ -67,13 +72,13 @@ impl<L: Launcher, Q: QueueFigures, D: DrainRequests> Scaler<L, Q, D> {
                 return;
             }
         };
-        let active = |name: &str| {
-            workers
-                .iter()
-                .any(|w| w.name == name && w.phase.is_active())
-        };
-        self.ctx.reports.retain(active);
-        self.drains.retain(|name, _| active(name));
+        let active: HashSet<&str> = workers
+            .iter()
+            .filter(|w| w.phase.is_active())
+            .map(|w| w.name.as_str())
+            .collect();
+        self.ctx.reports.retain(|name| active.contains(name));
+        self.drains.retain(|name, _| active.contains(name.as_str()));
 
         let mut reads: FuturesUnordered<_> = self
             .jobs
@@ -191,6 +196,26 @@ impl<L: Launcher, Q: QueueFigures, D: DrainRequests> Scaler<L, Q, D> {
         // By job type name, as job types are listed everywhere, whichever read ended first.
         board_rows.sort_by(|a, b| a.job_type.cmp(&b.job_type));
         self.ctx.board.record_tick(board_rows, listings);
+        self.forget_finished(&workers).await;
+    }
+
+    /// Forgets finished workers beyond the newest [`FINISHED_KEPT`], so that they do
+    /// not pile up (a Job's TTL bounds them in time, this in number, for either launcher).
+    async fn forget_finished(&self, workers: &[LaunchedWorker]) {
+        let mut finished: Vec<&LaunchedWorker> = workers
+            .iter()
+            .filter(|w| matches!(w.phase, Phase::Succeeded | Phase::Failed | Phase::Ended))
+            .collect();
+        if finished.len() <= FINISHED_KEPT {
+            return;
+        }
+        finished.sort_by_key(|w| std::cmp::Reverse(w.started_unix));
+        for worker in &finished[FINISHED_KEPT..] {
+            match self.ctx.launcher.forget(&worker.name).await {
+                Ok(()) => tracing::debug!(worker = %worker.name, "forgot a finished worker"),
+                Err(error) => tracing::warn!(%error, "cannot forget a finished worker"),
+            }
+        }
     }
 
     /// Counts a tick in which `job_type` got fewer workers than it wanted, and `why`.

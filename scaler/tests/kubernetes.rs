@@ -344,3 +344,64 @@ async fn uploaded_rows_are_processed_by_worker_jobs_that_end_complete() {
     drop(cluster);
     assert_no_worker_outlives_the_double(&double_dir);
 }
+
+#[tokio::test]
+async fn a_finished_worker_job_is_forgotten_by_deleting_it_and_a_gone_one_is_no_error() {
+    use clap::Parser as _;
+    use k8s_openapi::api::batch::v1::JobStatus;
+    use spillway_common::jobs_config::JobsConfig;
+    use spillway_scaler::{
+        config::Settings,
+        launcher::{
+            Launcher as _,
+            kube::{KubeLauncher, worker_job},
+            spec::WorkerEnv,
+            worker_name,
+        },
+    };
+
+    let api = KubeApi::start(KubeApiConfig::new(NAMESPACE));
+    let settings = Settings::parse_from(["scaler"]);
+    let jobs = JobsConfig::default();
+    let (template, env) = (
+        settings.job_template(&jobs),
+        WorkerEnv::from_settings(&settings),
+    );
+    let mut names = Vec::new();
+    for succeeded in [true, false] {
+        let name = worker_name("default");
+        let mut job = worker_job(&template, &env.spec("default", &name)).unwrap();
+        job.metadata.namespace = Some(NAMESPACE.into());
+        job.status = Some(JobStatus {
+            succeeded: Some(i32::from(succeeded)),
+            failed: Some(i32::from(!succeeded)),
+            ..JobStatus::default()
+        });
+        api.put_job(job);
+        names.push(name);
+    }
+    let (launcher, watch) = KubeLauncher::new(api.client().await, NAMESPACE, template, env);
+    tokio::spawn(watch);
+    let listed = || async {
+        launcher
+            .workers()
+            .await
+            .map(|ws| ws.into_iter().map(|w| w.name).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    wait_for("the watch to list both Jobs", PATIENCE, || async {
+        listed().await.len() == 2
+    })
+    .await;
+
+    launcher.forget(&names[0]).await.unwrap();
+    assert!(api.job(&names[0]).is_none(), "the Job is deleted");
+    wait_for("the watch to drop the forgotten Job", PATIENCE, || async {
+        listed().await == [names[1].clone()]
+    })
+    .await;
+    launcher
+        .forget(&names[0])
+        .await
+        .expect("a Job gone already (its TTL, say) is forgotten all the same");
+}

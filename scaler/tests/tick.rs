@@ -93,6 +93,11 @@ impl Launcher for Recorder {
         Ok(())
     }
 
+    async fn forget(&self, name: &str) -> Result<(), LauncherError> {
+        self.workers.lock().unwrap().retain(|w| w.name != name);
+        Ok(())
+    }
+
     async fn logs(&self, name: &str, _tail_lines: Option<u32>) -> Result<String, LauncherError> {
         Err(LauncherError::NoSuchWorker(name.into()))
     }

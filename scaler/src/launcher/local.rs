@@ -232,6 +232,25 @@ impl Launcher for LocalLauncher {
         signal::kill(pid, signal::Signal::SIGTERM).map_err(|e| failed(e.into()))
     }
 
+    async fn forget(&self, name: &str) -> Result<(), LauncherError> {
+        let failed = |source: Cause| LauncherError::Forget {
+            name: name.to_string(),
+            source,
+        };
+        let entries = self.registry.entries().map_err(|e| failed(e.into()))?;
+        let Some(mut entry) = entries.into_iter().find(|e| e.name == name) else {
+            return Ok(());
+        };
+        if self.phase_of(&mut entry).is_active() {
+            return Err(failed("it has not ended".into()));
+        }
+        self.registry.remove(name).map_err(|e| failed(e.into()))?;
+        match std::fs::remove_file(self.log_path(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(failed(e.into())),
+            _ => Ok(()),
+        }
+    }
+
     async fn logs(&self, name: &str, tail_lines: Option<u32>) -> Result<String, LauncherError> {
         // Only names in the registry: never a path a caller made up.
         let known = self

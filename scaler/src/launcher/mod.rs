@@ -50,6 +50,12 @@ pub enum LauncherError {
         #[source]
         source: Cause,
     },
+    #[error("cannot forget finished worker {name}: {source}")]
+    Forget {
+        name: String,
+        #[source]
+        source: Cause,
+    },
     #[error("cannot list workers: {0}")]
     List(#[source] Cause),
     #[error("no worker named {0:?}")]
@@ -83,6 +89,11 @@ pub trait Launcher: Send + Sync + 'static {
 
     /// Stops worker `name` (SIGTERM to it: it finishes what it holds and exits).
     fn stop(&self, name: &str) -> impl Future<Output = Result<(), LauncherError>> + Send;
+
+    /// Forgets finished worker `name`: it is no longer listed, and its log goes (a
+    /// Job is deleted; a local worker's registry entry and log file are removed). The
+    /// tick calls it only for workers that ended.
+    fn forget(&self, name: &str) -> impl Future<Output = Result<(), LauncherError>> + Send;
 
     /// The log of worker `name`, its last `tail_lines` lines when given, and never
     /// more than [`MAX_LOG_BYTES`] of it: a worker's log can be any size, the answer

@@ -30,6 +30,7 @@ struct FakeLauncher {
     workers: Mutex<Vec<LaunchedWorker>>,
     spawned: Mutex<Vec<String>>,
     stopped: Mutex<Vec<String>>,
+    forgotten: Mutex<Vec<String>>,
     cannot_list: AtomicBool,
     cannot_spawn: AtomicBool,
 }
@@ -72,6 +73,12 @@ impl Launcher for FakeLauncher {
 
     async fn stop(&self, name: &str) -> Result<(), LauncherError> {
         self.stopped.lock().unwrap().push(name.into());
+        Ok(())
+    }
+
+    async fn forget(&self, name: &str) -> Result<(), LauncherError> {
+        self.forgotten.lock().unwrap().push(name.into());
+        self.workers.lock().unwrap().retain(|w| w.name != name);
         Ok(())
     }
 
@@ -430,4 +437,136 @@ priority = 5
         .retain(|w| w.job_type != "urgent");
     f.scaler.tick(f.at(10)).await;
     assert_eq!(spawned_of(&f, "bulk"), 6, "1 + a burst of 5");
+}
+
+/// A restarted scaler: the same launcher, queues and drain requests, but nothing
+/// remembered, no report heard yet, and the job types of `jobs`.
+fn restarted(f: &Fixture, jobs: JobsConfig) -> Scaler<FakeLauncher, FakeQueues, FakeDrains> {
+    let reports = Arc::new(Reports::default());
+    Scaler::new(
+        jobs,
+        Context {
+            launcher: Arc::clone(&f.launcher),
+            queues: Arc::clone(&f.queues),
+            drains: Arc::clone(&f.drains),
+            reports: Arc::clone(&reports),
+            metrics: Arc::new(Metrics::new()),
+            board: Arc::new(Board::new(reports)),
+            timing: f.scaler.ctx.timing,
+        },
+    )
+}
+
+#[tokio::test]
+async fn a_busy_worker_holding_a_120_s_row_survives_a_scaler_restart_new_settings_and_the_idle_window()
+ {
+    let mut f = Fixture::new();
+    f.launcher.add("busy", Phase::Running);
+    f.queues.set("tasks", 0, 1);
+    // Its row runs from 0 to 120 s; it reports every 5 s, the row in hand.
+    for s in (0..=40).step_by(5) {
+        f.report("busy", 1, s);
+        f.scaler.tick(f.at(s)).await;
+    }
+    // The scaler restarts with new settings: a 5 s idle window, fewer workers allowed.
+    let mut jobs = JobsConfig {
+        idle_seconds: 5,
+        ..JobsConfig::default()
+    };
+    jobs.job_types.get_mut("default").expect("default").max_jobs = 1;
+    let mut scaler = restarted(&f, jobs);
+    let reports = Arc::clone(&scaler.ctx.reports);
+    let report = |in_flight, processed, s| {
+        let report = WorkerReport {
+            in_flight,
+            processed,
+            ..worker_report("busy")
+        };
+        reports.record(report, f.at(s));
+    };
+    // Before its first report reaches the new scaler, then with it.
+    scaler.tick(f.at(41)).await;
+    for s in (45..=120).step_by(5) {
+        report(1, 0, s);
+        scaler.tick(f.at(s)).await;
+    }
+    assert!(
+        f.drained().is_empty() && f.stopped().is_empty(),
+        "a worker holding a row is neither drained nor stopped: {:?} {:?}",
+        f.drained(),
+        f.stopped()
+    );
+    assert_eq!(f.spawned(), 0, "nothing was ready");
+    // The row is done and acked: the worker is idle, and drained after the new window.
+    f.queues.set("tasks", 0, 0);
+    for s in (125..=140).step_by(5) {
+        report(0, 1, s);
+        scaler.tick(f.at(s)).await;
+    }
+    assert_eq!(f.drained(), ["busy"], "drained once idle for the window");
+    assert!(f.stopped().is_empty(), "asked to drain, never stopped");
+}
+
+#[tokio::test]
+async fn failed_jobs_never_count_as_active() {
+    let mut f = Fixture::new();
+    for n in 0..10 {
+        f.launcher.add(&format!("failed-{n}"), Phase::Failed);
+    }
+    f.queues.set("tasks", 500, 0);
+    f.scaler.tick(f.at(0)).await;
+    assert_eq!(
+        f.spawned(),
+        5,
+        "a full burst: ten failed Jobs are not ten of max_jobs"
+    );
+    f.scaler.tick(f.at(5)).await;
+    assert_eq!(
+        f.spawned(),
+        10,
+        "up to max_jobs, the failed ones not counted"
+    );
+    f.scaler.tick(f.at(10)).await;
+    assert_eq!(f.spawned(), 10, "at max_jobs");
+    assert!(
+        f.drained().is_empty(),
+        "a failed Job is never asked to drain"
+    );
+}
+
+#[tokio::test]
+async fn finished_workers_do_not_pile_up_beyond_the_newest_kept() {
+    let mut f = Fixture::new();
+    let finished = FINISHED_KEPT + 30;
+    for n in 0..finished {
+        let phase = if n % 3 == 0 {
+            Phase::Failed
+        } else {
+            Phase::Succeeded
+        };
+        f.launcher.add(&format!("done-{n}"), phase);
+    }
+    // Oldest first: done-0 started first.
+    for (n, worker) in f.launcher.workers.lock().unwrap().iter_mut().enumerate() {
+        worker.started_unix = 1_000 + n as u64;
+    }
+    f.launcher.add("busy", Phase::Running);
+    f.report("busy", 1, 0);
+    f.queues.set("tasks", 0, 1);
+    f.scaler.tick(f.at(0)).await;
+    let forgotten = f.launcher.forgotten.lock().unwrap().clone();
+    let oldest: Vec<String> = (0..30).map(|n| format!("done-{n}")).collect();
+    let mut sorted = forgotten.clone();
+    sorted.sort_by_key(|name| name[5..].parse::<usize>().unwrap());
+    assert_eq!(
+        sorted, oldest,
+        "the 30 oldest finished workers, and only them"
+    );
+    f.scaler.tick(f.at(5)).await;
+    assert_eq!(
+        f.launcher.forgotten.lock().unwrap().len(),
+        30,
+        "{FINISHED_KEPT} finished kept: nothing more to forget"
+    );
+    assert!(f.stopped().is_empty() && f.drained().is_empty());
 }

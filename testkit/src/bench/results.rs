@@ -37,6 +37,10 @@ pub enum Measure {
     Kib(u64),
     /// CPU time over wall time, in percent of one core.
     PercentOfCore(f64),
+    /// A time to react, in seconds.
+    Seconds(f64),
+    /// Things counted (workers, say).
+    Count(u64),
 }
 
 impl Measure {
@@ -54,6 +58,8 @@ impl Measure {
             Measure::Throughput { rows, seconds } => rows as f64 / seconds,
             Measure::Kib(kib) => kib as f64,
             Measure::PercentOfCore(percent) => percent,
+            Measure::Seconds(seconds) => seconds,
+            Measure::Count(count) => count as f64,
         }
     }
 }
@@ -66,6 +72,8 @@ impl fmt::Display for Measure {
             }
             Measure::Kib(kib) => write!(f, "{:.1} MiB", kib as f64 / 1024.0),
             Measure::PercentOfCore(percent) => write!(f, "{percent:.3}% of a core"),
+            Measure::Seconds(seconds) => write!(f, "{seconds:.2} s"),
+            Measure::Count(count) => write!(f, "{count}"),
         }
     }
 }

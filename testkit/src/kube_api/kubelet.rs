@@ -169,7 +169,16 @@ fn now() -> Time {
 
 /// One step of every controller, for every Job and pod.
 pub(crate) fn reconcile(world: &mut World) {
-    let jobs: Vec<String> = world.store.jobs.keys().cloned().collect();
+    let jobs: Vec<String> = world
+        .store
+        .jobs
+        .iter()
+        // A Job put as it is waits for no controller, but a deletion still completes.
+        .filter(|(name, job)| {
+            !world.unmanaged.contains(*name) || job.metadata.deletion_timestamp.is_some()
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
     for job in jobs {
         sync_job(world, &job);
     }
@@ -507,6 +516,7 @@ pub(crate) fn orphan_delete(world: &mut World, name: &str) {
 fn remove_job(world: &mut World, name: &str) -> Option<Job> {
     let job = world.store.remove::<Job>(name)?;
     world.node.retry_at.remove(name);
+    world.unmanaged.remove(name);
     world.store.removed_jobs.push(job.clone());
     Some(job)
 }

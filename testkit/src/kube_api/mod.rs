@@ -133,6 +133,9 @@ pub struct RequestRecord {
 pub(crate) struct World {
     pub store: store::Store,
     pub node: kubelet::Node,
+    /// Jobs put in the store as they are ([`KubeApi::put_job`]): no controller acts
+    /// on them until they are deleted.
+    pub unmanaged: std::collections::BTreeSet<String>,
 }
 
 pub(crate) type Shared = Arc<Mutex<World>>;
@@ -179,6 +182,7 @@ impl KubeApi {
                 config.default_binary,
                 config.enforce_restricted,
             ),
+            unmanaged: Default::default(),
         }));
         let stop = CancellationToken::new();
         let state = server::AppState {
@@ -328,6 +332,22 @@ impl KubeApi {
             .store
             .config_maps
             .insert(name.into(), data);
+    }
+
+    /// Stores (or replaces) `job` with its status as it is: defaulted as a create would
+    /// be (identity, namespace, selector), but no controller acts on it (no pod is
+    /// created or run, its status never changes, no TTL removes it) until it is
+    /// deleted. For filling a watch cache with Jobs in any state.
+    pub fn put_job(&self, mut job: Job) {
+        let status = job.status.take();
+        let mut world = lock(&self.world);
+        let namespace = world.store.namespace.clone();
+        admission::default_job(&mut job, &namespace, &uuid::Uuid::new_v4().to_string());
+        job.status = status;
+        world
+            .unmanaged
+            .insert(job.metadata.name.clone().unwrap_or_default());
+        world.store.put(job);
     }
 
     /// From now on the cluster misbehaves as `fault` says (`Fault::None` heals it).

@@ -76,6 +76,14 @@ impl Registry {
         std::fs::rename(partial, path)
     }
 
+    /// Removes worker `name`'s entry; one already gone is not an error.
+    pub fn remove(&self, name: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.entry_path(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Every entry, oldest first; an unreadable one is skipped with a warning.
     pub fn entries(&self) -> std::io::Result<Vec<Entry>> {
         let mut entries = Vec::new();

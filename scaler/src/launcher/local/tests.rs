@@ -215,3 +215,39 @@ async fn a_started_worker_sees_its_specs_values_and_not_the_scalers() {
         "what is not the spec's is passed on as a shell would"
     );
 }
+
+#[tokio::test]
+async fn a_finished_worker_is_forgotten_with_its_log_and_a_running_one_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let launcher = launcher_with_script(dir.path(), 0);
+    for name in ["w-done", "w-busy"] {
+        launcher.spawn("default", name).await.unwrap();
+        wait_ready(dir.path(), name).await;
+    }
+    let error = launcher.forget("w-busy").await.unwrap_err().to_string();
+    assert!(error.contains("has not ended"), "{error}");
+    launcher.stop("w-done").await.unwrap();
+    wait_phase(&launcher, "w-done", Phase::Succeeded).await;
+    let log = launcher.log_path("w-done");
+    assert!(
+        log.exists(),
+        "a finished worker's log is kept until it is forgotten"
+    );
+
+    launcher.forget("w-done").await.unwrap();
+    let names: Vec<String> = launcher
+        .workers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.name)
+        .collect();
+    assert_eq!(names, ["w-busy"]);
+    assert!(!log.exists(), "its log goes with it");
+    assert!(matches!(
+        launcher.logs("w-done", None).await,
+        Err(LauncherError::NoSuchWorker(_))
+    ));
+    launcher.forget("w-done").await.unwrap();
+    launcher.stop("w-busy").await.unwrap();
+}
