@@ -9,7 +9,7 @@ SCALER_URL="${SCALER_URL%/}"
 usage() {
     cat <<'USAGE'
 Usage: ./dashboard.sh [options]
-       ./dashboard.sh logs <worker> [--tail N]
+       ./dashboard.sh logs <worker> [--tail N] [-f]
        ./dashboard.sh pause|resume <job type>
        ./dashboard.sh retry|cancel <batch id>
 
@@ -17,7 +17,8 @@ Usage: ./dashboard.sh [options]
   -w [SECONDS]    watch: refresh the summary every SECONDS (default 2); Ctrl-C stops
   --json          the raw JSON behind the summary (stats, jobs, batches, events);
                   "batches" is {"error": ...} while PostgreSQL cannot be read
-  logs <worker>   a worker's log (--tail N for its last N lines)
+  logs <worker>   a worker's log (--tail N for its last N lines; -f follows it live
+                  until the worker ends)
   pause <type>    spawn no workers for a job type and drain its workers (rows wait)
   resume <type>   let the job type's workers start again
   retry <batch>   publish a batch's dead rows again, attempts reset
@@ -92,15 +93,35 @@ cmd_json() {
 }
 
 cmd_logs() {
-    local worker=${1:-} tail=""
+    local worker=${1:-} query="" follow=""
     [[ -n "$worker" ]] || die "logs needs a worker name: ./dashboard.sh logs <worker> (names are in the summary)"
     shift
-    if [[ "${1:-}" == "--tail" ]]; then
-        [[ "${2:-}" =~ ^[0-9]+$ ]] || die "--tail takes a number of lines"
-        tail="?tail=$2"
-    fi
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --tail)
+                [[ "${2:-}" =~ ^[0-9]+$ ]] || die "--tail takes a number of lines"
+                query="tail=$2"
+                shift 2
+                ;;
+            -f | --follow) follow=1; shift ;;
+            *) die "logs takes --tail N and -f, not '$1'" ;;
+        esac
+    done
     [[ "$worker" =~ ^[A-Za-z0-9._-]+$ ]] || die "'$worker' is not a worker name"
-    fetch "/api/jobs/$worker/logs$tail"
+    if [[ -z "$follow" ]]; then
+        fetch "/api/jobs/$worker/logs${query:+?$query}"
+        return
+    fi
+    # Server-Sent Events: each data field is a line of the log; the stream ends with
+    # the worker (an `end` event), or on Ctrl-C.
+    local status
+    status=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 10 \
+        "$SCALER_URL/api/jobs/$worker/logs?tail=0") || unreachable
+    [[ "$status" == 200 ]] || die "no worker named '$worker' (HTTP $status): names are in the summary"
+    curl -sSN "$SCALER_URL/api/jobs/$worker/logs?follow=1${query:+&$query}" |
+        awk '/^event: / { event = substr($0, 8); next }
+             /^data:/ { sub(/^data: ?/, ""); if (event == "") print; else if (event == "error") print "error: " $0 > "/dev/stderr"; fflush(); next }
+             /^$/ { event = "" }' || unreachable
 }
 
 # POST to a path of the scaler's API; fails with the API's own error message on 4xx/5xx.

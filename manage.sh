@@ -204,7 +204,7 @@ check_deploy() {
     local rendered="$STATE_DIR/rendered"
     mkdir -p "$rendered"
     local kustomization name
-    for kustomization in infra/k8s/base infra/k8s/overlays/minikube; do
+    for kustomization in infra/k8s/base infra/k8s/overlays/minikube infra/k8s/overlays/ingress infra/k8s/overlays/monitoring; do
         name=$(basename "$kustomization")
         render "$ROOT/$kustomization" >"$rendered/$name.yaml" ||
             die "$kustomization does not render: see the message above"
@@ -219,6 +219,14 @@ check_deploy() {
         die "the scaler's worker Jobs do not validate against Kubernetes $KUBERNETES_VERSION"
     "$CI_VENV/bin/python" "$ROOT/infra/ci/check_manifests.py" --workloads-only <"$rendered/worker-jobs.yaml"
     "$CI_VENV/bin/hadolint" "$ROOT/Dockerfile" || die "hadolint found problems in the Dockerfile"
+    # The monitoring add-on's Prometheus configuration and alert rules.
+    command -v promtool >/dev/null || apt_install "checking the Prometheus configuration" \
+        "Install it (sudo apt-get install prometheus), then run this again." prometheus
+    local prometheus="$ROOT/infra/k8s/overlays/monitoring/prometheus"
+    promtool check config "$prometheus/prometheus.yml" ||
+        die "promtool finds $prometheus/prometheus.yml invalid: see the message above"
+    promtool check rules "$prometheus/alerts.yml" ||
+        die "promtool finds $prometheus/alerts.yml invalid: see the message above"
 }
 
 cmd_test() {
@@ -236,13 +244,16 @@ cmd_test() {
     command -v shellcheck >/dev/null || apt_install "checking the scripts" \
         "Install it (sudo apt-get install shellcheck), then run this again." shellcheck
     say "checking scripts with shellcheck"
-    shellcheck "$ROOT/manage.sh" "$ROOT/dashboard.sh" "$ROOT/.ci/run" "$ROOT/infra/ci/test_manage.sh"
+    shellcheck "$ROOT/manage.sh" "$ROOT/dashboard.sh" "$ROOT/.ci/run" "$ROOT/infra/ci/test_manage.sh" \
+        "$ROOT/infra/ci/test_monitoring.sh"
     say "checking the Kubernetes manifests and the Dockerfile"
     check_deploy
     say "testing manage.sh's cluster commands against a fake kubectl"
     "$ROOT/infra/ci/test_manage.sh"
     say "running the test suite"
     cargo test --locked --workspace
+    say "checking the monitoring overlay's queries against a local run and Prometheus"
+    SPILLWAY_BIN_DIR="$ROOT/target/debug" "$ROOT/infra/ci/test_monitoring.sh"
     say "dashboard screenshot from the browser test: target/test-artifacts/dashboard.png"
 }
 

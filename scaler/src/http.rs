@@ -1,5 +1,6 @@
 //! The scaler's HTTP endpoints: the dashboard and its JSON API ([`crate::dashboard`]),
-//! `/api/jobs/{name}/logs` (a worker's log, through its launcher),
+//! `/api/jobs/{name}/logs` (a worker's log, through its launcher; followed live as
+//! Server-Sent Events with `?follow=1`),
 //! `POST /job-types/{name}/pause` and `/resume` (kept in the ledger), `/healthz`,
 //! `/readyz` (connected to RabbitMQ) and `/metrics`.
 //! `/readyz` does not ask PostgreSQL: the scaler scales without the ledger, which
@@ -7,15 +8,19 @@
 //! Errors are JSON, like every Spillway service's. A log answer is bounded in bytes by
 //! its launcher ([`crate::launcher::MAX_LOG_BYTES`]), whatever the log's size.
 
-use std::{sync::Arc, time::Duration};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
     extract::{Path, Query, State},
     http::{StatusCode, header},
-    response::{IntoResponse, Response},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
     routing::{get, post},
 };
+use futures_util::{Stream, StreamExt as _};
 use serde_json::json;
 
 use serde::Deserialize;
@@ -24,7 +29,7 @@ use spillway_ledger::{Ledger, LedgerError};
 use crate::{
     bus::Bus,
     dashboard::{self, DashboardState, batches, dead, operations},
-    launcher::{Launcher, LauncherError},
+    launcher::{Launcher, LauncherError, LogLines},
     metrics::Metrics,
     reports::Reports,
 };
@@ -87,6 +92,40 @@ pub struct HttpState<L> {
     pub ledger: Ledger,
     /// The configured job types, by name.
     pub job_types: Arc<Vec<String>>,
+}
+
+/// A followed log as Server-Sent Events: a `data` event per line, or per run of lines
+/// that were there at once (the tail it starts with, say: one `data:` field a line,
+/// which a client joins with line breaks); a failure as an `error` event; an `end`
+/// event once the worker has ended and its last line is sent. Comments keep the
+/// connection alive through proxies while the log is quiet.
+fn follow(lines: LogLines) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let events = lines
+        .ready_chunks(FOLLOW_TAIL as usize * 10)
+        .flat_map(|chunk| {
+            let mut events = Vec::new();
+            let mut run = Vec::new();
+            for line in chunk {
+                match line {
+                    Ok(line) => run.push(line),
+                    Err(error) => {
+                        if !run.is_empty() {
+                            events.push(Ok(Event::default().data(run.join("\n"))));
+                            run.clear();
+                        }
+                        events.push(Ok(Event::default().event("error").data(error.to_string())));
+                    }
+                }
+            }
+            if !run.is_empty() {
+                events.push(Ok(Event::default().data(run.join("\n"))));
+            }
+            futures_util::stream::iter(events)
+        })
+        .chain(futures_util::stream::once(async {
+            Ok(Event::default().event("end").data("end of the log"))
+        }));
+    Sse::new(events).keep_alive(KeepAlive::default())
 }
 
 /// Every route: the dashboard and its API, logs, probes and metrics.
@@ -193,6 +232,25 @@ struct LogQuery {
     /// Serve as a file download.
     #[serde(default)]
     download: bool,
+    /// Follow the log as Server-Sent Events (`follow=1`): the last `tail` lines
+    /// ([`FOLLOW_TAIL`] by default), then each line as it is written.
+    #[serde(default, deserialize_with = "flag")]
+    follow: bool,
+}
+
+/// Lines a followed log starts with when the request says no `tail`.
+pub const FOLLOW_TAIL: u32 = 100;
+
+/// A query flag: `1`, `true` or empty (`?follow`) are set; `0` and `false` are not.
+fn flag<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    let value = String::deserialize(deserializer)?;
+    match value.as_str() {
+        "" | "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        other => Err(serde::de::Error::custom(format!(
+            "{other:?} is not a flag: use 1 or 0"
+        ))),
+    }
 }
 
 async fn logs<L: Launcher>(
@@ -200,6 +258,13 @@ async fn logs<L: Launcher>(
     Path(name): Path<String>,
     Query(query): Query<LogQuery>,
 ) -> Result<Response, ApiError> {
+    if query.follow {
+        let lines = state
+            .launcher
+            .follow_logs(&name, Some(query.tail.unwrap_or(FOLLOW_TAIL)))
+            .await?;
+        return Ok(follow(lines).into_response());
+    }
     let text = state.launcher.logs(&name, query.tail).await?;
     let mut response =
         ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response();
@@ -335,5 +400,83 @@ mod tests {
             assert!(body.starts_with(&log_cut_note()), "{query}: says it is cut");
             assert!(body.ends_with("xxend\n"), "{query}: the end of the log");
         }
+    }
+
+    #[tokio::test]
+    async fn a_followed_log_streams_each_line_as_an_event_then_ends_with_the_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        // A worker writing a line every 20 ms, six in all, then exiting.
+        let script = dir.path().join("chatty-worker");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\nfor n in 1 2 3 4 5 6; do echo \"line $n\"; sleep 0.02; done\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let launcher = LocalLauncher::new(script, dir.path().join("workers")).unwrap();
+        launcher.spawn("default", "w-chatty").await.unwrap();
+
+        let ledger = spillway_ledger::Ledger::open("postgres://127.0.0.1:1/none", 1).unwrap();
+        let state = HttpState {
+            bus: Bus::new(Arc::default(), &JobsConfig::default()),
+            metrics: Arc::new(Metrics::new()),
+            launcher: Arc::new(launcher),
+            reports: Arc::default(),
+            ledger: ledger.clone(),
+            job_types: Arc::default(),
+        };
+        let pages = DashboardState {
+            board: Arc::default(),
+            page: Arc::new(Page::new(2000)),
+            ledger,
+            producer: crate::dashboard::operations::Producer::new("http://127.0.0.1:9"),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/api/jobs", listener.local_addr().unwrap());
+        tokio::spawn(axum::serve(listener, app(state, pages)).into_future());
+
+        let response = reqwest::get(format!("{base}/w-chatty/logs?follow=1"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/event-stream"
+        );
+        // The body ends only once the worker has exited and its last line is sent.
+        let body = tokio::time::timeout(Duration::from_secs(30), response.text())
+            .await
+            .expect("the stream ends when the worker does")
+            .unwrap();
+        let data: Vec<&str> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        let expected: Vec<String> = (1..=6).map(|n| format!("line {n}")).collect();
+        assert_eq!(data[..6], expected[..], "{body}");
+        assert!(body.contains("event: end\ndata: end of the log"), "{body}");
+
+        // The terminal's view of the same stream: dashboard.sh logs -f prints the lines
+        // and returns once the worker has ended.
+        let output = tokio::process::Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboard.sh"))
+            .args(["logs", "w-chatty", "-f"])
+            .env("SCALER_URL", base.trim_end_matches("/api/jobs"))
+            .output()
+            .await
+            .unwrap();
+        let printed = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{printed}");
+        assert_eq!(printed.lines().collect::<Vec<_>>(), expected, "{printed}");
+
+        let missing = reqwest::get(format!("{base}/w-none/logs?follow=1"))
+            .await
+            .unwrap();
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+        let bad = reqwest::get(format!("{base}/w-chatty/logs?follow=maybe"))
+            .await
+            .unwrap();
+        assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
     }
 }

@@ -267,6 +267,15 @@ async fn the_dashboard_shows_live_numbers_workers_and_logs_and_escapes_what_it_s
             state[0] == json!(true) && state[1].as_str().is_some_and(|t| t != "loading…")
         })
         .await;
+        let title = browser
+            .eval("return document.getElementById('logs-title').textContent")
+            .await;
+        assert!(
+            title
+                .as_str()
+                .is_some_and(|t| t.contains("following") || t.contains("has ended")),
+            "the dialog follows the log live: {title}"
+        );
         let text = browser
             .eval("return document.getElementById('logs-text').textContent")
             .await;

@@ -461,6 +461,56 @@ async fn worker_logs_are_read_from_the_api_with_a_byte_limit() {
     assert_calls_allowed_by_the_role(&cluster.api);
 }
 
+/// A worker's log followed through the scaler (`?follow=1`, Server-Sent Events) is the
+/// pod's log stream (`follow=true`), line by line, and it ends when the pod does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_log_is_followed_from_the_pod_log_stream_until_its_pod_ends() {
+    let cluster = Cluster::start("k8s-follow", QUICK, Cluster::double()).await;
+    let scaler = cluster.start_scaler(&[]).await;
+    upload(&cluster.producer, numbered_csv(FEW_ROWS as usize)).await;
+    let name = cluster.wait_for_pod_log("worker starting").await;
+    let mut response = reqwest::get(format!("{}/api/jobs/{name}/logs?follow=1", scaler.url))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = String::new();
+    tokio::time::timeout(PATIENCE, async {
+        while !body.contains("data: ") || !body.contains("worker starting") {
+            let chunk = response.chunk().await.unwrap().expect("the stream goes on");
+            body.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the log's lines as events: {body}"));
+
+    // Its Job deleted, the pod drains and ends; so does the stream.
+    Api::<Job>::namespaced(cluster.api.client().await, NAMESPACE)
+        .delete(&name, &DeleteParams::foreground())
+        .await
+        .unwrap();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(chunk) = response.chunk().await.unwrap() {
+            body.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the stream ends once the pod has: {body}"));
+    assert!(body.contains("event: end"), "{body}");
+    let follows: Vec<String> = cluster
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with("/log"))
+        .map(|r| r.query)
+        .filter(|q| q.contains("follow=true"))
+        .collect();
+    assert!(
+        follows.iter().any(|q| q.contains("container=worker")),
+        "the pod's log followed: {follows:?}"
+    );
+    assert_calls_allowed_by_the_role(&cluster.api);
+}
+
 /// Defect 9: a resource quantity the API server refuses is found by a dry-run create
 /// at start, which names the job type and says what the API server said, and nothing
 /// is created.

@@ -31,7 +31,7 @@ use spillway_scaler::{
     board::Board,
     bus::Bus,
     context::{Context, Timing},
-    launcher::{LaunchedWorker, Launcher, LauncherError},
+    launcher::{LaunchedWorker, Launcher, LauncherError, LogLines},
     metrics::{JobLabels, Metrics},
     policy::Phase,
     reports::Reports,
@@ -99,6 +99,14 @@ impl Launcher for Recorder {
     }
 
     async fn logs(&self, name: &str, _tail_lines: Option<u32>) -> Result<String, LauncherError> {
+        Err(LauncherError::NoSuchWorker(name.into()))
+    }
+
+    async fn follow_logs(
+        &self,
+        name: &str,
+        _tail_lines: Option<u32>,
+    ) -> Result<LogLines, LauncherError> {
         Err(LauncherError::NoSuchWorker(name.into()))
     }
 }

@@ -27,7 +27,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::{AsyncBufReadExt as _, FutureExt, StreamExt};
 use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
 use kube::{
     Api, Client,
@@ -43,7 +43,9 @@ pub use self::{
     },
     status::{phase_of, waiting_of},
 };
-use super::{Cause, LaunchedWorker, Launcher, LauncherError, spec::WorkerEnv, worker_name};
+use super::{
+    Cause, LaunchedWorker, Launcher, LauncherError, LogLines, spec::WorkerEnv, worker_name,
+};
 use crate::{
     config::Settings,
     policy::{Phase, Waiting},
@@ -245,6 +247,35 @@ impl KubeLauncher {
     }
 }
 
+impl KubeLauncher {
+    /// The pod of worker `name`, one of Spillway's Jobs (by the cache): never any pod
+    /// by name.
+    async fn worker_pod(&self, name: &str) -> Result<String, LauncherError> {
+        let failed = |source: Cause| LauncherError::Logs {
+            name: name.into(),
+            source,
+        };
+        let known = self
+            .cache
+            .state()
+            .iter()
+            .any(|job| job.metadata.name.as_deref() == Some(name));
+        if !known {
+            return Err(LauncherError::NoSuchWorker(name.into()));
+        }
+        let pods = self
+            .pods
+            .list(&ListParams::default().labels(&format!("{WORKER_LABEL}={name}")))
+            .await
+            .map_err(|e| failed(e.into()))?;
+        pods.items
+            .iter()
+            .filter_map(|pod| pod.metadata.name.clone())
+            .next_back()
+            .ok_or_else(|| failed("its pod is gone (the Job finished and was cleaned up)".into()))
+    }
+}
+
 impl Launcher for KubeLauncher {
     async fn workers(&self) -> Result<Vec<LaunchedWorker>, LauncherError> {
         if self.cache.wait_until_ready().now_or_never().is_none() {
@@ -344,28 +375,7 @@ impl Launcher for KubeLauncher {
             name: name.into(),
             source,
         };
-        // Only Jobs in the cache (Spillway's own, by label): never any pod by name.
-        let known = self
-            .cache
-            .state()
-            .iter()
-            .any(|job| job.metadata.name.as_deref() == Some(name));
-        if !known {
-            return Err(LauncherError::NoSuchWorker(name.into()));
-        }
-        let pods = self
-            .pods
-            .list(&ListParams::default().labels(&format!("{WORKER_LABEL}={name}")))
-            .await
-            .map_err(|e| failed(e.into()))?;
-        let pod = pods
-            .items
-            .iter()
-            .filter_map(|pod| pod.metadata.name.clone())
-            .next_back()
-            .ok_or_else(|| {
-                failed("its pod is gone (the Job finished and was cleaned up)".into())
-            })?;
+        let pod = self.worker_pod(name).await?;
         // The kubelet stops at `limitBytes` (counted from the start of the lines asked
         // for), so the answer, and the scaler's memory, stay bounded.
         let params = LogParams {
@@ -383,6 +393,31 @@ impl Launcher for KubeLauncher {
             return Ok(super::log_cut_note() + &text);
         }
         Ok(text)
+    }
+
+    async fn follow_logs(
+        &self,
+        name: &str,
+        tail_lines: Option<u32>,
+    ) -> Result<LogLines, LauncherError> {
+        let pod = self.worker_pod(name).await?;
+        let params = LogParams {
+            container: Some("worker".into()),
+            tail_lines: tail_lines.map(i64::from),
+            follow: true,
+            ..LogParams::default()
+        };
+        let failed = move |name: String, source: Cause| LauncherError::Logs { name, source };
+        let stream = self
+            .pods
+            .log_stream(&pod, &params)
+            .await
+            .map_err(|e| failed(name.into(), e.into()))?;
+        let name = name.to_string();
+        Ok(stream
+            .lines()
+            .map(move |line| line.map_err(|e| failed(name.clone(), e.into())))
+            .boxed())
     }
 
     async fn stop(&self, name: &str) -> Result<(), LauncherError> {

@@ -21,6 +21,7 @@
 //! - [`registry`]: the worker registry, one file per worker.
 //! - [`log_tail`]: the end of a worker's log, bounded in bytes.
 
+pub mod log_follow;
 pub mod log_tail;
 pub mod registry;
 #[cfg(test)]
@@ -38,13 +39,14 @@ use std::os::unix::process::CommandExt;
 use anyhow::Context as _;
 use nix::{sys::signal, unistd::Pid};
 use spillway_common::events::unix_now;
+use tokio::io::AsyncSeekExt as _;
 
 use self::{
     log_tail::read_tail,
     registry::{Ended, Entry, Registry, find_worker_process, is_worker_process},
 };
 use super::{
-    Cause, LaunchedWorker, Launcher, LauncherError, MAX_LOG_BYTES,
+    Cause, LaunchedWorker, Launcher, LauncherError, LogLines, MAX_LOG_BYTES,
     spec::{WorkerEnv, WorkerSpec},
 };
 use crate::{config::Settings, policy::Phase};
@@ -262,12 +264,49 @@ impl Launcher for LocalLauncher {
         if !known {
             return Err(LauncherError::NoSuchWorker(name.into()));
         }
-        read_tail(&self.log_path(name), tail_lines, MAX_LOG_BYTES).map_err(|e| {
-            LauncherError::Logs {
+        read_tail(&self.log_path(name), tail_lines, MAX_LOG_BYTES)
+            .map(|(text, _)| text)
+            .map_err(|e| LauncherError::Logs {
                 name: name.into(),
                 source: e.into(),
-            }
-        })
+            })
+    }
+
+    async fn follow_logs(
+        &self,
+        name: &str,
+        tail_lines: Option<u32>,
+    ) -> Result<LogLines, LauncherError> {
+        let failed = |source: Cause| LauncherError::Logs {
+            name: name.into(),
+            source,
+        };
+        let entry = self
+            .registry
+            .entries()
+            .map_err(|e| LauncherError::List(e.into()))?
+            .into_iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| LauncherError::NoSuchWorker(name.into()))?;
+        let path = self.log_path(name);
+        let (first, offset) =
+            read_tail(&path, tail_lines, MAX_LOG_BYTES).map_err(|e| failed(e.into()))?;
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| failed(e.into()))?;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| failed(e.into()))?;
+        let pid = match entry.pid {
+            0 => find_worker_process(name),
+            pid => Some(pid),
+        };
+        let follower = log_follow::Follower {
+            name: name.to_string(),
+            file,
+            alive: Box::new(move |name| pid.is_some_and(|pid| is_worker_process(pid, name))),
+        };
+        Ok(follower.lines(&first))
     }
 }
 

@@ -19,7 +19,13 @@ pub mod spec;
 
 use std::future::Future;
 
+use futures_util::stream::BoxStream;
+
 use crate::policy::{Phase, Waiting};
+
+/// A followed log: each line (without its line break) as the worker writes it, ending
+/// when the worker has ended and every line it wrote has come.
+pub type LogLines = BoxStream<'static, Result<String, LauncherError>>;
 
 /// A worker as its launcher knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +111,15 @@ pub trait Launcher: Send + Sync + 'static {
         name: &str,
         tail_lines: Option<u32>,
     ) -> impl Future<Output = Result<String, LauncherError>> + Send;
+
+    /// The log of worker `name` followed: its last `tail_lines` lines (every line for
+    /// `None`), then each line as it is written, until the worker has ended. A line is
+    /// cut at [`MAX_LOG_BYTES`]. Only workers this launcher started can be read.
+    fn follow_logs(
+        &self,
+        name: &str,
+        tail_lines: Option<u32>,
+    ) -> impl Future<Output = Result<LogLines, LauncherError>> + Send;
 }
 
 /// Most bytes of log one answer of [`Launcher::logs`] carries.

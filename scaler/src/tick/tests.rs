@@ -21,8 +21,13 @@ use spillway_testkit::builders::worker_report;
 
 use super::*;
 use crate::{
-    board::Board, bus::DrainError, context::Timing, launcher::LauncherError, metrics::Metrics,
-    policy::Phase, reports::Reports,
+    board::Board,
+    bus::DrainError,
+    context::Timing,
+    launcher::{LauncherError, LogLines},
+    metrics::Metrics,
+    policy::Phase,
+    reports::Reports,
 };
 
 #[derive(Default)]
@@ -83,6 +88,14 @@ impl Launcher for FakeLauncher {
     }
 
     async fn logs(&self, name: &str, _tail_lines: Option<u32>) -> Result<String, LauncherError> {
+        Err(LauncherError::NoSuchWorker(name.into()))
+    }
+
+    async fn follow_logs(
+        &self,
+        name: &str,
+        _tail_lines: Option<u32>,
+    ) -> Result<LogLines, LauncherError> {
         Err(LauncherError::NoSuchWorker(name.into()))
     }
 }

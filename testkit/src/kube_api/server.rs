@@ -13,7 +13,7 @@
 //! | `/apis/batch/v1/namespaces/{ns}/jobs/{name}` | get, delete (`propagationPolicy`, `dryRun`) |
 //! | `/api/v1/namespaces/{ns}/pods`, `.../events` | list, watch |
 //! | `/api/v1/namespaces/{ns}/pods/{name}` | get |
-//! | `/api/v1/namespaces/{ns}/pods/{name}/log` | get (`container`, `tailLines`, `limitBytes`) |
+//! | `/api/v1/namespaces/{ns}/pods/{name}/log` | get (`container`, `tailLines`, `limitBytes`, `follow`) |
 //! | `/api/v1/namespaces/{ns}/secrets/{name}`, `.../configmaps/{name}` | get |
 //! | `/version` | get |
 
@@ -562,11 +562,7 @@ async fn pod_log(
     Path((ns, name)): Path<(String, String)>,
     Query(params): Params,
 ) -> Result<Response, ApiError> {
-    if is_true(&params, "follow") {
-        return Err(ApiError::bad_request(
-            "follow is not supported by the test double",
-        ));
-    }
+    let follow = is_true(&params, "follow");
     let tail: Option<usize> = number(&params, "tailLines")?;
     let limit: Option<usize> = number(&params, "limitBytes")?;
     let path = {
@@ -635,7 +631,61 @@ async fn pod_log(
     if let Some(limit) = limit {
         body = &body[..limit.min(body.len())];
     }
+    if follow {
+        return Ok((
+            [(header::CONTENT_TYPE, "text/plain")],
+            Body::from_stream(follow_log(state, name, path, body.to_vec(), log.len())),
+        )
+            .into_response());
+    }
     Ok(([(header::CONTENT_TYPE, "text/plain")], body.to_vec()).into_response())
+}
+
+/// A followed log, as the kubelet streams one: `first`, then what is written to the
+/// file after `offset`, until the pod has finished and everything it wrote is sent.
+fn follow_log(
+    state: AppState,
+    pod: String,
+    path: std::path::PathBuf,
+    first: Vec<u8>,
+    offset: usize,
+) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
+    let finished = move || {
+        let world = lock(&state.world);
+        world.store.pods.get(&pod).is_none_or(|pod| {
+            matches!(
+                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        })
+    };
+    futures_util::stream::unfold(
+        (Some(first), offset, false),
+        move |(first, offset, done)| {
+            let (path, finished) = (path.clone(), finished.clone());
+            async move {
+                if let Some(first) = first.filter(|f| !f.is_empty()) {
+                    return Some((Ok(Bytes::from(first)), (None, offset, done)));
+                }
+                if done {
+                    return None;
+                }
+                loop {
+                    // Finished before the read: whatever it wrote is in the file.
+                    let ended = finished();
+                    let log = tokio::fs::read(&path).await.unwrap_or_default();
+                    if log.len() > offset {
+                        let more = Bytes::copy_from_slice(&log[offset..]);
+                        return Some((Ok(more), (None, log.len(), ended)));
+                    }
+                    if ended {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        },
+    )
 }
 
 async fn get_secret(

@@ -9,10 +9,11 @@ use std::{
 use crate::launcher::log_cut_note;
 
 /// The end of the log at `path`: its last `lines` lines (all of it for `None`), and
-/// at most `limit` bytes of them, after [`log_cut_note`] when that bound cut them.
+/// at most `limit` bytes of them, after [`log_cut_note`] when that bound cut them; and
+/// the length of the file they end at (where following it goes on from).
 /// The file is read from its end in chunks, no further back than `limit` bytes and
 /// only as far as the lines asked for: memory stays bounded whatever the log's size.
-pub fn read_tail(path: &Path, lines: Option<u32>, limit: u64) -> std::io::Result<String> {
+pub fn read_tail(path: &Path, lines: Option<u32>, limit: u64) -> std::io::Result<(String, u64)> {
     const CHUNK: u64 = 64 * 1024;
     let mut file = std::fs::File::open(path)?;
     let len = file.metadata()?.len();
@@ -37,9 +38,9 @@ pub fn read_tail(path: &Path, lines: Option<u32>, limit: u64) -> std::io::Result
             // One line longer than the bound: its end is all there is to show.
             _ => &text[..],
         };
-        return Ok(log_cut_note() + whole_lines);
+        return Ok((log_cut_note() + whole_lines, len));
     }
-    Ok(tail(&text, lines).to_string())
+    Ok((tail(&text, lines).to_string(), len))
 }
 
 /// Whether `window`, the end of a log, holds `lines` whole lines (besides the final
@@ -132,7 +133,7 @@ mod tests {
         for (name, lines, line_bytes, tail_lines, cut, ends_with) in cases {
             let path = dir.path().join("worker.log");
             write_log(&path, lines, line_bytes);
-            let answer = read_tail(&path, tail_lines, MAX_LOG_BYTES).unwrap();
+            let (answer, _) = read_tail(&path, tail_lines, MAX_LOG_BYTES).unwrap();
             assert!(
                 answer.len() <= limit + log_cut_note().len(),
                 "{name}: {} bytes",
@@ -149,11 +150,13 @@ mod tests {
             }
         }
         write_log(&dir.path().join("short.log"), 1_000, 20);
-        let last = read_tail(&dir.path().join("short.log"), Some(500), MAX_LOG_BYTES).unwrap();
+        let (last, _) = read_tail(&dir.path().join("short.log"), Some(500), MAX_LOG_BYTES).unwrap();
         assert_eq!(last.lines().count(), 500);
         assert!(last.starts_with("00000500x"), "{}", &last[..20]);
         assert_eq!(
-            read_tail(&dir.path().join("short.log"), Some(0), MAX_LOG_BYTES).unwrap(),
+            read_tail(&dir.path().join("short.log"), Some(0), MAX_LOG_BYTES)
+                .unwrap()
+                .0,
             ""
         );
     }

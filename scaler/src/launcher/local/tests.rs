@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use spillway_testkit::wait_for;
 
 use super::*;
@@ -250,4 +251,56 @@ async fn a_finished_worker_is_forgotten_with_its_log_and_a_running_one_is_not() 
     ));
     launcher.forget("w-done").await.unwrap();
     launcher.stop("w-busy").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_followed_log_gives_the_last_lines_then_each_new_one_until_the_worker_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    // Three lines at once, then one every 50 ms until told to stop.
+    let script = dir.path().join("ticking-worker");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ntrap 'echo bye; exit 0' TERM\necho one; echo two; echo three\ntouch '{}/'\"$WORKER_NAME\".ready\nn=0\nwhile :; do n=$((n+1)); echo \"tick $n\"; sleep 0.05; done\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let launcher = LocalLauncher::new(script, dir.path().join("workers")).unwrap();
+    launcher.spawn("default", "w-tick").await.unwrap();
+    wait_ready(dir.path(), "w-tick").await;
+
+    let mut lines = launcher.follow_logs("w-tick", Some(1)).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next())
+            .await
+            .expect("a new line within 10 s")
+            .expect("the stream goes on while the worker runs")
+            .unwrap();
+        seen.push(line);
+    }
+    // One line of the tail (whichever was last when following began), then new ones
+    // in order, none skipped or repeated.
+    let ticks: Vec<u32> = seen
+        .iter()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .collect();
+    assert!(ticks.len() >= 4, "{seen:?}");
+    assert!(ticks.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
+
+    launcher.stop("w-tick").await.unwrap();
+    let rest: Vec<String> =
+        tokio::time::timeout(Duration::from_secs(10), lines.collect::<Vec<_>>())
+            .await
+            .expect("the stream ends once the worker has exited")
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    assert_eq!(rest.last().map(String::as_str), Some("bye"), "{rest:?}");
+    assert!(matches!(
+        launcher.follow_logs("w-none", None).await,
+        Err(LauncherError::NoSuchWorker(_))
+    ));
 }
