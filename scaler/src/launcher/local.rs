@@ -32,11 +32,13 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Mutex,
+    time::Duration,
 };
 
 use std::os::unix::process::CommandExt;
 
 use anyhow::Context as _;
+use backon::{ExponentialBuilder, Retryable as _};
 use nix::{sys::signal, unistd::Pid};
 use spillway_common::events::unix_now;
 use tokio::io::AsyncSeekExt as _;
@@ -185,14 +187,28 @@ impl Launcher for LocalLauncher {
         self.registry
             .write(&entry)
             .map_err(|e| failed(in_context(e, "cannot record it in the registry")))?;
-        let started = std::fs::File::create(self.log_path(name))
-            .and_then(|log| Ok((log.try_clone()?, log)))
-            .and_then(|(out, err)| {
-                self.command(&self.env.spec(job_type, name))
-                    .stdout(out)
-                    .stderr(err)
-                    .spawn()
-            });
+        let start = || {
+            std::fs::File::create(self.log_path(name))
+                .and_then(|log| Ok((log.try_clone()?, log)))
+                .and_then(|(out, err)| {
+                    self.command(&self.env.spec(job_type, name))
+                        .stdout(out)
+                        .stderr(err)
+                        .spawn()
+                })
+        };
+        // "Text file busy": the worker binary is open for writing somewhere (being
+        // rebuilt, or inherited for an instant by a process another thread forks). It
+        // passes in moments: try again a few times before giving up.
+        let started = (|| async { start() })
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(10))
+                    .with_max_times(6),
+            )
+            .sleep(tokio::time::sleep)
+            .when(|e| e.kind() == std::io::ErrorKind::ExecutableFileBusy)
+            .await;
         let child = match started {
             Ok(child) => child,
             Err(e) => {
