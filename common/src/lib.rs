@@ -25,6 +25,7 @@ pub mod jobs_config;
 pub mod metrics;
 pub mod rabbit_api;
 pub mod retry;
+pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;

@@ -44,6 +44,19 @@ pub struct Settings {
           default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3_600))]
     pub body_idle_timeout_seconds: u64,
 
+    /// Seconds a connection may take to send a whole request head (line and headers),
+    /// from opening or from its previous request; then it is closed, so a client that
+    /// stalls or trickles its headers holds nothing.
+    #[arg(long = "request-header-timeout-seconds", env = "REQUEST_HEADER_TIMEOUT_SECONDS", value_name = "REQUEST_HEADER_TIMEOUT_SECONDS",
+          default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub request_header_timeout_seconds: u64,
+
+    /// Uploads one client (by its address) may have in progress at once; the next
+    /// gets 429 until one ends.
+    #[arg(long = "max-uploads-per-client", env = "MAX_UPLOADS_PER_CLIENT", value_name = "MAX_UPLOADS_PER_CLIENT",
+          default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1_000))]
+    pub max_uploads_per_client: u64,
+
     /// Publisher confirms kept in flight per upload.
     #[arg(long = "publish-window", env = "PUBLISH_WINDOW", value_name = "PUBLISH_WINDOW", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(1..=65_535))]

@@ -35,11 +35,17 @@ use spillway_common::jobs_config::JobsConfig;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{broker::Broker, config::Settings, metrics::Metrics, routes::AppState};
+use crate::{
+    broker::Broker,
+    config::Settings,
+    metrics::Metrics,
+    routes::{AppState, UploadSlots},
+};
 
 /// Builds the producer's state from its settings and job types; fails only on a
 /// malformed `DATABASE_URL` (the ledger is connected to when first used).
 pub fn build_state(settings: &Settings, jobs: JobsConfig) -> anyhow::Result<Arc<AppState>> {
+    let metrics = Arc::new(Metrics::new());
     Ok(Arc::new(AppState {
         jobs,
         broker: Broker::new(&settings.broker.amqp_url, settings.broker_retry_budget()),
@@ -49,10 +55,15 @@ pub fn build_state(settings: &Settings, jobs: JobsConfig) -> anyhow::Result<Arc<
         publication_stale: Duration::from_secs(settings.publication_stale_seconds),
         spool_dir: settings.spool_dir(),
         ledger: settings.database.open()?,
-        metrics: Arc::new(Metrics::new()),
+        metrics: Arc::clone(&metrics),
         callbacks: settings.callbacks(),
         replay_rows_per_second: settings.replay_rows_per_second,
         replays: Default::default(),
+        uploads: Arc::new(UploadSlots::new(
+            usize::try_from(settings.max_uploads_per_client).unwrap_or(4),
+            metrics.uploads_in_progress.clone(),
+        )),
+        header_timeout: Duration::from_secs(settings.request_header_timeout_seconds),
         tasks: TaskTracker::new(),
     }))
 }
@@ -72,9 +83,13 @@ pub async fn serve(
         stop_resuming.clone(),
     ));
     let delivering = tokio::spawn(outbox::run(Arc::clone(&state), stop_resuming.clone()));
-    let served = axum::serve(listener, routes::router(Arc::clone(&state)))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let served = spillway_common::serve::serve(
+        listener,
+        routes::router(Arc::clone(&state)),
+        state.header_timeout,
+        shutdown,
+    )
+    .await;
     stop_resuming.cancel();
     let _ = resuming.await;
     let _ = delivering.await;

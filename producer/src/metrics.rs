@@ -37,6 +37,8 @@ pub struct Metrics {
     pub batch_rows: Histogram,
     /// Rows in the ledger by job type and status, read at scrape time.
     pub ledger_rows: Family<RowLabels, Gauge>,
+    /// Uploads being read, recorded or published now.
+    pub uploads_in_progress: Gauge,
 }
 
 impl Metrics {
@@ -87,8 +89,15 @@ impl Metrics {
             "Rows in the ledger by job type and status (final: done, dead, cancelled)",
             ledger_rows.clone(),
         );
+        let uploads_in_progress = Gauge::default();
+        registry.register(
+            "uploads_in_progress",
+            "Uploads being read, recorded or published now",
+            uploads_in_progress.clone(),
+        );
         Metrics {
             registry,
+            uploads_in_progress,
             ledger_seconds,
             batch_rows,
             ledger_rows,

@@ -7,15 +7,17 @@
 //! or PostgreSQL being out of reach.
 
 use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::{Arc, atomic::AtomicU64},
+    sync::{Arc, Mutex, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     extract::{
-        DefaultBodyLimit, Multipart, Path, State,
+        ConnectInfo, DefaultBodyLimit, Multipart, Path, State,
         multipart::{Field, MultipartError, MultipartRejection},
     },
     http::{HeaderMap, StatusCode, header},
@@ -24,6 +26,7 @@ use axum::{
 };
 use bytes::Bytes;
 use futures_util::Stream;
+use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use serde_json::json;
 use spillway_common::jobs_config::{JobsConfig, UnknownJobType};
@@ -59,8 +62,66 @@ pub struct AppState {
     /// Most dead rows a replay moves per second.
     pub replay_rows_per_second: u64,
     pub replays: Replays,
+    /// Uploads in progress per client.
+    pub uploads: Arc<UploadSlots>,
+    /// How long a connection may take to send a request head.
+    pub header_timeout: Duration,
     /// Batches being published; shutdown waits for them.
     pub tasks: TaskTracker,
+}
+
+/// Uploads in progress, per client address: at most `per_client` each at once.
+#[derive(Debug)]
+pub struct UploadSlots {
+    per_client: usize,
+    busy: Mutex<HashMap<IpAddr, usize>>,
+    /// Every client's uploads in progress, counted for `/metrics`.
+    in_progress: Gauge,
+}
+
+/// One client's upload in progress; its slot is free again when this is dropped.
+#[derive(Debug)]
+pub struct UploadSlot {
+    slots: Arc<UploadSlots>,
+    client: IpAddr,
+}
+
+impl UploadSlots {
+    pub fn new(per_client: usize, in_progress: Gauge) -> Self {
+        UploadSlots {
+            per_client,
+            busy: Mutex::default(),
+            in_progress,
+        }
+    }
+
+    /// A slot for an upload from `client`, unless it has `per_client` in progress.
+    fn take(self: &Arc<Self>, client: IpAddr) -> Result<UploadSlot, ApiError> {
+        let mut busy = self.busy.lock().expect("upload slots lock");
+        let count = busy.entry(client).or_default();
+        if *count >= self.per_client {
+            return Err(ApiError::TooManyUploads(self.per_client));
+        }
+        *count += 1;
+        self.in_progress.inc();
+        Ok(UploadSlot {
+            slots: Arc::clone(self),
+            client,
+        })
+    }
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        let mut busy = self.slots.busy.lock().expect("upload slots lock");
+        self.slots.in_progress.dec();
+        if let Some(count) = busy.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                busy.remove(&self.client);
+            }
+        }
+    }
 }
 
 /// How long `/metrics` waits for the ledger's row totals.
@@ -107,33 +168,45 @@ pub struct Accepted {
     pub rows: u64,
 }
 
+/// The address a request came from, as the server recorded it.
+type Client = Option<Extension<ConnectInfo<SocketAddr>>>;
+
 async fn upload(
     State(state): State<Arc<AppState>>,
+    client: Client,
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Accepted>, ApiError> {
     let job_type = state.jobs.default_job_type.clone();
-    submit_to(&state, &job_type, &headers, multipart).await
+    submit_to(&state, client, &job_type, &headers, multipart).await
 }
 
 async fn submit(
     State(state): State<Arc<AppState>>,
+    client: Client,
     Path(job_type): Path<String>,
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Accepted>, ApiError> {
-    submit_to(&state, &job_type, &headers, multipart).await
+    submit_to(&state, client, &job_type, &headers, multipart).await
 }
 
 async fn submit_to(
-    state: &AppState,
+    state: &Arc<AppState>,
+    client: Client,
     job_type: &str,
     headers: &HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Accepted>, ApiError> {
-    let outcome = accept(state, job_type, headers, multipart).await;
+    // Held until the upload is answered: read, recorded and published.
+    let slot = client.map(|Extension(ConnectInfo(peer))| state.uploads.take(peer.ip()));
+    let outcome = match slot.transpose() {
+        Ok(_slot) => accept(state, job_type, headers, multipart).await,
+        Err(refused) => Err(refused),
+    };
     match &outcome {
         Ok(_) => state.metrics.outcome("accepted"),
+        Err(ApiError::TooManyUploads(_)) => state.metrics.rejected("too_many_uploads"),
         Err(ApiError::Rejected(rejection)) => state.metrics.rejected(rejection.reason()),
         Err(ApiError::UnknownJobType(_)) => state.metrics.rejected("unknown_job_type"),
         Err(ApiError::WrongContentType) => state.metrics.rejected("wrong_content_type"),
@@ -474,6 +547,10 @@ pub enum ApiError {
         published: u64,
         message: String,
     },
+    #[error(
+        "this client has {0} uploads in progress already, the most it may: try again when one is answered"
+    )]
+    TooManyUploads(usize),
     #[error("{0}")]
     Internal(String),
     #[error("method not allowed")]
@@ -514,6 +591,7 @@ impl IntoResponse for ApiError {
             ApiError::Ledger(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::TooManyUploads(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {
@@ -542,6 +620,12 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
     }
 }

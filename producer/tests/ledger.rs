@@ -276,7 +276,15 @@ async fn a_refused_upload_leaves_nothing_and_uploads_beyond_the_pool_wait_their_
     let db = TestDatabase::new("ledger-tail").await;
     let producer = TestProducer::start(
         "ledger-tail",
-        &["--database-url", &db.url, "--database-max-connections", "3"],
+        // Six uploads at once from this one client: more than it may have by default.
+        &[
+            "--database-url",
+            &db.url,
+            "--database-max-connections",
+            "3",
+            "--max-uploads-per-client",
+            "6",
+        ],
     )
     .await;
     let ledger = Ledger::open(&db.url, 2).unwrap();

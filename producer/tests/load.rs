@@ -132,6 +132,8 @@ async fn start_producer(vhost: &TestVhost) -> (Child, String) {
         .env_clear()
         .env("AMQP_URL", &vhost.amqp_url)
         .env("PRODUCER_LISTEN", "127.0.0.1:0")
+        // Every upload from this one client at once.
+        .env("MAX_UPLOADS_PER_CLIENT", UPLOADS.to_string())
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())

@@ -74,7 +74,8 @@ async fn a_file_larger_than_one_chunk_arrives_whole() {
 
 #[tokio::test]
 async fn concurrent_uploads_all_land_with_distinct_batch_ids() {
-    let producer = TestProducer::start("concurrent", &[]).await;
+    // Eight at once from this one client: more than it may have by default.
+    let producer = TestProducer::start("concurrent", &["--max-uploads-per-client", "8"]).await;
     let uploads = (0..8).map(|u| {
         let mut csv = String::from("upload,n\n");
         for n in 0..500 {

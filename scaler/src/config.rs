@@ -30,6 +30,12 @@ pub struct Settings {
     )]
     pub listen: SocketAddr,
 
+    /// Seconds a connection may take to send a whole request head (line and headers),
+    /// from opening or from its previous request; then it is closed.
+    #[arg(long = "request-header-timeout-seconds", env = "REQUEST_HEADER_TIMEOUT_SECONDS", value_name = "REQUEST_HEADER_TIMEOUT_SECONDS",
+          default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub request_header_timeout_seconds: u64,
+
     /// Where workers run (default: kubernetes inside a cluster, local otherwise).
     #[arg(
         long = "launcher",

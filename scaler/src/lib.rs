@@ -35,7 +35,7 @@ pub mod tick;
 
 pub use spillway_scaling::{policy, share, simulate};
 
-use std::{future::IntoFuture, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use spillway_common::{jobs_config::JobsConfig, rabbit_api::RabbitApi};
@@ -67,6 +67,8 @@ struct Parts {
     ledger: Ledger,
     timing: Timing,
     producer_url: String,
+    /// How long a connection may take to send a request head.
+    header_timeout: Duration,
 }
 
 /// Runs the scaler until `stop`: HTTP endpoints on `listener`, the bus, and the ticks.
@@ -99,6 +101,7 @@ pub async fn run(
             start_timeout: Duration::from_secs(settings.worker_start_timeout_seconds),
         },
         producer_url: settings.producer_url.clone(),
+        header_timeout: Duration::from_secs(settings.request_header_timeout_seconds),
     };
     tokio::spawn(Arc::clone(&parts.bus).run(settings.broker.clone(), stop.clone()));
     match settings.launcher() {
@@ -151,11 +154,12 @@ async fn serve_and_tick<L: Launcher>(
         },
         dashboard,
     );
-    let http = tokio::spawn(
-        axum::serve(listener, router)
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .into_future(),
-    );
+    let http = tokio::spawn(spillway_common::serve::serve(
+        listener,
+        router,
+        parts.header_timeout,
+        stop.clone().cancelled_owned(),
+    ));
     let mut scaler = Scaler::new(
         jobs,
         Context {

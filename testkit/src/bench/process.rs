@@ -138,6 +138,8 @@ impl Producer {
         let mut command = Command::new(release_binary("producer"));
         command
             .env("PRODUCER_LISTEN", addr.to_string())
+            // The benchmarks upload from one client, several batches at once.
+            .env("MAX_UPLOADS_PER_CLIENT", "1000")
             .env("AMQP_URL", amqp_url)
             .env("DATABASE_URL", database_url)
             .env("RUST_LOG", "warn")
