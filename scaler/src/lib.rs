@@ -56,6 +56,9 @@ use crate::{
     tick::Scaler,
 };
 
+/// The least time between two ticks woken by news (the periodic tick is not held).
+const WAKE_SPACING: Duration = Duration::from_millis(200);
+
 /// Everything a scaler is made of besides its launcher.
 struct Parts {
     queues: Arc<RabbitApi>,
@@ -175,13 +178,17 @@ async fn serve_and_tick<L: Launcher>(
     let mut ticks = tokio::time::interval(scaler.jobs.tick());
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reports = Arc::clone(&scaler.ctx.reports);
+    let mut last = tokio::time::Instant::now();
     loop {
-        // The periodic tick, or at once when the producer announces rows.
+        // The periodic tick, or at once on news: rows announced, a worker whose hands
+        // changed or that left. Woken ticks come at most every WAKE_SPACING, so that
+        // thousands of workers reporting keep the scaler busy a bounded share of time.
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = ticks.tick() => {}
-            () = reports.wakes() => {}
+            () = reports.wakes() => tokio::time::sleep_until(last + WAKE_SPACING).await,
         }
+        last = tokio::time::Instant::now();
         scaler.tick(std::time::Instant::now()).await;
     }
     http.await??;

@@ -63,9 +63,15 @@ fn settled(report: &WorkerReport) -> u64 {
 }
 
 impl Reports {
+    /// Records `report`, arrived at `at`. One that changes what its worker holds (rows
+    /// in hand, or its state: draining, exited), or the first of a worker, wakes the
+    /// tick: a worker that took its last row or left may call for a decision now.
     pub fn record(&self, report: WorkerReport, at: Instant) {
         let mut latest = self.latest.lock().expect("reports lock");
-        let before = latest.get(&report.worker).map_or(0, |(r, _)| settled(r));
+        let previous = latest.get(&report.worker).map(|(r, _)| r);
+        let before = previous.map_or(0, settled);
+        let changed =
+            previous.is_none_or(|r| r.in_flight != report.in_flight || r.state != report.state);
         let moved = settled(&report).saturating_sub(before);
         if moved > 0 {
             self.flow(&report.job_type, at, |flow| {
@@ -74,6 +80,10 @@ impl Reports {
             });
         }
         latest.insert(report.worker.clone(), (report, at));
+        drop(latest);
+        if changed {
+            self.wake.notify_one();
+        }
     }
 
     /// Records that `rows` of `job_type` are being published, as of `at`, and wakes
@@ -198,6 +208,7 @@ impl Reports {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use spillway_common::events::WorkerState;
     use spillway_testkit::builders::worker_report;
 
     fn settled_by(worker: &str, processed: u64, failed: u64) -> WorkerReport {
@@ -207,6 +218,30 @@ mod tests {
             failed,
             ..worker_report(worker)
         }
+    }
+
+    #[tokio::test]
+    async fn a_report_that_changes_what_a_worker_holds_wakes_the_tick_and_a_same_one_does_not() {
+        let reports = Reports::default();
+        let at = Instant::now();
+        let woken = || async {
+            tokio::time::timeout(Duration::from_millis(200), reports.wakes())
+                .await
+                .is_ok()
+        };
+        let holding = |in_flight, state| WorkerReport {
+            in_flight,
+            state,
+            ..worker_report("w1")
+        };
+        reports.record(holding(3, WorkerState::Running), at);
+        assert!(woken().await, "a worker's first report");
+        reports.record(holding(3, WorkerState::Running), at);
+        assert!(!woken().await, "nothing changed in its hands");
+        reports.record(holding(0, WorkerState::Running), at);
+        assert!(woken().await, "it took its last row");
+        reports.record(holding(0, WorkerState::Exited), at);
+        assert!(woken().await, "it left");
     }
 
     #[tokio::test]
