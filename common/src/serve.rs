@@ -1,4 +1,4 @@
-//! Serving a router over HTTP/1 and HTTP/2 with the limits `axum::serve` leaves out:
+//! Serving a router over HTTP/1.1 with the limits `axum::serve` leaves out:
 //! a connection must send its request line and headers within the header timeout
 //! (a client that opens a connection and sends nothing, or trickles its headers, is
 //! cut off instead of holding its connection, task and memory), and each request is
@@ -7,7 +7,7 @@
 //! Shutdown is graceful: once `shutdown` completes no connection is accepted, and
 //! the requests in progress are finished.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, extract::ConnectInfo};
 use hyper_util::{
@@ -15,25 +15,26 @@ use hyper_util::{
     server::{conn::auto::Builder, graceful::GracefulShutdown},
     service::TowerToHyperService,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{net::TcpListener, sync::Notify};
 use tower::ServiceExt as _;
 
 /// Serves `router` on `listener` until `shutdown` completes, then waits for the
-/// requests in progress. A connection that has not sent a whole request head within
-/// `header_timeout` of opening (or of its previous request, on a kept-alive one) is
-/// closed.
+/// requests in progress. A connection that has not sent its first whole request head
+/// within `header_timeout` of opening is closed; on a kept-alive connection, hyper
+/// times each later head the same way once it has begun to come.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     header_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let mut builder = Builder::new(TokioExecutor::new());
+    // HTTP/1 only: telling HTTP/2 apart would read the connection's first bytes with no
+    // timer, and an HTTP/2 connection has no header timeout at all.
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
-    builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -49,29 +50,38 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // Told when the connection's first request head has come in whole.
+        let first_head = Arc::new(Notify::new());
+        let heard = Arc::clone(&first_head);
         let service = router
             .clone()
             .map_request(move |mut request: axum::http::Request<_>| {
+                heard.notify_one();
                 request.extensions_mut().insert(ConnectInfo(peer));
                 request
             });
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            // hyper times the head only once its first byte has come: until then, this.
-            if !first_byte_within(&stream, header_timeout).await {
-                tracing::debug!(%peer, "closed a connection that sent nothing");
-                return;
-            }
             let connection = builder
                 .serve_connection_with_upgrades(
                     TokioIo::new(stream),
                     TowerToHyperService::new(service),
                 )
                 .into_owned();
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
+            let connection = watcher.watch(connection);
+            tokio::pin!(connection);
+            // hyper times a head only once it has started to parse one, which a client
+            // sending nothing, or a byte, never lets it: the first head is timed here.
+            tokio::select! {
+                ended = &mut connection => return log_end(peer, ended),
+                () = first_head.notified() => {}
+                () = tokio::time::sleep(header_timeout) => {
+                    tracing::debug!(%peer, "closed a connection that sent no request head in time");
+                    return;
+                }
             }
+            log_end(peer, connection.await);
         });
     }
     drop(listener);
@@ -79,13 +89,10 @@ pub async fn serve(
     Ok(())
 }
 
-/// Whether `stream` has a byte to read within `timeout` (peeked, not taken).
-async fn first_byte_within(stream: &TcpStream, timeout: Duration) -> bool {
-    let mut byte = [0u8; 1];
-    matches!(
-        tokio::time::timeout(timeout, stream.peek(&mut byte)).await,
-        Ok(Ok(1..))
-    )
+fn log_end<E: std::fmt::Display>(peer: SocketAddr, ended: Result<(), E>) {
+    if let Err(error) = ended {
+        tracing::debug!(%peer, %error, "connection ended with an error");
+    }
 }
 
 /// The address a request came from, as [`serve`] records it.

@@ -198,10 +198,11 @@ async fn submit_to(
     headers: &HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Accepted>, ApiError> {
-    // Held until the upload is answered: read, recorded and published.
+    // Held until the upload is read, recorded and published, even if the client
+    // hangs up before its answer.
     let slot = client.map(|Extension(ConnectInfo(peer))| state.uploads.take(peer.ip()));
     let outcome = match slot.transpose() {
-        Ok(_slot) => accept(state, job_type, headers, multipart).await,
+        Ok(slot) => accept(state, job_type, headers, multipart, slot).await,
         Err(refused) => Err(refused),
     };
     match &outcome {
@@ -220,6 +221,7 @@ async fn accept(
     job_type: &str,
     headers: &HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
+    slot: Option<UploadSlot>,
 ) -> Result<Accepted, ApiError> {
     let job = state.jobs.job_type(job_type)?;
     // Without the ledger a batch could not be recorded: refuse before reading it.
@@ -325,16 +327,7 @@ async fn accept(
         rows,
         confirmed: AtomicU64::new(0),
     });
-    let published = ingest::publish_batch(
-        spool.into_reader(),
-        channel,
-        batch,
-        state.publish_window,
-        state.ledger.clone(),
-        Arc::clone(&state.metrics),
-        &state.tasks,
-    )
-    .await;
+    let published = ingest::publish_batch(spool.into_reader(), channel, batch, state, slot).await;
     match published {
         Ok(()) => Ok(Accepted {
             batch_id,

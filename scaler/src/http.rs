@@ -22,6 +22,7 @@ use axum::{
 };
 use futures_util::{Stream, StreamExt as _};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use serde::Deserialize;
 use spillway_ledger::{Ledger, LedgerError};
@@ -92,6 +93,9 @@ pub struct HttpState<L> {
     pub ledger: Ledger,
     /// The configured job types, by name.
     pub job_types: Arc<Vec<String>>,
+    /// Cancelled when the scaler stops: followed logs end then, so that they do not
+    /// hold the shutdown.
+    pub stop: CancellationToken,
 }
 
 /// A followed log as Server-Sent Events: a `data` event per line, or per run of lines
@@ -99,8 +103,12 @@ pub struct HttpState<L> {
 /// which a client joins with line breaks); a failure as an `error` event; an `end`
 /// event once the worker has ended and its last line is sent. Comments keep the
 /// connection alive through proxies while the log is quiet.
-fn follow(lines: LogLines) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+fn follow(
+    lines: LogLines,
+    stop: CancellationToken,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let events = lines
+        .take_until(stop.cancelled_owned())
         .ready_chunks(FOLLOW_TAIL as usize * 10)
         .flat_map(|chunk| {
             let mut events = Vec::new();
@@ -156,6 +164,7 @@ impl<L> Clone for HttpState<L> {
             reports: Arc::clone(&self.reports),
             ledger: self.ledger.clone(),
             job_types: Arc::clone(&self.job_types),
+            stop: self.stop.clone(),
         }
     }
 }
@@ -263,7 +272,7 @@ async fn logs<L: Launcher>(
             .launcher
             .follow_logs(&name, Some(query.tail.unwrap_or(FOLLOW_TAIL)))
             .await?;
-        return Ok(follow(lines).into_response());
+        return Ok(follow(lines, state.stop.clone()).into_response());
     }
     let text = state.launcher.logs(&name, query.tail).await?;
     let mut response =
@@ -374,6 +383,7 @@ mod tests {
             reports: Arc::default(),
             ledger: ledger.clone(),
             job_types: Arc::default(),
+            stop: CancellationToken::new(),
         };
         let pages = DashboardState {
             board: Arc::default(),
@@ -402,21 +412,28 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_followed_log_streams_each_line_as_an_event_then_ends_with_the_worker() {
-        let dir = tempfile::tempdir().unwrap();
-        // A worker writing a line every 20 ms, six in all, then exiting.
-        let script = dir.path().join("chatty-worker");
+    /// A worker that writes six lines, then waits until `release` exists in its
+    /// directory, writes `last` and exits.
+    fn held_worker(dir: &std::path::Path) -> LocalLauncher {
+        let script = dir.join("held-worker");
         std::fs::write(
             &script,
-            "#!/bin/sh\nfor n in 1 2 3 4 5 6; do echo \"line $n\"; sleep 0.02; done\n",
+            format!(
+                "#!/bin/sh\nfor n in 1 2 3 4 5 6; do echo \"line $n\"; done\nwhile [ ! -e '{}/release' ]; do sleep 0.02; done\necho last\n",
+                dir.display()
+            ),
         )
         .unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        let launcher = LocalLauncher::new(script, dir.path().join("workers")).unwrap();
-        launcher.spawn("default", "w-chatty").await.unwrap();
+        LocalLauncher::new(script, dir.join("workers")).unwrap()
+    }
 
+    /// The scaler's routes over the real server, on the local launcher.
+    async fn serve_logs(
+        launcher: LocalLauncher,
+        stop: CancellationToken,
+    ) -> (String, tokio::task::JoinHandle<std::io::Result<()>>) {
         let ledger = spillway_ledger::Ledger::open("postgres://127.0.0.1:1/none", 1).unwrap();
         let state = HttpState {
             bus: Bus::new(Arc::default(), &JobsConfig::default()),
@@ -425,6 +442,7 @@ mod tests {
             reports: Arc::default(),
             ledger: ledger.clone(),
             job_types: Arc::default(),
+            stop: stop.clone(),
         };
         let pages = DashboardState {
             board: Arc::default(),
@@ -433,10 +451,39 @@ mod tests {
             producer: crate::dashboard::operations::Producer::new("http://127.0.0.1:9"),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}/api/jobs", listener.local_addr().unwrap());
-        tokio::spawn(axum::serve(listener, app(state, pages)).into_future());
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let served = tokio::spawn(spillway_common::serve::serve(
+            listener,
+            app(state, pages),
+            Duration::from_secs(10),
+            stop.cancelled_owned(),
+        ));
+        (base, served)
+    }
 
-        let response = reqwest::get(format!("{base}/w-chatty/logs?follow=1"))
+    /// Reads `response` until `wanted` is in what came (or the body ends).
+    async fn read_until(response: &mut reqwest::Response, body: &mut String, wanted: &str) {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while !body.contains(wanted) {
+                match response.chunk().await.unwrap() {
+                    Some(chunk) => body.push_str(&String::from_utf8_lossy(&chunk)),
+                    None => return,
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{wanted:?} within 30 s: {body}"));
+    }
+
+    #[tokio::test]
+    async fn a_followed_log_streams_each_line_as_an_event_then_ends_with_the_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let launcher = held_worker(dir.path());
+        launcher.spawn("default", "w-held").await.unwrap();
+        let stop = CancellationToken::new();
+        let (base, served) = serve_logs(launcher, stop.clone()).await;
+
+        let mut response = reqwest::get(format!("{base}/api/jobs/w-held/logs?follow=1"))
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
@@ -444,25 +491,27 @@ mod tests {
             response.headers()[header::CONTENT_TYPE],
             "text/event-stream"
         );
-        // The body ends only once the worker has exited and its last line is sent.
-        let body = tokio::time::timeout(Duration::from_secs(30), response.text())
-            .await
-            .expect("the stream ends when the worker does")
-            .unwrap();
+        let mut body = String::new();
+        read_until(&mut response, &mut body, "line 6").await;
+        assert!(!body.contains("event: end"), "still running: {body}");
+        // Written while it is followed: it comes as an event, then the end.
+        std::fs::write(dir.path().join("release"), "").unwrap();
+        read_until(&mut response, &mut body, "event: end").await;
         let data: Vec<&str> = body
             .lines()
             .filter_map(|l| l.strip_prefix("data: "))
             .collect();
-        let expected: Vec<String> = (1..=6).map(|n| format!("line {n}")).collect();
-        assert_eq!(data[..6], expected[..], "{body}");
+        let mut expected: Vec<String> = (1..=6).map(|n| format!("line {n}")).collect();
+        expected.push("last".into());
+        assert_eq!(data[..7], expected[..], "{body}");
         assert!(body.contains("event: end\ndata: end of the log"), "{body}");
 
         // The terminal's view of the same stream: dashboard.sh logs -f prints the lines
         // and returns once the worker has ended.
         let output = tokio::process::Command::new("bash")
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboard.sh"))
-            .args(["logs", "w-chatty", "-f"])
-            .env("SCALER_URL", base.trim_end_matches("/api/jobs"))
+            .args(["logs", "w-held", "-f"])
+            .env("SCALER_URL", &base)
             .output()
             .await
             .unwrap();
@@ -470,13 +519,37 @@ mod tests {
         assert!(output.status.success(), "{printed}");
         assert_eq!(printed.lines().collect::<Vec<_>>(), expected, "{printed}");
 
-        let missing = reqwest::get(format!("{base}/w-none/logs?follow=1"))
+        let missing = reqwest::get(format!("{base}/api/jobs/w-none/logs?follow=1"))
             .await
             .unwrap();
         assert_eq!(missing.status(), StatusCode::NOT_FOUND);
-        let bad = reqwest::get(format!("{base}/w-chatty/logs?follow=maybe"))
+        let bad = reqwest::get(format!("{base}/api/jobs/w-held/logs?follow=maybe"))
             .await
             .unwrap();
         assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+        stop.cancel();
+        served.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_log_followed_while_the_scaler_stops_does_not_hold_the_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let launcher = held_worker(dir.path());
+        launcher.spawn("default", "w-held").await.unwrap();
+        let stop = CancellationToken::new();
+        let (base, served) = serve_logs(launcher, stop.clone()).await;
+        let mut response = reqwest::get(format!("{base}/api/jobs/w-held/logs?follow=1"))
+            .await
+            .unwrap();
+        let mut body = String::new();
+        read_until(&mut response, &mut body, "line 6").await;
+
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("the server stops with a follow open: its stream ends")
+            .unwrap()
+            .unwrap();
+        std::fs::write(dir.path().join("release"), "").unwrap();
     }
 }

@@ -56,7 +56,8 @@ use crate::{
     tick::Scaler,
 };
 
-/// The least time between two ticks woken by news (the periodic tick is not held).
+/// The least time from the end of a tick to a tick woken by news (the periodic tick
+/// is not held).
 const WAKE_SPACING: Duration = Duration::from_millis(200);
 
 /// Everything a scaler is made of besides its launcher.
@@ -154,6 +155,7 @@ async fn serve_and_tick<L: Launcher>(
             reports: Arc::clone(&parts.reports),
             ledger: parts.ledger.clone(),
             job_types: Arc::new(jobs.job_types.keys().cloned().collect()),
+            stop: stop.clone(),
         },
         dashboard,
     );
@@ -181,15 +183,16 @@ async fn serve_and_tick<L: Launcher>(
     let mut last = tokio::time::Instant::now();
     loop {
         // The periodic tick, or at once on news: rows announced, a worker whose hands
-        // changed or that left. Woken ticks come at most every WAKE_SPACING, so that
-        // thousands of workers reporting keep the scaler busy a bounded share of time.
+        // changed or that left. A woken tick starts at least WAKE_SPACING after the
+        // previous one ended, so that thousands of workers reporting keep the scaler
+        // busy a bounded share of the time.
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = ticks.tick() => {}
             () = reports.wakes() => tokio::time::sleep_until(last + WAKE_SPACING).await,
         }
-        last = tokio::time::Instant::now();
         scaler.tick(std::time::Instant::now()).await;
+        last = tokio::time::Instant::now();
     }
     http.await??;
     Ok(())

@@ -45,6 +45,9 @@ use crate::{
 /// logs, the newest first; older ones are forgotten ([`Launcher::forget`]).
 pub const FINISHED_KEPT: usize = 100;
 
+/// Finished workers forgotten in one tick at most.
+const FORGOTTEN_PER_TICK: usize = 50;
+
 pub struct Scaler<L, Q, D> {
     pub jobs: JobsConfig,
     pub ctx: Context<L, Q, D>,
@@ -210,12 +213,22 @@ impl<L: Launcher, Q: QueueFigures, D: DrainRequests> Scaler<L, Q, D> {
             return;
         }
         finished.sort_by_key(|w| std::cmp::Reverse(w.started_unix));
-        for worker in &finished[FINISHED_KEPT..] {
-            match self.ctx.launcher.forget(&worker.name).await {
-                Ok(()) => tracing::debug!(worker = %worker.name, "forgot a finished worker"),
-                Err(error) => tracing::warn!(%error, "cannot forget a finished worker"),
-            }
-        }
+        // The oldest first, a bounded number a tick and a few at once: after a wave of
+        // thousands of workers the history shrinks over a few ticks, none held long.
+        let forgetting = finished[FINISHED_KEPT..]
+            .iter()
+            .rev()
+            .take(FORGOTTEN_PER_TICK)
+            .map(|worker| async move {
+                match self.ctx.launcher.forget(&worker.name).await {
+                    Ok(()) => tracing::debug!(worker = %worker.name, "forgot a finished worker"),
+                    Err(error) => tracing::warn!(%error, "cannot forget a finished worker"),
+                }
+            });
+        futures_util::stream::iter(forgetting)
+            .buffer_unordered(8)
+            .collect::<()>()
+            .await;
     }
 
     /// Counts a tick in which `job_type` got fewer workers than it wanted, and `why`.

@@ -39,9 +39,8 @@ use spillway_common::{
 };
 use spillway_ledger::{BatchState, Ledger, LedgerError, NewBatch};
 use tokio::sync::mpsc;
-use tokio_util::task::TaskTracker;
 
-use crate::{broker::Broker, metrics::Metrics};
+use crate::{broker::Broker, routes::AppState};
 use publish::{PublishError, RowSource};
 use spool::{Spool, SpoolWriter};
 use tail::{TailReader, TailWriter};
@@ -214,19 +213,24 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// closes when done), then records the outcome in the ledger (whose outbox announces
 /// the batch's new state) and in `metrics`.
 ///
-/// Publishing runs in its own task, tracked by `tasks` so shutdown waits for it, and
-/// keeps its own books: a client that hangs up mid-way (dropping this future) does not
-/// leave a batch half-sent or its state stale.
+/// Publishing runs in its own task, tracked by the state's `tasks` so shutdown waits
+/// for it, holding `hold` until it ends, and keeps its own books: a client that hangs
+/// up mid-way (dropping this future) does not leave a batch half-sent or its state
+/// stale.
 pub async fn publish_batch(
     rows: impl RowSource + Send + 'static,
     channel: Channel,
     batch: Arc<Publication>,
-    window: usize,
-    ledger: Ledger,
-    metrics: Arc<Metrics>,
-    tasks: &TaskTracker,
+    state: &AppState,
+    hold: impl Send + 'static,
 ) -> Result<(), PublicationError> {
-    let publishing = tasks.spawn(async move {
+    let window = state.publish_window;
+    let ledger = state.ledger.clone();
+    let metrics = Arc::clone(&state.metrics);
+    let publishing = state.tasks.spawn(async move {
+        // Held, whatever it is, until the batch is published: an upload's slot of its
+        // client, which a client hanging up does not free early.
+        let _hold = hold;
         let started = Instant::now();
         let already = batch.confirmed.load(Ordering::Relaxed);
         let starting = BatchPublishing {

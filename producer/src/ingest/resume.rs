@@ -194,16 +194,7 @@ async fn resume(state: &Arc<AppState>, batch: BatchRecord) {
         rows: batch.rows,
         confirmed: AtomicU64::new(batch.published),
     });
-    let published = publish_batch(
-        source,
-        channel,
-        publication,
-        state.publish_window,
-        ledger,
-        Arc::clone(&state.metrics),
-        &state.tasks,
-    )
-    .await;
+    let published = publish_batch(source, channel, publication, state, ()).await;
     if let Err(error) = published {
         tracing::error!(batch_id = %batch.batch_id, %error, "resumed publication failed");
     }

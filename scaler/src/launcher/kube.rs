@@ -27,7 +27,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use futures_util::{AsyncBufReadExt as _, FutureExt, StreamExt};
+use futures_util::{AsyncReadExt as _, FutureExt, StreamExt};
 use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
 use kube::{
     Api, Client,
@@ -44,7 +44,8 @@ pub use self::{
     status::{phase_of, waiting_of},
 };
 use super::{
-    Cause, LaunchedWorker, Launcher, LauncherError, LogLines, spec::WorkerEnv, worker_name,
+    Cause, LaunchedWorker, Launcher, LauncherError, LogLines, lines::LineCutter, spec::WorkerEnv,
+    worker_name,
 };
 use crate::{
     config::Settings,
@@ -407,17 +408,47 @@ impl Launcher for KubeLauncher {
             follow: true,
             ..LogParams::default()
         };
-        let failed = move |name: String, source: Cause| LauncherError::Logs { name, source };
-        let stream = self
-            .pods
-            .log_stream(&pod, &params)
-            .await
-            .map_err(|e| failed(name.into(), e.into()))?;
-        let name = name.to_string();
-        Ok(stream
-            .lines()
-            .map(move |line| line.map_err(|e| failed(name.clone(), e.into())))
-            .boxed())
+        let reader =
+            self.pods
+                .log_stream(&pod, &params)
+                .await
+                .map_err(|e| LauncherError::Logs {
+                    name: name.into(),
+                    source: e.into(),
+                })?;
+        let state = (
+            Box::pin(reader),
+            LineCutter::default(),
+            name.to_string(),
+            false,
+        );
+        Ok(futures_util::stream::unfold(
+            state,
+            |(mut reader, mut lines, name, mut ended)| async move {
+                loop {
+                    if let Some(line) = lines.next_line() {
+                        return Some((Ok(line), (reader, lines, name, ended)));
+                    }
+                    if ended {
+                        let rest = lines.finish()?;
+                        return Some((Ok(rest), (reader, lines, name, ended)));
+                    }
+                    let mut chunk = vec![0; 64 * 1024];
+                    match reader.read(&mut chunk).await {
+                        Ok(0) => ended = true,
+                        Ok(read) => lines.push(&chunk[..read]),
+                        Err(error) => {
+                            let error = LauncherError::Logs {
+                                name: name.clone(),
+                                source: error.into(),
+                            };
+                            return Some((Err(error), (reader, lines, name, true)));
+                        }
+                    }
+                }
+            },
+        )
+        .boxed())
     }
 
     async fn stop(&self, name: &str) -> Result<(), LauncherError> {
@@ -432,6 +463,21 @@ impl Launcher for KubeLauncher {
     }
 
     async fn forget(&self, name: &str) -> Result<(), LauncherError> {
+        // A Job counted failed may still have its pod draining (evicted, or being
+        // deleted): not forgotten until that pod is gone.
+        let busy = self.cache.state().iter().any(|job| {
+            job.metadata.name.as_deref() == Some(name)
+                && job
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.active.unwrap_or(0) > 0 || s.terminating.unwrap_or(0) > 0)
+        });
+        if busy {
+            return Err(LauncherError::Forget {
+                name: name.into(),
+                source: "a pod of it is still running".into(),
+            });
+        }
         match self.jobs.delete(name, &DeleteParams::background()).await {
             Ok(_) => Ok(()),
             // Gone already (its TTL, say): forgotten all the same.

@@ -255,8 +255,7 @@ impl Launcher for LocalLauncher {
             name: name.to_string(),
             source,
         };
-        let entries = self.registry.entries().map_err(|e| failed(e.into()))?;
-        let Some(mut entry) = entries.into_iter().find(|e| e.name == name) else {
+        let Some(mut entry) = self.registry.entry(name).map_err(|e| failed(e.into()))? else {
             return Ok(());
         };
         if self.phase_of(&mut entry).is_active() {
@@ -313,14 +312,15 @@ impl Launcher for LocalLauncher {
         file.seek(std::io::SeekFrom::Start(offset))
             .await
             .map_err(|e| failed(e.into()))?;
-        let pid = match entry.pid {
-            0 => find_worker_process(name),
-            pid => Some(pid),
-        };
+        let pid = entry.pid;
         let follower = log_follow::Follower {
             name: name.to_string(),
             file,
-            alive: Box::new(move |name| pid.is_some_and(|pid| is_worker_process(pid, name))),
+            // A pid not recorded yet (the worker is being started): found by name.
+            alive: Box::new(move |name| match pid {
+                0 => find_worker_process(name).is_some(),
+                pid => is_worker_process(pid, name),
+            }),
         };
         Ok(follower.lines(&first))
     }

@@ -12,8 +12,10 @@
 //! - [`spec`]: what a worker is started with, from the scaler's settings.
 //! - [`local`]: workers as processes on this machine.
 //! - [`kube`]: workers as Kubernetes Jobs.
+//! - [`lines`]: a followed log's bytes cut into lines.
 
 pub mod kube;
+pub mod lines;
 pub mod local;
 pub mod spec;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use tokio::io::AsyncReadExt as _;
 
-use crate::launcher::{LauncherError, LogLines, MAX_LOG_BYTES};
+use crate::launcher::{LauncherError, LogLines, lines::LineCutter};
 
 /// How often a log that has not grown is read again.
 const POLL: Duration = Duration::from_millis(200);
@@ -21,10 +21,7 @@ pub struct Follower {
 
 struct State {
     follower: Follower,
-    /// Read, not yet sent: the start of a line.
-    partial: Vec<u8>,
-    /// Lines to send before reading more.
-    ready: std::collections::VecDeque<String>,
+    lines: LineCutter,
     ended: bool,
 }
 
@@ -32,24 +29,25 @@ impl Follower {
     /// `first` (the log's last lines so far) line by line, then every line written
     /// after, until the worker has ended.
     pub fn lines(self, first: &str) -> LogLines {
+        let mut lines = LineCutter::default();
+        if !first.is_empty() {
+            lines.push(first.as_bytes());
+            if !first.ends_with('\n') {
+                lines.push(b"\n");
+            }
+        }
         let state = State {
             follower: self,
-            partial: Vec::new(),
-            ready: first.lines().map(str::to_string).collect(),
+            lines,
             ended: false,
         };
         futures_util::stream::unfold(state, |mut state| async move {
             loop {
-                if let Some(line) = state.ready.pop_front() {
+                if let Some(line) = state.lines.next_line() {
                     return Some((Ok(line), state));
                 }
                 if state.ended {
-                    if state.partial.is_empty() {
-                        return None;
-                    }
-                    let rest = String::from_utf8_lossy(&state.partial).into_owned();
-                    state.partial.clear();
-                    return Some((Ok(rest), state));
+                    return state.lines.finish().map(|rest| (Ok(rest), state));
                 }
                 // Ended before this read: whatever it wrote is in the file by now.
                 let alive = (state.follower.alive)(&state.follower.name);
@@ -65,7 +63,7 @@ impl Follower {
                         return Some((Err(error), state));
                     }
                 };
-                state.split(&chunk[..read]);
+                state.lines.push(&chunk[..read]);
                 if read == 0 {
                     if alive {
                         tokio::time::sleep(POLL).await;
@@ -76,27 +74,5 @@ impl Follower {
             }
         })
         .boxed()
-    }
-}
-
-impl State {
-    /// Adds `bytes` read: each whole line becomes ready, and a line longer than
-    /// [`MAX_LOG_BYTES`] is sent in pieces of that size.
-    fn split(&mut self, bytes: &[u8]) {
-        self.partial.extend_from_slice(bytes);
-        let limit = usize::try_from(MAX_LOG_BYTES).unwrap_or(usize::MAX);
-        loop {
-            let end = match self.partial.iter().position(|&b| b == b'\n') {
-                Some(at) if at <= limit => at,
-                _ if self.partial.len() > limit => limit,
-                _ => return,
-            };
-            let line: Vec<u8> = self.partial.drain(..end).collect();
-            if self.partial.first() == Some(&b'\n') {
-                self.partial.remove(0);
-            }
-            self.ready
-                .push_back(String::from_utf8_lossy(&line).into_owned());
-        }
     }
 }

@@ -76,6 +76,17 @@ impl Registry {
         std::fs::rename(partial, path)
     }
 
+    /// Worker `name`'s entry, if it has one.
+    pub fn entry(&self, name: &str) -> std::io::Result<Option<Entry>> {
+        match std::fs::read(self.entry_path(name)) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(std::io::Error::other),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Removes worker `name`'s entry; one already gone is not an error.
     pub fn remove(&self, name: &str) -> std::io::Result<()> {
         match std::fs::remove_file(self.entry_path(name)) {
