@@ -26,7 +26,8 @@ Usage: ./dashboard.sh [options]
   -h, --help      this text
 
 SCALER_URL points at the scaler (default http://localhost:8080); retry and
-cancel go through it to the producer.
+cancel go through it to the producer. SPILLWAY_TOKEN is the token to send when the
+scaler asks for one (./manage.sh local keeps its admin token in .spillway/admin-token).
 USAGE
 }
 
@@ -38,9 +39,19 @@ Is Spillway running? Start it with './manage.sh local', or for a cluster run
 './manage.sh forward' in another terminal; set SCALER_URL if it listens elsewhere."
 }
 
+# The scaler's API and dashboard want a token unless they are open: SPILLWAY_TOKEN,
+# sent as a header read from a file descriptor, so it never shows in a process list.
+scaler_curl() {
+    if [[ -n "${SPILLWAY_TOKEN:-}" ]]; then
+        curl -H @<(printf 'Authorization: Bearer %s\n' "$SPILLWAY_TOKEN") "$@"
+    else
+        curl "$@"
+    fi
+}
+
 # GET a path of the scaler's API: prints the body, then a line with the status.
 get() {
-    curl -sS --max-time 10 -w '\n%{http_code}' "$SCALER_URL$1" 2>/dev/null || unreachable
+    scaler_curl -sS --max-time 10 -w '\n%{http_code}' "$SCALER_URL$1" 2>/dev/null || unreachable
 }
 
 # GET a path of the scaler's API; fails with the API's own error message on 4xx/5xx.
@@ -49,6 +60,9 @@ fetch() {
     body=$(get "$1")
     status=${body##*$'\n'}
     body=${body%$'\n'*}
+    if [[ "$status" == 401 ]]; then
+        die "the scaler asks for a token: set SPILLWAY_TOKEN (./manage.sh local keeps its admin token in .spillway/admin-token)"
+    fi
     if [[ "$status" != 2* ]]; then
         die "the scaler answered $status for $1: $body"
     fi
@@ -115,10 +129,10 @@ cmd_logs() {
     # Server-Sent Events: each data field is a line of the log; the stream ends with
     # the worker (an `end` event), or on Ctrl-C.
     local status
-    status=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 10 \
+    status=$(scaler_curl -sS -o /dev/null -w '%{http_code}' --max-time 10 \
         "$SCALER_URL/api/jobs/$worker/logs?tail=0") || unreachable
     [[ "$status" == 200 ]] || die "no worker named '$worker' (HTTP $status): names are in the summary"
-    curl -sSN "$SCALER_URL/api/jobs/$worker/logs?follow=1${query:+&$query}" |
+    scaler_curl -sSN "$SCALER_URL/api/jobs/$worker/logs?follow=1${query:+&$query}" |
         awk '/^event: / { event = substr($0, 8); next }
              /^data:/ { sub(/^data: ?/, ""); if (event == "") print; else if (event == "error") print "error: " $0 > "/dev/stderr"; fflush(); next }
              /^$/ { event = "" }' || unreachable
@@ -127,7 +141,7 @@ cmd_logs() {
 # POST to a path of the scaler's API; fails with the API's own error message on 4xx/5xx.
 post() {
     local body status
-    body=$(curl -sS --max-time 10 -X POST -w '\n%{http_code}' "$SCALER_URL$1" 2>/dev/null) || unreachable
+    body=$(scaler_curl -sS --max-time 10 -X POST -w '\n%{http_code}' "$SCALER_URL$1" 2>/dev/null) || unreachable
     status=${body##*$'\n'}
     body=${body%$'\n'*}
     if [[ "$status" != 2* ]]; then

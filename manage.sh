@@ -285,8 +285,9 @@ for w in json.load(sys.stdin):
 print_urls() {
     cat <<URLS
 Spillway is running:
-  producer     http://localhost:8000   (curl -F file=@data.csv http://localhost:8000/upload)
-  scaler       http://localhost:8080   (/metrics; workers' logs in $WORKER_DIR/)
+  producer     http://localhost:8000   (curl -H "Authorization: Bearer \$(cat $STATE_DIR/admin-token)" -F file=@data.csv http://localhost:8000/upload)
+  scaler       http://localhost:8080   (log in with the token in $STATE_DIR/admin-token; workers' logs in $WORKER_DIR/)
+  terminal     SPILLWAY_TOKEN=\$(cat $STATE_DIR/admin-token) ./dashboard.sh -w
   RabbitMQ UI  http://localhost:15672  (guest/guest)
   callbacks    signed with CALLBACK_SECRET (kept in $STATE_DIR/callback-secret unless set)
 URLS
@@ -306,6 +307,23 @@ ensure_callback_secret() {
     export CALLBACK_SECRET
 }
 
+# Who may use the APIs and the dashboard: TOKENS_FILE if set, else a tokens file in
+# the state directory holding an admin token made on the first run, the token itself
+# kept beside it (both readable by you only).
+ensure_tokens() {
+    if [[ -z "${TOKENS_FILE:-}" ]]; then
+        TOKENS_FILE="$STATE_DIR/tokens.toml"
+        if [[ ! -s "$TOKENS_FILE" ]]; then
+            (umask 077 && TOKENS_FILE="$TOKENS_FILE" "$ROOT/target/release/producer" \
+                token add admin --tenant default --role admin >"$STATE_DIR/admin-token") ||
+                die "cannot make the admin token in $TOKENS_FILE"
+            say "made an admin token: $(cat "$STATE_DIR/admin-token")"
+            say "it is kept in $STATE_DIR/admin-token (its hash in $TOKENS_FILE); more with: TOKENS_FILE=$TOKENS_FILE target/release/producer token add NAME --tenant T --role submitter"
+        fi
+    fi
+    export TOKENS_FILE
+}
+
 cmd_local() {
     case "${1:-}" in
         stop) local_stop; return ;;
@@ -318,6 +336,7 @@ cmd_local() {
     build_release
     mkdir -p "$STATE_DIR"
     ensure_callback_secret
+    ensure_tokens
     "$ROOT/target/release/producer" &
     FOREGROUND_PIDS=$!
     "$ROOT/target/release/scaler" &
@@ -351,6 +370,7 @@ local_detach() {
     build_release
     mkdir -p "$STATE_DIR"
     ensure_callback_secret
+    ensure_tokens
     local component pidfile
     for pidfile in "$STATE_DIR"/*.pid; do
         if [[ -e "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
@@ -481,6 +501,17 @@ ensure_secret() {
         kubectl -n "$NAMESPACE" create secret generic spillway-callbacks \
             --from-literal=secret="$(random_password)" >/dev/null
     fi
+    # The tokens file holds hashes only; the admin token itself is kept here, once.
+    if ! kubectl -n "$NAMESPACE" get secret spillway-tokens >/dev/null 2>&1; then
+        local token hash kept="$STATE_DIR/cluster-admin-token"
+        token="spw_$(random_password)"
+        hash=$(printf '%s' "$token" | sha256sum | cut -d' ' -f1)
+        mkdir -p "$STATE_DIR"
+        (umask 077 && printf '%s\n' "$token" >"$kept")
+        kubectl -n "$NAMESPACE" create secret generic spillway-tokens \
+            --from-literal=tokens.toml="$(printf '[[token]]\nname = "admin"\ntenant = "default"\nrole = "admin"\nsha256 = "%s"\n' "$hash")" >/dev/null
+        say "made the cluster's admin token (its hash in Secret spillway-tokens): kept in $kept"
+    fi
 }
 
 cmd_up() {
@@ -536,11 +567,27 @@ cmd_forward() {
     trap forward_stop INT TERM
     cat <<URLS
 Forwarding (Ctrl-C stops):
-  producer     http://localhost:8000   (curl -F file=@data.csv http://localhost:8000/upload)
-  dashboard    http://localhost:8080   (./dashboard.sh -w)
+  producer     http://localhost:8000   (curl -H "Authorization: Bearer \$(cat $STATE_DIR/cluster-admin-token)" -F file=@data.csv http://localhost:8000/upload)
+  dashboard    http://localhost:8080   (log in with the token in $STATE_DIR/cluster-admin-token; SPILLWAY_TOKEN=\$(cat $STATE_DIR/cluster-admin-token) ./dashboard.sh -w)
   RabbitMQ UI  http://localhost:15672  (user spillway; password: kubectl -n spillway get secret spillway-rabbitmq -o jsonpath='{.data.password}' | base64 -d)
 URLS
     wait
+}
+
+# The token cluster commands send: SPILLWAY_TOKEN, else the admin token `up` made.
+cluster_token() {
+    if [[ -n "${SPILLWAY_TOKEN:-}" ]]; then
+        printf '%s' "$SPILLWAY_TOKEN"
+        return
+    fi
+    [[ -s "$STATE_DIR/cluster-admin-token" ]] ||
+        die "no token for the cluster's APIs: set SPILLWAY_TOKEN to an admin token ('./manage.sh up' keeps the one it made in $STATE_DIR/cluster-admin-token)"
+    cat "$STATE_DIR/cluster-admin-token"
+}
+
+# curl with the bearer token in TOKEN, passed as a header file so it is not in argv.
+token_curl() {
+    curl -H @<(printf 'Authorization: Bearer %s\n' "$TOKEN") "$@"
 }
 
 # A JSON field from stdin: json_field EXPRESSION, evaluated with the document as `d`.
@@ -556,6 +603,7 @@ cmd_e2e_cluster() {
     ensure_cluster
     kubectl -n "$NAMESPACE" get deployment/producer deployment/scaler >/dev/null 2>&1 ||
         die "Spillway is not deployed in this cluster: run './manage.sh up' first"
+    TOKEN=$(cluster_token)
     local work producer_port=${E2E_PRODUCER_PORT:-18000} scaler_port=${E2E_SCALER_PORT:-18080}
     work=$(mktemp -d)
     kubectl -n "$NAMESPACE" port-forward svc/producer "$producer_port:8000" >"$work/producer.log" 2>&1 &
@@ -571,7 +619,7 @@ cmd_e2e_cluster() {
 
     python3 "$ROOT/data/generate_data.py" --rows "$rows" --out "$work/data.csv" >/dev/null
     local answer batch_id
-    answer=$(curl -sS --fail-with-body -F "file=@$work/data.csv" "$producer/upload") ||
+    answer=$(token_curl -sS --fail-with-body -F "file=@$work/data.csv" "$producer/upload") ||
         die "the upload failed: $answer"
     batch_id=$(json_field 'd["batch_id"]' <<<"$answer")
     say "uploaded $rows rows as batch $batch_id; waiting for every row"
@@ -594,8 +642,8 @@ $bad"
 # dead-lettered) and the job type's queue is empty with nothing unacknowledged.
 batch_settled() { # scaler URL, batch id, rows
     local batches stats
-    batches=$(curl -fsS --max-time 5 "$1/api/batches") || return 1
-    stats=$(curl -fsS --max-time 5 "$1/api/stats") || return 1
+    batches=$(token_curl -fsS --max-time 5 "$1/api/batches") || return 1
+    stats=$(token_curl -fsS --max-time 5 "$1/api/stats") || return 1
     local settled idle
     settled=$(json_field "next((b['processed'] + b['dead_lettered'] for b in (d['batches'] if isinstance(d, dict) else d) if b['batch_id'] == '$2'), 0)" <<<"$batches")
     idle=$(json_field "d['totals']['ready'] == 0 and d['totals']['unacked'] == 0" <<<"$stats")

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //!
+//! - [`auth`]: who may do what: tokens from a tokens file, tenants and roles.
 //! - [`config`]: settings every process reads from the environment (broker URL and
 //!   reconnect budget, logging).
 //! - [`jobs_config`]: the job-types file mapping a job type to its queue, handler and limits.
@@ -18,6 +19,7 @@
 //!
 //! Test and benchmark helpers live in the dev-only `spillway-testkit` crate.
 
+pub mod auth;
 pub mod config;
 pub mod envelope;
 pub mod events;

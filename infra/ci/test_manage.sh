@@ -41,7 +41,7 @@ case "$*" in
     cluster-info) [[ "${FAKE_CLUSTER:-up}" == up ]] ;;
     "config current-context") echo "${FAKE_CONTEXT:-minikube}" ;;
     *"get configmap spillway-jobs"*) [[ -f "${FAKE_JOBS_TOML:-/nonexistent}" ]] && cat "$FAKE_JOBS_TOML" ;;
-    *"get secret spillway-rabbitmq"* | *"get secret spillway-postgres"* | *"get secret spillway-callbacks"*) [[ "${FAKE_SECRET:-absent}" == present ]] ;;
+    *"get secret spillway-rabbitmq"* | *"get secret spillway-postgres"* | *"get secret spillway-callbacks"* | *"get secret spillway-tokens"*) [[ "${FAKE_SECRET:-absent}" == present ]] ;;
     *"create configmap"*"--dry-run=client -o jsonpath={.data}"*)
         python3 -c 'import json, sys; print(json.dumps({"jobs.toml": sys.stdin.read()}), end="")' ;;
     *port-forward*) trap 'kill $! 2>/dev/null; exit 0' TERM; sleep 600 & wait ;;
@@ -161,6 +161,8 @@ not_called "kind load"
 called "create secret generic spillway-rabbitmq --from-literal=username=spillway"
 called "create secret generic spillway-postgres --from-literal=password="
 called "create secret generic spillway-callbacks --from-literal=secret="
+called "create secret generic spillway-tokens --from-literal=tokens.toml=[[token]]"
+grep -q "spillway-tokens.*spw_" "$CALLS" && fail "a token, not its hash, went into the Secret"
 grep -q "secret generic.*guest" "$CALLS" && fail "the credentials are guest's"
 # Each Secret has a password of its own, 48 hex digits.
 rabbit=$(grep -o "spillway-rabbitmq --from-literal=username=spillway --from-literal=password=[0-9a-f]*" "$CALLS" | sed 's/.*password=//')
@@ -212,7 +214,15 @@ status 0
 called "port-forward svc/producer 18000:8000"
 called "port-forward svc/scaler 18080:8080"
 called "http://127.0.0.1:18000/upload"
+called "curl -H @/dev/fd/"
 printed "e2e-cluster passed: 20 rows uploaded and processed, 2 worker Jobs all Complete"
+
+CURRENT="e2e-cluster without a token says where to find one"
+mv "$SPILLWAY_STATE_DIR/cluster-admin-token" "$WORK/kept-token"
+manage e2e-cluster 20
+status 1
+printed "set SPILLWAY_TOKEN"
+mv "$WORK/kept-token" "$SPILLWAY_STATE_DIR/cluster-admin-token"
 
 CURRENT="e2e-cluster fails on a worker Job that did not end Complete"
 FAKE_JOB_CONDITIONS='spillway-default-1=SuccessCriteriaMet Complete\nspillway-default-2=FailureTarget Failed\n' \

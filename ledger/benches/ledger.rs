@@ -351,6 +351,7 @@ async fn record_batch(ledger: &Ledger, batch_id: &str, csv: &Path, rows: u64) {
         .map(String::from)
         .collect();
     let batch = NewBatch {
+        tenant: "default",
         batch_id,
         job_type: "default",
         queue: "tasks",

@@ -34,12 +34,16 @@ pub struct NewBatch<'a> {
     pub rows: Option<u64>,
     /// Where to POST the batch's summary when it reaches a final state.
     pub callback_url: Option<&'a str>,
+    /// Whose batch it is.
+    pub tenant: &'a str,
 }
 
 /// A batch as the ledger holds it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BatchRecord {
     pub batch_id: String,
+    /// Whose batch it is.
+    pub tenant: String,
     pub job_type: String,
     pub queue: String,
     pub file_name: Option<String>,
@@ -100,6 +104,8 @@ pub struct DeadRow {
 pub struct BatchFilter {
     pub state: Option<BatchState>,
     pub job_type: Option<String>,
+    /// Only this tenant's batches (every tenant's for `None`).
+    pub tenant: Option<String>,
     /// Only batches older than this one (the last of the previous page).
     pub before: Option<String>,
     pub limit: u32,
@@ -118,7 +124,7 @@ pub enum Deleted {
 macro_rules! batch_columns {
     () => {
         concat!(
-    "batch_id, job_type, queue, file_name, header, state, error, rows, published, ",
+    "batch_id, tenant, job_type, queue, file_name, header, state, error, rows, published, ",
     "pending, failed, done, dead, cancelled, ",
     rfc3339!("received_at"),
     " AS received_at, ",
@@ -165,6 +171,7 @@ fn batch_of(row: &sqlx::postgres::PgRow) -> Result<BatchRecord> {
     let state: String = row.try_get("state")?;
     Ok(BatchRecord {
         batch_id: row.try_get("batch_id")?,
+        tenant: row.try_get("tenant")?,
         job_type: row.try_get("job_type")?,
         queue: row.try_get("queue")?,
         file_name: row.try_get("file_name")?,
@@ -215,8 +222,8 @@ impl Ledger {
         let mut tx = self.pool().begin().await?;
         sqlx::query(
             "INSERT INTO batches (batch_id, job_type, queue, file_name, header, callback_url,
-                                  rows, pending)
-             VALUES ($1, $2, $3, $4, $5, $6, 0, 0)",
+                                  tenant, rows, pending)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0)",
         )
         .bind(batch.batch_id)
         .bind(batch.job_type)
@@ -224,6 +231,7 @@ impl Ledger {
         .bind(batch.file_name)
         .bind(batch.header)
         .bind(batch.callback_url)
+        .bind(batch.tenant)
         .execute(&mut *tx)
         .await?;
         let mut copy = tx.copy_in_raw(COPY_ROWS).await?;
@@ -357,6 +365,17 @@ impl Ledger {
             .collect())
     }
 
+    /// The tenant of `batch_id`, if there is such a batch.
+    pub async fn batch_tenant(&self, batch_id: &str) -> Result<Option<String>> {
+        self.schema().await?;
+        Ok(
+            sqlx::query_scalar("SELECT tenant FROM batches WHERE batch_id = $1")
+                .bind(batch_id)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
     pub async fn batch(&self, batch_id: &str) -> Result<Option<BatchRecord>> {
         self.schema().await?;
         let sql = concat!(
@@ -382,6 +401,7 @@ impl Ledger {
                AND ($2::text IS NULL OR job_type = $2)
                AND ($3::text IS NULL OR (received_at, batch_id) <
                     (SELECT received_at, batch_id FROM batches WHERE batch_id = $3))
+               AND ($5::text IS NULL OR tenant = $5)
              ORDER BY received_at DESC, batch_id DESC
              LIMIT $4"
         );
@@ -390,6 +410,7 @@ impl Ledger {
             .bind(filter.job_type.as_deref())
             .bind(filter.before.as_deref())
             .bind(i64::from(filter.limit))
+            .bind(filter.tenant.as_deref())
             .fetch_all(self.pool())
             .await?;
         rows.iter().map(batch_of).collect()

@@ -19,6 +19,7 @@ async fn ledger(label: &str) -> (TestDatabase, Ledger) {
 async fn record_batch(ledger: &Ledger, id: &str, header: &[&str], rows: &[&[&str]]) {
     let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
     let batch = NewBatch {
+        tenant: "default",
         batch_id: id,
         job_type: "default",
         queue: "tasks",

@@ -16,13 +16,14 @@ use std::{
 };
 
 use axum::{
-    Json,
+    Extension, Json,
     body::Body,
     extract::{Path, Query, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
+use spillway_common::auth::Principal;
 use spillway_common::events::{BatchPublishing, publishing_routing_key};
 use spillway_ledger::{
     BatchFilter, BatchRecord, RowStatus,
@@ -37,6 +38,18 @@ use crate::{
     ingest::{publish, resume::LedgerRows},
     routes::{ApiError, AppState},
 };
+
+/// Whether `principal` may see batch `id`: an admin any, a submitter its tenant's. A
+/// batch of another tenant is answered as no batch at all, so that ids do not leak.
+async fn visible(state: &AppState, principal: &Principal, id: &str) -> Result<(), ApiError> {
+    if principal.is_admin() {
+        return Ok(());
+    }
+    match state.ledger.batch_tenant(id).await? {
+        Some(tenant) if principal.sees(&tenant) => Ok(()),
+        _ => Err(ApiError::NoSuchBatch(id.to_string())),
+    }
+}
 
 /// Most batches one page lists.
 const MAX_PAGE: u32 = 500;
@@ -81,6 +94,7 @@ pub struct BatchPage {
 
 pub async fn list(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Principal>,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<BatchPage>, ApiError> {
     let limit = query.limit.unwrap_or(DEFAULT_PAGE);
@@ -97,6 +111,7 @@ pub async fn list(
             .transpose()
             .map_err(ApiError::BadQuery)?,
         job_type: query.job_type,
+        tenant: principal.tenant_filter().map(str::to_string),
         before: query.before,
         limit,
     };
@@ -112,12 +127,14 @@ pub async fn list(
 
 pub async fn get(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<BatchView>, ApiError> {
     let record = state
         .ledger
         .batch(&id)
         .await?
+        .filter(|b| principal.sees(&b.tenant))
         .ok_or(ApiError::NoSuchBatch(id))?;
     Ok(Json(BatchView::of(record)))
 }
@@ -130,6 +147,7 @@ pub struct ResultsQuery {
 
 pub async fn results(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     Query(query): Query<ResultsQuery>,
 ) -> Result<Response, ApiError> {
@@ -156,6 +174,7 @@ pub async fn results(
         .ledger
         .batch(&id)
         .await?
+        .filter(|b| principal.sees(&b.tenant))
         .ok_or(ApiError::NoSuchBatch(id))?;
     let download = state.ledger.results(&record, format, status).await?;
     let disposition = format!(
@@ -174,8 +193,10 @@ pub async fn results(
 
 pub async fn delete(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    visible(&state, &principal, &id).await?;
     match state.ledger.delete_batch(&id).await? {
         Deleted::Deleted => Ok(StatusCode::NO_CONTENT.into_response()),
         Deleted::NotFound => Err(ApiError::NoSuchBatch(id)),
@@ -207,12 +228,14 @@ pub struct Retried {
 /// interruption at any point finishes the job.
 pub async fn retry(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Retried>, ApiError> {
     let record = state
         .ledger
         .batch(&id)
         .await?
+        .filter(|b| principal.sees(&b.tenant))
         .ok_or_else(|| ApiError::NoSuchBatch(id.clone()))?;
     let job = state.jobs.job_type(&record.job_type)?;
     let retry = match state.ledger.retry_dead(&id).await? {
@@ -305,8 +328,10 @@ pub struct CancelAnswer {
 /// queued are acked by workers without running; rows in a worker's hands finish.
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<CancelAnswer>, ApiError> {
+    visible(&state, &principal, &id).await?;
     match state.ledger.cancel_batch(&id).await? {
         Ok(counts) => {
             tracing::info!(batch_id = %id, cancelled = counts.cancelled, ran = counts.ran, "batch cancelled");

@@ -3,8 +3,11 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::Parser;
-use spillway_common::config::{BrokerSettings, JobsSettings, LogSettings, Process};
+use clap::{Parser, Subcommand};
+use spillway_common::{
+    auth::{AuthSettings, Role},
+    config::{BrokerSettings, JobsSettings, LogSettings, Process},
+};
 use spillway_ledger::DatabaseSettings;
 
 use crate::{ingest::Limits, outbox::Callbacks};
@@ -114,6 +117,35 @@ pub struct Settings {
 
     #[command(flatten)]
     pub log: LogSettings,
+
+    #[command(flatten)]
+    pub auth: AuthSettings,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What `producer` does instead of serving.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Manage the tokens in TOKENS_FILE.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token, keep its hash in TOKENS_FILE (created if missing) and print the
+    /// token: the only time it is shown.
+    Add {
+        /// Its name, shown in logs and pages (never the token).
+        name: String,
+        /// The tenant whose batches it submits and sees.
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, value_enum)]
+        role: Role,
+    },
 }
 
 impl Settings {

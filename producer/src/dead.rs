@@ -27,7 +27,7 @@ use std::{
 };
 
 use axum::{
-    Json,
+    Extension, Json,
     extract::{Query, State},
 };
 use lapin::{
@@ -39,6 +39,7 @@ use lapin::{
     types::FieldTable,
 };
 use serde::{Deserialize, Serialize};
+use spillway_common::auth::Principal;
 use spillway_common::{
     envelope::{self, RowMessage},
     jobs_config::JobType,
@@ -101,11 +102,24 @@ pub struct DeadPage {
     pub next_after: Option<String>,
 }
 
+/// Dead letters hold every tenant's rows: they are an admin's.
+fn admin_only(principal: &Principal) -> Result<(), ApiError> {
+    if principal.is_admin() {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "dead letters are for admin tokens only",
+        ))
+    }
+}
+
 /// `GET /dead?job_type=NAME`: the job type's dead rows, paged.
 pub async fn list(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Principal>,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<DeadPage>, ApiError> {
+    admin_only(&principal)?;
     let (job_type, job) = job_type_of(&state, query.job_type.as_deref())?;
     let limit = query.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
@@ -180,8 +194,10 @@ pub struct Replayed {
 /// (which would lose nothing, but leave the replay for the next call).
 pub async fn replay(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Principal>,
     Query(query): Query<ReplayQuery>,
 ) -> Result<Json<Replayed>, ApiError> {
+    admin_only(&principal)?;
     let (job_type, job) = job_type_of(&state, query.job_type.as_deref())?;
     let running = Arc::clone(&state);
     let replaying = tokio::spawn(async move {

@@ -31,7 +31,7 @@ pub mod strict;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use spillway_common::jobs_config::JobsConfig;
+use spillway_common::{auth::Access, jobs_config::JobsConfig};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -64,6 +64,7 @@ pub fn build_state(settings: &Settings, jobs: JobsConfig) -> anyhow::Result<Arc<
             metrics.uploads_in_progress.clone(),
         )),
         header_timeout: Duration::from_secs(settings.request_header_timeout_seconds),
+        auth: settings.auth.clone(),
         tasks: TaskTracker::new(),
     }))
 }
@@ -77,6 +78,9 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Who may call the API, by the address it listens on: refused before anything runs.
+    let gate = Access::from_settings(&state.auth, listener.local_addr()?)
+        .map_err(std::io::Error::other)?;
     let stop_resuming = CancellationToken::new();
     let resuming = tokio::spawn(ingest::resume::resume_abandoned(
         Arc::clone(&state),
@@ -85,7 +89,7 @@ pub async fn serve(
     let delivering = tokio::spawn(outbox::run(Arc::clone(&state), stop_resuming.clone()));
     let served = spillway_common::serve::serve(
         listener,
-        routes::router(Arc::clone(&state)),
+        routes::router(Arc::clone(&state), gate),
         state.header_timeout,
         shutdown,
     )

@@ -8,8 +8,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use spillway_common::auth::Tokens;
 use spillway_common::{jobs_config::JobsConfig, shutdown, telemetry};
-use spillway_producer::config::Settings;
+use spillway_producer::config::{Command, Settings, TokenCommand};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -24,6 +25,20 @@ async fn main() -> ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let settings = Settings::parse();
+    if let Some(Command::Token(TokenCommand::Add { name, tenant, role })) = &settings.command {
+        let Some(path) = &settings.auth.tokens_file else {
+            anyhow::bail!(
+                "set TOKENS_FILE (or --tokens-file) to the file the token's hash goes in"
+            );
+        };
+        let token = Tokens::add(path, name, tenant, *role)?;
+        eprintln!(
+            "token {name:?} (tenant {tenant:?}, {role:?}) added to {}; it is shown this once:",
+            path.display()
+        );
+        println!("{token}");
+        return Ok(());
+    }
     settings.validate()?;
     telemetry::init(&settings.log)?;
     let jobs = JobsConfig::load(settings.jobs.jobs_config.as_deref())?;

@@ -29,7 +29,10 @@ use futures_util::Stream;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use serde_json::json;
-use spillway_common::jobs_config::{JobsConfig, UnknownJobType};
+use spillway_common::{
+    auth::{AuthSettings, Gate, Principal, require_token},
+    jobs_config::{JobsConfig, UnknownJobType},
+};
 use spillway_ledger::{BatchState, Ledger, LedgerError};
 use tokio_util::task::TaskTracker;
 
@@ -66,6 +69,8 @@ pub struct AppState {
     pub uploads: Arc<UploadSlots>,
     /// How long a connection may take to send a request head.
     pub header_timeout: Duration,
+    /// Who may do what: the tokens file, or open.
+    pub auth: AuthSettings,
     /// Batches being published; shutdown waits for them.
     pub tasks: TaskTracker,
 }
@@ -130,7 +135,7 @@ const LEDGER_SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Room for multipart framing and small fields around the file itself.
 const MULTIPART_SLACK: u64 = 1 << 20;
 
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(state: Arc<AppState>, gate: Gate) -> Router {
     // Uploads are streamed and counted against MAX_UPLOAD_BYTES by the ingest code;
     // the extractor limit only needs room for the multipart framing around the file.
     let body_limit = usize::try_from(
@@ -156,6 +161,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(gate, require_token))
         .with_state(state)
 }
 
@@ -173,26 +179,29 @@ type Client = Option<Extension<ConnectInfo<SocketAddr>>>;
 
 async fn upload(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Principal>,
     client: Client,
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Accepted>, ApiError> {
     let job_type = state.jobs.default_job_type.clone();
-    submit_to(&state, client, &job_type, &headers, multipart).await
+    submit_to(&state, &principal, client, &job_type, &headers, multipart).await
 }
 
 async fn submit(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Principal>,
     client: Client,
     Path(job_type): Path<String>,
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Accepted>, ApiError> {
-    submit_to(&state, client, &job_type, &headers, multipart).await
+    submit_to(&state, &principal, client, &job_type, &headers, multipart).await
 }
 
 async fn submit_to(
     state: &Arc<AppState>,
+    principal: &Principal,
     client: Client,
     job_type: &str,
     headers: &HeaderMap,
@@ -202,7 +211,7 @@ async fn submit_to(
     // hangs up before its answer.
     let slot = client.map(|Extension(ConnectInfo(peer))| state.uploads.take(peer.ip()));
     let outcome = match slot.transpose() {
-        Ok(slot) => accept(state, job_type, headers, multipart, slot).await,
+        Ok(slot) => accept(state, &principal.tenant, job_type, headers, multipart, slot).await,
         Err(refused) => Err(refused),
     };
     match &outcome {
@@ -218,6 +227,7 @@ async fn submit_to(
 
 async fn accept(
     state: &AppState,
+    tenant: &str,
     job_type: &str,
     headers: &HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
@@ -283,6 +293,7 @@ async fn accept(
             queue: job.queue.clone(),
             file_name,
             callback_url: callback_url.clone(),
+            tenant: tenant.to_string(),
         },
         tail,
     ));
@@ -545,6 +556,8 @@ pub enum ApiError {
     )]
     TooManyUploads(usize),
     #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("{0}")]
     Internal(String),
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -585,6 +598,7 @@ impl IntoResponse for ApiError {
             ApiError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooManyUploads(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {

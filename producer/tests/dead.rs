@@ -30,6 +30,7 @@ const DELIVERY_LIMIT: u32 = 5;
 async fn dead_batch(ledger: &Ledger, vhost: &TestVhost, batch_id: &str, rows: u64) {
     let header = vec!["n".to_string()];
     let batch = NewBatch {
+        tenant: "default",
         batch_id,
         job_type: "default",
         queue: "tasks",

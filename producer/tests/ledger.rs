@@ -232,6 +232,7 @@ async fn a_publication_whose_producer_stopped_is_resumed_from_the_ledger() {
     }
     let rows = encoder.finish().unwrap();
     let batch = NewBatch {
+        tenant: "default",
         batch_id: "abandoned",
         job_type: "default",
         queue: "tasks",

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, ValueEnum};
 use spillway_common::{
+    auth::AuthSettings,
     config::{BrokerSettings, JobsSettings, LogSettings},
     jobs_config::JobsConfig,
 };
@@ -245,6 +246,9 @@ pub struct Settings {
         default_value = "256Mi"
     )]
     pub worker_memory_limit: String,
+
+    #[command(flatten)]
+    pub auth: AuthSettings,
 
     #[command(flatten)]
     pub broker: BrokerSettings,

@@ -11,7 +11,7 @@
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     extract::{Path, Query, State},
     http::{StatusCode, header},
     response::{
@@ -22,6 +22,7 @@ use axum::{
 };
 use futures_util::{Stream, StreamExt as _};
 use serde_json::json;
+use spillway_common::auth::{Gate, Principal, require_token};
 use tokio_util::sync::CancellationToken;
 
 use serde::Deserialize;
@@ -55,6 +56,8 @@ pub enum ApiError {
     LedgerSilent(Duration),
     #[error(transparent)]
     Launcher(#[from] LauncherError),
+    #[error("{0} are for admin tokens only")]
+    AdminOnly(&'static str),
     #[error("cannot render the dashboard: {0}")]
     Render(String),
 }
@@ -67,6 +70,7 @@ impl ApiError {
             | ApiError::NoSuchJobType(_)
             | ApiError::Launcher(LauncherError::NoSuchWorker(_)) => StatusCode::NOT_FOUND,
             ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
+            ApiError::AdminOnly(_) => StatusCode::FORBIDDEN,
             ApiError::NotReady | ApiError::LedgerSilent(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Ledger(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Launcher(_) => StatusCode::BAD_GATEWAY,
@@ -137,7 +141,7 @@ fn follow(
 }
 
 /// Every route: the dashboard and its API, logs, probes and metrics.
-pub fn app<L: Launcher>(state: HttpState<L>, dashboard: DashboardState) -> Router {
+pub fn app<L: Launcher>(state: HttpState<L>, dashboard: DashboardState, gate: Gate) -> Router {
     let pages = Router::new()
         .route("/", get(dashboard::index))
         .route("/api/stats", get(dashboard::stats))
@@ -152,7 +156,10 @@ pub fn app<L: Launcher>(state: HttpState<L>, dashboard: DashboardState) -> Route
         .route("/api/events", get(dashboard::events))
         .route("/api/summary", get(dashboard::summary))
         .with_state(dashboard);
-    router(state).merge(pages)
+    router(state)
+        .merge(pages)
+        .merge(crate::login::routes(gate.clone()))
+        .layer(axum::middleware::from_fn_with_state(gate, require_token))
 }
 
 impl<L> Clone for HttpState<L> {
@@ -202,15 +209,23 @@ async fn metrics<L>(State(state): State<HttpState<L>>) -> Response {
 
 async fn pause<L>(
     State(state): State<HttpState<L>>,
+    Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    if !principal.is_admin() {
+        return Err(ApiError::AdminOnly("pausing and resuming job types"));
+    }
     set_paused(&state, name, true).await
 }
 
 async fn resume<L>(
     State(state): State<HttpState<L>>,
+    Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    if !principal.is_admin() {
+        return Err(ApiError::AdminOnly("pausing and resuming job types"));
+    }
     set_paused(&state, name, false).await
 }
 
@@ -264,9 +279,13 @@ fn flag<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Er
 
 async fn logs<L: Launcher>(
     State(state): State<HttpState<L>>,
+    Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
     Query(query): Query<LogQuery>,
 ) -> Result<Response, ApiError> {
+    if !principal.is_admin() {
+        return Err(ApiError::AdminOnly("worker logs"));
+    }
     if query.follow {
         let lines = state
             .launcher
@@ -396,7 +415,7 @@ mod tests {
             "http://{}/api/jobs/w-huge/logs",
             listener.local_addr().unwrap()
         );
-        tokio::spawn(axum::serve(listener, app(state, pages)).into_future());
+        tokio::spawn(axum::serve(listener, app(state, pages, Gate::open())).into_future());
 
         for query in ["?tail=500", "", "?download=true"] {
             let response = reqwest::get(format!("{base}{query}")).await.unwrap();
@@ -454,7 +473,7 @@ mod tests {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let served = tokio::spawn(spillway_common::serve::serve(
             listener,
-            app(state, pages),
+            app(state, pages, Gate::open()),
             Duration::from_secs(10),
             stop.cancelled_owned(),
         ));
@@ -550,6 +569,139 @@ mod tests {
             .expect("the server stops with a follow open: its stream ends")
             .unwrap()
             .unwrap();
+        std::fs::write(dir.path().join("release"), "").unwrap();
+    }
+
+    #[tokio::test]
+    async fn with_tokens_the_dashboard_asks_for_one_keeps_it_in_a_cookie_and_keeps_logs_for_admins()
+    {
+        use spillway_common::auth::{Role, Tokens};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.toml");
+        let admin = Tokens::add(&path, "ops", "default", Role::Admin).unwrap();
+        let submitter = Tokens::add(&path, "ci", "acme", Role::Submitter).unwrap();
+        let gate = Gate::with_tokens(Tokens::load(&path).unwrap(), false);
+        let launcher = held_worker(dir.path());
+        launcher.spawn("default", "w-held").await.unwrap();
+        let ledger = spillway_ledger::Ledger::open("postgres://127.0.0.1:1/none", 1).unwrap();
+        let state = HttpState {
+            bus: Bus::new(Arc::default(), &JobsConfig::default()),
+            metrics: Arc::new(Metrics::new()),
+            launcher: Arc::new(launcher),
+            reports: Arc::default(),
+            ledger: ledger.clone(),
+            job_types: Arc::default(),
+            stop: CancellationToken::new(),
+        };
+        let pages = DashboardState {
+            board: Arc::default(),
+            page: Arc::new(Page::new(2000)),
+            ledger,
+            producer: crate::dashboard::operations::Producer::new("http://127.0.0.1:9"),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(axum::serve(listener, app(state, pages, gate)).into_future());
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+
+        // No token: the API says 401, a browser is sent to the login form.
+        let api = client
+            .get(format!("{base}/api/stats"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(api.status(), StatusCode::UNAUTHORIZED);
+        let browser = client
+            .get(format!("{base}/"))
+            .header(header::ACCEPT, "text/html")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(browser.status(), StatusCode::SEE_OTHER);
+        assert_eq!(browser.headers()[header::LOCATION], "/login");
+        let form = client.get(format!("{base}/login")).send().await.unwrap();
+        assert!(form.text().await.unwrap().contains("name=\"token\""));
+        for open in ["/healthz", "/readyz"] {
+            let answer = client.get(format!("{base}{open}")).send().await.unwrap();
+            assert_ne!(answer.status(), StatusCode::UNAUTHORIZED, "{open}");
+        }
+
+        // A wrong token is refused at the form; a right one is kept in a cookie.
+        let wrong = client
+            .post(format!("{base}/login"))
+            .form(&[("token", "spw_wrong")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+        let logged_in = client
+            .post(format!("{base}/login"))
+            .form(&[("token", submitter.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(logged_in.status(), StatusCode::SEE_OTHER);
+        let cookie = logged_in.headers()[header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+            "{cookie}"
+        );
+        let session = cookie.split(';').next().unwrap().to_string();
+        let stats = client
+            .get(format!("{base}/api/stats"))
+            .header(header::COOKIE, &session)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stats.status(), StatusCode::OK);
+
+        // Worker logs and pausing are an admin's.
+        for (method, path) in [
+            (reqwest::Method::GET, "/api/jobs/w-held/logs"),
+            (reqwest::Method::POST, "/job-types/default/pause"),
+        ] {
+            let refused = client
+                .request(method.clone(), format!("{base}{path}"))
+                .header(header::COOKIE, &session)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(refused.status(), StatusCode::FORBIDDEN, "{method} {path}");
+        }
+        let log = client
+            .get(format!("{base}/api/jobs/w-held/logs"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(log.status(), StatusCode::OK);
+        assert!(log.text().await.unwrap().contains("line 1"));
+
+        // dashboard.sh: told to set SPILLWAY_TOKEN without one, served with one.
+        let dashboard_sh = |token: Option<&str>| {
+            let mut command = tokio::process::Command::new("bash");
+            command
+                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboard.sh"))
+                .args(["logs", "w-held", "--tail", "1"])
+                .env("SCALER_URL", &base)
+                .env_remove("SPILLWAY_TOKEN");
+            if let Some(token) = token {
+                command.env("SPILLWAY_TOKEN", token);
+            }
+            command.output()
+        };
+        let without = dashboard_sh(None).await.unwrap();
+        assert!(!without.status.success());
+        assert!(String::from_utf8_lossy(&without.stderr).contains("set SPILLWAY_TOKEN"));
+        let with = dashboard_sh(Some(&admin)).await.unwrap();
+        assert!(with.status.success(), "{with:?}");
+        assert_eq!(String::from_utf8_lossy(&with.stdout).trim(), "line 6");
         std::fs::write(dir.path().join("release"), "").unwrap();
     }
 }

@@ -29,6 +29,7 @@ pub mod context;
 pub mod dashboard;
 pub mod http;
 pub mod launcher;
+pub mod login;
 pub mod metrics;
 pub mod reports;
 pub mod tick;
@@ -38,7 +39,11 @@ pub use spillway_scaling::{policy, share, simulate};
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use spillway_common::{jobs_config::JobsConfig, rabbit_api::RabbitApi};
+use spillway_common::{
+    auth::{Access, Gate},
+    jobs_config::JobsConfig,
+    rabbit_api::RabbitApi,
+};
 use spillway_ledger::Ledger;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -73,6 +78,8 @@ struct Parts {
     producer_url: String,
     /// How long a connection may take to send a request head.
     header_timeout: Duration,
+    /// Who may call the API.
+    gate: Gate,
 }
 
 /// Runs the scaler until `stop`: HTTP endpoints on `listener`, the bus, and the ticks.
@@ -83,6 +90,8 @@ pub async fn run(
     listener: TcpListener,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Who may call the API and open the dashboard, by the address it listens on.
+    let gate = Access::from_settings(&settings.auth, listener.local_addr()?)?;
     let reports = Arc::new(Reports::default());
     let board = Arc::new(Board::new(Arc::clone(&reports)));
     let metrics = Arc::new(Metrics::new());
@@ -106,6 +115,7 @@ pub async fn run(
         },
         producer_url: settings.producer_url.clone(),
         header_timeout: Duration::from_secs(settings.request_header_timeout_seconds),
+        gate,
     };
     tokio::spawn(Arc::clone(&parts.bus).run(settings.broker.clone(), stop.clone()));
     match settings.launcher() {
@@ -158,6 +168,7 @@ async fn serve_and_tick<L: Launcher>(
             stop: stop.clone(),
         },
         dashboard,
+        parts.gate.clone(),
     );
     let http = tokio::spawn(spillway_common::serve::serve(
         listener,

@@ -18,6 +18,11 @@ const HOSTILE: &str = "<script>alert(1)</script>";
 
 /// Records batch `id` of `rows` rows (`n`, `note`; lines 2 onwards), all published.
 async fn record_batch(ledger: &Ledger, id: &str, file_name: &str, rows: u64) {
+    record_batch_of(ledger, "default", id, file_name, rows).await;
+}
+
+/// [`record_batch`], for `tenant`.
+async fn record_batch_of(ledger: &Ledger, tenant: &str, id: &str, file_name: &str, rows: u64) {
     let mut encoder = RowsEncoder::new(Vec::new(), id);
     for n in 0..rows {
         let note = format!("{HOSTILE} row {n}");
@@ -27,6 +32,7 @@ async fn record_batch(ledger: &Ledger, id: &str, file_name: &str, rows: u64) {
     }
     let header = ["n".to_string(), format!("note{HOSTILE}")];
     let batch = NewBatch {
+        tenant,
         batch_id: id,
         job_type: "default",
         queue: "tasks",
@@ -269,4 +275,71 @@ async fn an_unreachable_ledger_is_said_plainly_and_the_scaler_stays_ready() {
     let json: Value = serde_json::from_str(&json).unwrap();
     assert!(ok && json["batches"] == error, "{json}");
     assert!(json["stats"]["job_types"].is_array());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submitter_sees_its_tenants_batches_on_the_dashboard_and_no_other() {
+    use spillway_common::auth::{Role, Tokens};
+    let vhost = TestVhost::new("batches-tenants").await;
+    let db = TestDatabase::new("scaler_tenants").await;
+    let ledger = Ledger::open(&db.url, 2).unwrap();
+    record_batch_of(&ledger, "acme", "acme-1", "acme.csv", 2).await;
+    record_batch_of(&ledger, "globex", "globex-1", "globex.csv", 2).await;
+    let dir = jobs_dir();
+    let tokens = dir.path().join("tokens.toml");
+    let acme = Tokens::add(&tokens, "acme-ci", "acme", Role::Submitter).unwrap();
+    let admin = Tokens::add(&tokens, "ops", "default", Role::Admin).unwrap();
+    let scaler = Scaler::start_with(
+        &vhost,
+        dir.path(),
+        "scaler.log",
+        &[
+            ("DATABASE_URL", &db.url),
+            ("TOKENS_FILE", tokens.to_str().unwrap()),
+        ],
+    );
+    scaler.wait_ready().await;
+    let client = reqwest::Client::new();
+    let as_token = |token: &str, path: &str| {
+        client
+            .get(format!("{}{path}", scaler.url))
+            .bearer_auth(token)
+            .send()
+    };
+    let ids = |page: Value| -> Vec<String> {
+        page["batches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["batch_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let mine: Value = as_token(&acme, "/api/batches")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ids(mine), ["acme-1"]);
+    for path in [
+        "/api/batches/globex-1",
+        "/batches/globex-1",
+        "/batches/globex-1/results",
+    ] {
+        let answer = as_token(&acme, path).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::NOT_FOUND, "{path}");
+    }
+    let dead = as_token(&acme, "/dead?job_type=default").await.unwrap();
+    assert_eq!(dead.status(), StatusCode::FORBIDDEN);
+    let all: Value = as_token(&admin, "/api/batches")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut every = ids(all);
+    every.sort();
+    assert_eq!(every, ["acme-1", "globex-1"]);
+    let (status, _) = get(&scaler, "/api/batches").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 }

@@ -470,3 +470,73 @@ async fn a_batch_page_retries_dead_rows_and_cancels_a_running_batch() {
     assert!(!ok && err.contains("needs a batch id"), "{err}");
     stop_producer.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_asks_for_a_token_in_a_login_form_and_keeps_it_out_of_reach_of_scripts() {
+    use spillway_common::auth::{Role, Tokens};
+    let vhost = TestVhost::new("browser-login").await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::write(dir.join("jobs.toml"), JOBS).unwrap();
+    let tokens = dir.join("tokens.toml");
+    let admin = Tokens::add(&tokens, "ops", "default", Role::Admin).unwrap();
+    let scaler = Scaler::start_with(
+        &vhost,
+        dir,
+        "scaler.log",
+        &[("TOKENS_FILE", tokens.to_str().unwrap())],
+    );
+    let readyz = format!("{}/readyz", scaler.url);
+    wait_for("the scaler to be ready", PATIENCE, || async {
+        reqwest::get(&readyz)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+
+    let browser = Browser::start(&dir.join("profile")).await;
+    browser.open(&scaler.url).await;
+    let at = |path: &'static str| {
+        let browser = &browser;
+        async move { browser.eval("return location.pathname").await == json!(path) }
+    };
+    wait_for(
+        "the dashboard to send the browser to its login form",
+        PATIENCE,
+        || at("/login"),
+    )
+    .await;
+    let log_in = |token: &str| {
+        format!(
+            "document.getElementById('token').value = {}; document.querySelector('form').submit()",
+            json!(token)
+        )
+    };
+    browser.eval(&log_in("spw_not-a-token")).await;
+    wait_for("the form to refuse a wrong token", PATIENCE, || async {
+        browser
+            .eval("return document.getElementById('message')?.textContent ?? ''")
+            .await
+            .as_str()
+            .is_some_and(|m| m.contains("not valid"))
+    })
+    .await;
+    browser.eval(&log_in(&admin)).await;
+    wait_for("the dashboard once logged in", PATIENCE, || async {
+        at("/").await
+            && browser
+                .eval("return document.getElementById('jobs') !== null")
+                .await
+                == json!(true)
+    })
+    .await;
+    assert_eq!(
+        browser
+            .eval("return document.cookie.includes('spillway_token')")
+            .await,
+        json!(false),
+        "the token's cookie is HttpOnly: no script reads it"
+    );
+    let log = std::fs::read_to_string(dir.join("scaler.log")).unwrap();
+    assert!(!log.contains(&admin), "the token is never logged: {log}");
+}

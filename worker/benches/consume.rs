@@ -68,6 +68,7 @@ async fn main() {
             record_published_batch(
                 &ledger,
                 &NewBatch {
+                    tenant: "default",
                     batch_id: &batch_id,
                     job_type: JOB_TYPE,
                     queue: &job.queue,

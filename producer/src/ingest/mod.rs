@@ -155,6 +155,8 @@ pub struct BatchFile {
     pub job_type: String,
     pub queue: String,
     pub file_name: Option<String>,
+    /// Whose batch it is: the uploading token's tenant.
+    pub tenant: String,
     pub callback_url: Option<String>,
 }
 
@@ -178,6 +180,7 @@ pub async fn record_batch(
         header: &header,
         rows: None,
         callback_url: batch.callback_url.as_deref(),
+        tenant: &batch.tenant,
     };
     ledger.create_batch(&new, tail.rows()).await
 }

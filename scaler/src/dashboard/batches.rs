@@ -14,13 +14,14 @@
 use std::{future::Future, time::Duration};
 
 use axum::{
-    Json,
+    Extension, Json,
     body::Body,
     extract::{Path, Query, State},
     http::{StatusCode, header},
     response::{Html, IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
+use spillway_common::auth::Principal;
 use spillway_ledger::{
     BatchFilter, BatchRecord, Ledger, RowStatus, batches::DeadRow, results::Format,
 };
@@ -92,10 +93,11 @@ pub(crate) async fn read<T>(
     }
 }
 
-/// The newest batches in the ledger.
-pub async fn newest(ledger: &Ledger) -> Result<BatchesView, ApiError> {
+/// The newest batches in the ledger that `principal` may see.
+pub async fn newest(ledger: &Ledger, principal: &Principal) -> Result<BatchesView, ApiError> {
     let filter = BatchFilter {
         limit: BATCHES_SHOWN + 1,
+        tenant: principal.tenant_filter().map(str::to_string),
         ..BatchFilter::default()
     };
     let mut batches = read(ledger.batches(&filter)).await?;
@@ -107,11 +109,21 @@ pub async fn newest(ledger: &Ledger) -> Result<BatchesView, ApiError> {
     })
 }
 
-/// A batch and its first dead rows.
-async fn page_of(ledger: &Ledger, id: &str) -> Result<BatchPage, ApiError> {
-    let record = read(ledger.batch(id))
+/// Batch `id` if `principal` may see it: another tenant's is no batch at all.
+async fn visible(
+    ledger: &Ledger,
+    principal: &Principal,
+    id: &str,
+) -> Result<BatchRecord, ApiError> {
+    read(ledger.batch(id))
         .await?
-        .ok_or_else(|| ApiError::NoSuchBatch(id.to_string()))?;
+        .filter(|b| principal.sees(&b.tenant))
+        .ok_or_else(|| ApiError::NoSuchBatch(id.to_string()))
+}
+
+/// A batch and its first dead rows.
+async fn page_of(ledger: &Ledger, principal: &Principal, id: &str) -> Result<BatchPage, ApiError> {
+    let record = visible(ledger, principal, id).await?;
     let dead_rows = if record.dead == 0 {
         Vec::new()
     } else {
@@ -124,22 +136,30 @@ async fn page_of(ledger: &Ledger, id: &str) -> Result<BatchPage, ApiError> {
 }
 
 /// `GET /api/batches`
-pub async fn list(State(state): State<DashboardState>) -> Result<Json<BatchesView>, ApiError> {
-    Ok(Json(newest(&state.ledger).await?))
+pub async fn list(
+    State(state): State<DashboardState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<BatchesView>, ApiError> {
+    Ok(Json(newest(&state.ledger, &principal).await?))
 }
 
 /// `GET /api/batches/{id}`
 pub async fn get(
     State(state): State<DashboardState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<BatchPage>, ApiError> {
-    Ok(Json(page_of(&state.ledger, &id).await?))
+    Ok(Json(page_of(&state.ledger, &principal, &id).await?))
 }
 
 /// `GET /batches/{id}`: the batch's page; when the ledger cannot say, a page that
 /// says why, with the error's status.
-pub async fn page(State(state): State<DashboardState>, Path(id): Path<String>) -> Response {
-    let (status, rendered) = match page_of(&state.ledger, &id).await {
+pub async fn page(
+    State(state): State<DashboardState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Response {
+    let (status, rendered) = match page_of(&state.ledger, &principal, &id).await {
         Ok(page) => (StatusCode::OK, state.page.render_batch(&id, Ok(&page))),
         Err(error) => (error.status(), state.page.render_batch(&id, Err(&error))),
     };
@@ -161,6 +181,7 @@ pub struct ResultsQuery {
 /// order (`?status=dead` for the dead ones), streamed from PostgreSQL.
 pub async fn results(
     State(state): State<DashboardState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     Query(query): Query<ResultsQuery>,
 ) -> Result<Response, ApiError> {
@@ -170,9 +191,7 @@ pub async fn results(
         .map(str::parse)
         .transpose()
         .map_err(ApiError::BadQuery)?;
-    let record = read(state.ledger.batch(&id))
-        .await?
-        .ok_or_else(|| ApiError::NoSuchBatch(id.clone()))?;
+    let record = visible(&state.ledger, &principal, &id).await?;
     let download = read(state.ledger.results(&record, Format::Csv, status)).await?;
     // The id is the producer's, but a file name is no place to find out otherwise.
     let name: String = record
@@ -209,6 +228,7 @@ pub(crate) mod tests {
     ) -> BatchRecord {
         BatchRecord {
             batch_id: id.into(),
+            tenant: "default".into(),
             job_type: "default".into(),
             queue: "tasks".into(),
             file_name: Some("data.csv".into()),

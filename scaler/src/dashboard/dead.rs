@@ -3,10 +3,12 @@
 //! browsing them neither consumes nor reorders the queue.
 
 use axum::{
+    Extension,
     extract::{Query, State},
     response::{Html, IntoResponse, Response},
 };
 use serde::Deserialize;
+use spillway_common::auth::Principal;
 use spillway_ledger::dead::{DeadFilter, parse_cursor};
 
 use super::{DashboardState, batches::read};
@@ -22,7 +24,14 @@ pub struct DeadQuery {
     after: Option<String>,
 }
 
-pub async fn page(State(state): State<DashboardState>, Query(query): Query<DeadQuery>) -> Response {
+pub async fn page(
+    State(state): State<DashboardState>,
+    Extension(principal): Extension<Principal>,
+    Query(query): Query<DeadQuery>,
+) -> Response {
+    if !principal.is_admin() {
+        return ApiError::AdminOnly("dead letters").into_response();
+    }
     let rows = async {
         let after = query
             .after

@@ -19,10 +19,11 @@ pub mod summary;
 use std::sync::Arc;
 
 use axum::{
-    Json,
+    Extension, Json,
     extract::{Query, State},
     response::{Html, IntoResponse, Response},
 };
+use spillway_common::auth::Principal;
 use spillway_ledger::Ledger;
 use tera::{Context, Kwargs, State as TeraState, Tera};
 
@@ -195,8 +196,11 @@ pub struct DashboardState {
     pub producer: operations::Producer,
 }
 
-pub async fn index(State(state): State<DashboardState>) -> Result<Html<String>, ApiError> {
-    let batches = batches::newest(&state.ledger)
+pub async fn index(
+    State(state): State<DashboardState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Html<String>, ApiError> {
+    let batches = batches::newest(&state.ledger, &principal)
         .await
         .map_err(|e| e.to_string());
     let batches = batches.as_ref().map_err(String::as_str);
@@ -232,9 +236,10 @@ pub struct SummaryQuery {
 /// colours), for `dashboard.sh`.
 pub async fn summary(
     State(state): State<DashboardState>,
+    Extension(principal): Extension<Principal>,
     Query(query): Query<SummaryQuery>,
 ) -> Response {
-    let batches = batches::newest(&state.ledger)
+    let batches = batches::newest(&state.ledger, &principal)
         .await
         .map_err(|e| e.to_string());
     let batches = batches.as_ref().map_err(String::as_str);

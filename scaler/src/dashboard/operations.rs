@@ -7,10 +7,11 @@ use axum::{
     Json,
     body::Body,
     extract::{Path, State},
-    http::{StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde_json::json;
+use spillway_common::auth::presented;
 
 use super::DashboardState;
 
@@ -34,10 +35,16 @@ impl Producer {
     }
 
     /// POSTs `path` to the producer and passes its answer on.
-    async fn forward(&self, path: &str) -> Response {
+    /// POSTs `path` to the producer with the caller's token (`token`), so that the
+    /// producer applies the caller's own rights.
+    async fn forward(&self, path: &str, token: Option<String>) -> Response {
         let url = format!("{}{path}", self.url);
         let answer = async {
-            let response = self.http.post(&url).send().await?;
+            let mut request = self.http.post(&url);
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await?;
             let status = response.status();
             let body = response.bytes().await?;
             Ok::<_, reqwest::Error>((status, body))
@@ -61,13 +68,21 @@ impl Producer {
 }
 
 /// `POST /batches/{id}/retry`, forwarded to the producer.
-pub async fn retry(State(state): State<DashboardState>, Path(id): Path<String>) -> Response {
+pub async fn retry(
+    State(state): State<DashboardState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     let path = format!("/batches/{}/retry", super::path_segment(&id));
-    state.producer.forward(&path).await
+    state.producer.forward(&path, presented(&headers)).await
 }
 
 /// `POST /batches/{id}/cancel`, forwarded to the producer.
-pub async fn cancel(State(state): State<DashboardState>, Path(id): Path<String>) -> Response {
+pub async fn cancel(
+    State(state): State<DashboardState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     let path = format!("/batches/{}/cancel", super::path_segment(&id));
-    state.producer.forward(&path).await
+    state.producer.forward(&path, presented(&headers)).await
 }

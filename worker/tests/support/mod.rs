@@ -109,6 +109,7 @@ impl Rig {
     pub async fn record_batch(&self, rows: u64) -> Ledger {
         let ledger = self.ledger();
         let batch = NewBatch {
+            tenant: "default",
             batch_id: &self.batch_id,
             job_type: "default",
             queue: QUEUE,
