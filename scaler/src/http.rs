@@ -308,7 +308,7 @@ async fn logs<L: Launcher>(
 
 #[cfg(test)]
 mod tests {
-    use std::{future::IntoFuture, io::Write};
+    use std::io::Write;
 
     use spillway_common::jobs_config::JobsConfig;
 
@@ -394,28 +394,8 @@ mod tests {
         log.write_all(b"end\n").unwrap();
         drop(log);
 
-        let ledger = spillway_ledger::Ledger::open("postgres://127.0.0.1:1/none", 1).unwrap();
-        let state = HttpState {
-            bus: Bus::new(Arc::default(), &JobsConfig::default()),
-            metrics: Arc::new(Metrics::new()),
-            launcher: Arc::new(launcher),
-            reports: Arc::default(),
-            ledger: ledger.clone(),
-            job_types: Arc::default(),
-            stop: CancellationToken::new(),
-        };
-        let pages = DashboardState {
-            board: Arc::default(),
-            page: Arc::new(Page::new(2000)),
-            ledger,
-            producer: crate::dashboard::operations::Producer::new("http://127.0.0.1:9"),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!(
-            "http://{}/api/jobs/w-huge/logs",
-            listener.local_addr().unwrap()
-        );
-        tokio::spawn(axum::serve(listener, app(state, pages, Gate::open())).into_future());
+        let (base, _served) = serve_logs(launcher, CancellationToken::new(), Gate::open()).await;
+        let base = format!("{base}/api/jobs/w-huge/logs");
 
         for query in ["?tail=500", "", "?download=true"] {
             let response = reqwest::get(format!("{base}{query}")).await.unwrap();
@@ -448,10 +428,11 @@ mod tests {
         LocalLauncher::new(script, dir.join("workers")).unwrap()
     }
 
-    /// The scaler's routes over the real server, on the local launcher.
+    /// The scaler's routes behind `gate` over the real server, on the local launcher.
     async fn serve_logs(
         launcher: LocalLauncher,
         stop: CancellationToken,
+        gate: Gate,
     ) -> (String, tokio::task::JoinHandle<std::io::Result<()>>) {
         let ledger = spillway_ledger::Ledger::open("postgres://127.0.0.1:1/none", 1).unwrap();
         let state = HttpState {
@@ -473,7 +454,7 @@ mod tests {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let served = tokio::spawn(spillway_common::serve::serve(
             listener,
-            app(state, pages, Gate::open()),
+            app(state, pages, gate),
             Duration::from_secs(10),
             stop.cancelled_owned(),
         ));
@@ -500,7 +481,7 @@ mod tests {
         let launcher = held_worker(dir.path());
         launcher.spawn("default", "w-held").await.unwrap();
         let stop = CancellationToken::new();
-        let (base, served) = serve_logs(launcher, stop.clone()).await;
+        let (base, served) = serve_logs(launcher, stop.clone(), Gate::open()).await;
 
         let mut response = reqwest::get(format!("{base}/api/jobs/w-held/logs?follow=1"))
             .await
@@ -556,7 +537,7 @@ mod tests {
         let launcher = held_worker(dir.path());
         launcher.spawn("default", "w-held").await.unwrap();
         let stop = CancellationToken::new();
-        let (base, served) = serve_logs(launcher, stop.clone()).await;
+        let (base, served) = serve_logs(launcher, stop.clone(), Gate::open()).await;
         let mut response = reqwest::get(format!("{base}/api/jobs/w-held/logs?follow=1"))
             .await
             .unwrap();
@@ -583,25 +564,7 @@ mod tests {
         let gate = Gate::with_tokens(Tokens::load(&path).unwrap(), false);
         let launcher = held_worker(dir.path());
         launcher.spawn("default", "w-held").await.unwrap();
-        let ledger = spillway_ledger::Ledger::open("postgres://127.0.0.1:1/none", 1).unwrap();
-        let state = HttpState {
-            bus: Bus::new(Arc::default(), &JobsConfig::default()),
-            metrics: Arc::new(Metrics::new()),
-            launcher: Arc::new(launcher),
-            reports: Arc::default(),
-            ledger: ledger.clone(),
-            job_types: Arc::default(),
-            stop: CancellationToken::new(),
-        };
-        let pages = DashboardState {
-            board: Arc::default(),
-            page: Arc::new(Page::new(2000)),
-            ledger,
-            producer: crate::dashboard::operations::Producer::new("http://127.0.0.1:9"),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(axum::serve(listener, app(state, pages, gate)).into_future());
+        let (base, _served) = serve_logs(launcher, CancellationToken::new(), gate).await;
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()
