@@ -257,9 +257,12 @@ async fn the_dashboard_shows_live_numbers_workers_and_logs_and_escapes_what_it_s
     let mut found = false;
     let workers = browser.eval("return [...document.querySelectorAll('#jobs button[data-logs]')].map(b => b.dataset.logs)").await;
     for (i, _) in workers.as_array().unwrap().iter().enumerate() {
+        // The previous worker's log closed and the next opened at once, in one script:
+        // the dialog's close event then comes after the new log is open, and must not
+        // stop following it.
         browser
             .eval(&format!(
-                "document.querySelectorAll('#jobs button[data-logs]')[{i}].click()"
+                "document.getElementById('logs').close(); document.querySelectorAll('#jobs button[data-logs]')[{i}].click()"
             ))
             .await;
         wait_for("the logs dialog to load", PATIENCE, || async {
@@ -279,13 +282,7 @@ async fn the_dashboard_shows_live_numbers_workers_and_logs_and_escapes_what_it_s
         let text = browser
             .eval("return document.getElementById('logs-text').textContent")
             .await;
-        if text.as_str().unwrap().contains(PAYLOAD) {
-            found = true;
-            break;
-        }
-        browser
-            .eval("document.getElementById('logs').close()")
-            .await;
+        found |= text.as_str().unwrap().contains(PAYLOAD);
     }
     assert!(
         found,
