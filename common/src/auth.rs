@@ -396,11 +396,13 @@ impl Gate {
         }
     }
 
-    /// Whether `path` is served to anyone: the probes, the login form, and the
-    /// metrics when public.
-    fn is_open(&self, path: &str) -> bool {
-        matches!(path, "/healthz" | "/readyz" | "/login")
-            || (path == "/metrics" && self.metrics_public)
+    /// Whether `path` is served to anyone: the probes, the login form, the OpenAPI
+    /// document, and the metrics when public.
+    pub fn is_open(&self, path: &str) -> bool {
+        matches!(
+            path,
+            "/healthz" | "/readyz" | "/login" | crate::openapi::PATH
+        ) || (path == "/metrics" && self.metrics_public)
     }
 
     /// Who `headers` say the request comes from: `None` for no token or a wrong one.

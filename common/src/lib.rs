@@ -9,11 +9,13 @@
 //! - [`jobs_config`]: the job-types file mapping a job type to its queue, handler and limits.
 //! - [`events`]: worker progress reports and drain requests, their exchanges, and
 //!   subscribing to them.
+//! - [`extract`]: query and path extractors that refuse in JSON, and refuse NUL bytes.
 //! - [`envelope`]: the message carried for one CSV row, and its AMQP properties.
 //! - [`topology`]: declaring the quorum work queue, its dead-letter exchange and `<queue>.dead`.
 //! - [`rabbit_api`]: a small client for the RabbitMQ management HTTP API.
 //! - [`retry`]: the one retry policy for the broker: connecting, and rows it nacks.
 //! - [`metrics`]: a metrics registry as the OpenMetrics text `/metrics` serves.
+//! - [`openapi`]: what every service's OpenAPI document at `/openapi.json` shares.
 //! - [`telemetry`]: tracing setup, human-readable or JSON lines.
 //! - [`shutdown`]: turning SIGTERM/SIGINT into a cancellation token.
 //!
@@ -23,8 +25,10 @@ pub mod auth;
 pub mod config;
 pub mod envelope;
 pub mod events;
+pub mod extract;
 pub mod jobs_config;
 pub mod metrics;
+pub mod openapi;
 pub mod rabbit_api;
 pub mod retry;
 pub mod serve;

@@ -16,35 +16,20 @@
 #
 #   infra/ci/test_monitoring.sh          # run by ./manage.sh test after the cargo tests
 #
-# Needs RabbitMQ with the management plugin, PostgreSQL, Prometheus (Debian's
-# `prometheus` package: prometheus and promtool) and the binaries in SPILLWAY_BIN_DIR
-# (default target/release; ./manage.sh test passes target/debug, which `cargo test`
-# has just built). AMQP_URL, RABBITMQ_API_URL and TEST_DATABASE_URL choose the broker
-# and the server, as for the cargo tests.
+# Needs Prometheus (Debian's `prometheus` package: prometheus and promtool), and what
+# local_spillway.sh says it needs (RabbitMQ, PostgreSQL, the binaries).
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+RUN_NAME=monitoring
+# shellcheck source=infra/ci/local_spillway.sh
+source "$(dirname "${BASH_SOURCE[0]}")/local_spillway.sh"
 MONITORING="$ROOT/infra/k8s/overlays/monitoring"
-BIN_DIR="${SPILLWAY_BIN_DIR:-$ROOT/target/release}"
-AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
-RABBITMQ_API_URL="${RABBITMQ_API_URL:-http://guest:guest@127.0.0.1:15672}"
-TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 # How long each wait may take before the check fails, saying what did not happen.
-START_SECONDS=60
 BATCH_SECONDS=120
 QUERY_SECONDS=90
 
-say() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-
-PYTHON=python3
-[[ -x "${SPILLWAY_STATE_DIR:-$ROOT/.spillway}/ci-venv/bin/python" ]] && PYTHON="${SPILLWAY_STATE_DIR:-$ROOT/.spillway}/ci-venv/bin/python"
-
-for binary in producer scaler worker; do
-    [[ -x "$BIN_DIR/$binary" ]] || die "$BIN_DIR/$binary is missing: run 'cargo build --release --bins' (or set SPILLWAY_BIN_DIR to where the binaries are), then run this again"
-done
-for tool in prometheus promtool psql curl; do
-    command -v "$tool" >/dev/null || die "$tool is missing: install it (sudo apt-get install prometheus postgresql-client curl), then run this again"
+for tool in prometheus promtool; do
+    command -v "$tool" >/dev/null || die "$tool is missing: install it (sudo apt-get install prometheus), then run this again"
 done
 "$PYTHON" -c 'import yaml' 2>/dev/null || die "$PYTHON cannot import yaml: install PyYAML (sudo apt-get install python3-yaml), then run this again"
 
@@ -52,113 +37,8 @@ say "unit tests of the alert rules (promtool test rules)"
 (cd "$MONITORING/prometheus" && promtool test rules alerts_test.yml) ||
     die "the alert rules fail their unit tests in $MONITORING/prometheus/alerts_test.yml (see above)"
 
-WORK=$(mktemp -d)
-SUFFIX=$(od -An -tx1 -N4 /dev/urandom | tr -d ' \n')
-VHOST="spillway-monitoring-$SUFFIX"
-DATABASE="spillway_monitoring_$SUFFIX"
-AMQP_USER=${AMQP_URL#amqp://}
-AMQP_USER=${AMQP_USER%%:*}
-PIDS=()
-SCALER_ENV=()
-VHOST_CREATED=0
-DATABASE_CREATED=0
-export WORKER_DIR="$WORK/workers"
-
-# Asks a process to stop, waits for it a bounded time, then kills it.
-stop_process() { # pid, name
-    kill -TERM "$1" 2>/dev/null || return 0
-    local waited=0
-    while kill -0 "$1" 2>/dev/null && ((waited < 150)); do
-        sleep 0.1
-        waited=$((waited + 1))
-    done
-    if kill -0 "$1" 2>/dev/null; then
-        say "$2 (pid $1) did not stop within 15 s of SIGTERM: killing it"
-        kill -KILL "$1" 2>/dev/null || true
-    fi
-    wait "$1" 2>/dev/null || true
-}
-
-# The workers the scaler started, from its own registry: they outlive the scaler by
-# design, so they are stopped one by one.
-stop_workers() {
-    [[ -d "$WORKER_DIR" ]] || return 0
-    local listing name pid
-    listing=$(env "${SCALER_ENV[@]}" "$BIN_DIR/scaler" workers 2>/dev/null) || { say "cannot list the workers in $WORKER_DIR"; return 0; }
-    while read -r name pid; do
-        [[ -n "$pid" ]] && stop_process "$pid" "worker $name"
-    done < <("$PYTHON" -c 'import json, sys
-for w in json.load(sys.stdin):
-    if w["phase"] in ("running", "pending") and w["pid"]:
-        print(w["name"], w["pid"])' <<<"$listing")
-}
-
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    local index pid name
-    for ((index = ${#PIDS[@]} - 1; index >= 0; index--)); do
-        IFS=: read -r pid name <<<"${PIDS[index]}"
-        stop_process "$pid" "$name"
-    done
-    stop_workers
-    if ((status != 0)); then
-        local log
-        for log in "$WORK"/*.log; do
-            [[ -e "$log" ]] || continue
-            printf '\n--- last lines of %s ---\n' "$(basename "$log")" >&2
-            tail -n 20 "$log" >&2
-        done
-    fi
-    if ((VHOST_CREATED)); then
-        curl -fsS --max-time 10 -X DELETE "$RABBITMQ_API_URL/api/vhosts/$VHOST" >/dev/null ||
-            say "could not delete the vhost $VHOST: delete it in the RabbitMQ UI"
-    fi
-    if ((DATABASE_CREATED)); then
-        psql "$TEST_DATABASE_URL" -qAtc "DROP DATABASE IF EXISTS $DATABASE WITH (FORCE)" >/dev/null ||
-            say "could not drop the database $DATABASE: drop it by hand"
-    fi
-    rm -rf "$WORK"
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-wait_until() { # seconds, description, command...
-    local seconds=$1 what=$2
-    shift 2
-    local deadline=$((SECONDS + seconds))
-    until "$@"; do
-        ((SECONDS < deadline)) || die "$what did not happen within ${seconds}s"
-        sleep 0.5
-    done
-}
-
-free_port() {
-    "$PYTHON" -c 'import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])'
-}
-
-PRODUCER_PORT=$(free_port)
-SCALER_PORT=$(free_port)
 PROMETHEUS_PORT=$(free_port)
-PRODUCER="http://127.0.0.1:$PRODUCER_PORT"
-SCALER="http://127.0.0.1:$SCALER_PORT"
 PROMETHEUS="http://127.0.0.1:$PROMETHEUS_PORT"
-
-say "creating vhost $VHOST and database $DATABASE"
-curl -fsS --max-time 10 -X PUT "$RABBITMQ_API_URL/api/vhosts/$VHOST" >/dev/null ||
-    die "cannot create a vhost through the management API at ${RABBITMQ_API_URL#*@}: is RabbitMQ running with its management plugin (rabbitmq-plugins enable rabbitmq_management)?"
-VHOST_CREATED=1
-curl -fsS --max-time 10 -X PUT -H 'content-type: application/json' \
-    -d '{"configure":".*","write":".*","read":".*"}' \
-    "$RABBITMQ_API_URL/api/permissions/$VHOST/$AMQP_USER" >/dev/null ||
-    die "cannot give $AMQP_USER permissions on vhost $VHOST"
-psql "$TEST_DATABASE_URL" -qAtc "CREATE DATABASE $DATABASE" >/dev/null ||
-    die "cannot create a database on ${TEST_DATABASE_URL#*@}: is PostgreSQL running, and may this user create databases?"
-DATABASE_CREATED=1
 
 # Rows die on their first failure, so a small batch ends with dead rows at once.
 cat >"$WORK/jobs.toml" <<'TOML'
@@ -173,35 +53,8 @@ fail_rate = 0.3
 delivery_limit = 1
 max_jobs = 2
 TOML
-
-# The scaler's settings, also for `scaler workers`, which reads its registry.
-SCALER_ENV=(AMQP_URL="${AMQP_URL%/*}/$VHOST" RABBITMQ_API_URL="$RABBITMQ_API_URL"
-    DATABASE_URL="${TEST_DATABASE_URL%/*}/$DATABASE" JOBS_CONFIG="$WORK/jobs.toml"
-    LAUNCHER=local WORKER_BIN="$BIN_DIR/worker" WORKER_DIR="$WORKER_DIR"
-    SCALER_LISTEN="127.0.0.1:$SCALER_PORT" PRODUCER_URL="$PRODUCER")
-
-start() { # name, command...
-    local name=$1
-    shift
-    "$@" >"$WORK/$name.log" 2>&1 &
-    PIDS+=("$!:$name")
-}
-
-answers() { # name, url
-    local entry
-    for entry in "${PIDS[@]}"; do
-        [[ "${entry#*:}" == "$1" ]] && { kill -0 "${entry%%:*}" 2>/dev/null || die "$1 exited: see its log below"; }
-    done
-    curl -fsS --max-time 3 -o /dev/null "$2" 2>/dev/null
-}
-
-say "starting the producer ($PRODUCER) and the scaler ($SCALER) from $BIN_DIR"
-start producer env AMQP_URL="${AMQP_URL%/*}/$VHOST" DATABASE_URL="${TEST_DATABASE_URL%/*}/$DATABASE" \
-    JOBS_CONFIG="$WORK/jobs.toml" PRODUCER_LISTEN="127.0.0.1:$PRODUCER_PORT" SPOOL_DIR="$WORK" \
-    "$BIN_DIR/producer"
-start scaler env "${SCALER_ENV[@]}" "$BIN_DIR/scaler"
-wait_until "$START_SECONDS" "the producer becoming ready ($PRODUCER/readyz)" answers producer "$PRODUCER/readyz"
-wait_until "$START_SECONDS" "the scaler becoming ready ($SCALER/readyz)" answers scaler "$SCALER/readyz"
+# shellcheck disable=SC2119 # open on loopback, no settings beyond the defaults
+start_spillway
 
 # The add-on's configuration with its alert rules, each scrape job's discovery
 # replaced by this run's address of the same process. A job the table below does not

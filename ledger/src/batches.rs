@@ -39,7 +39,7 @@ pub struct NewBatch<'a> {
 }
 
 /// A batch as the ledger holds it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct BatchRecord {
     pub batch_id: String,
     /// Whose batch it is.
@@ -91,7 +91,7 @@ impl BatchRecord {
 }
 
 /// A row that failed on its last attempt, or could not run at all.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct DeadRow {
     pub line: u64,
     pub attempts: u32,

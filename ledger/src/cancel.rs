@@ -10,8 +10,18 @@ use serde::Serialize;
 
 use crate::{BatchState, Ledger, Result};
 
+/// What a cancel did, as the producer answers `POST /batches/{id}/cancel`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct CancelAnswer {
+    pub batch_id: String,
+    /// `cancelled`.
+    pub state: BatchState,
+    #[serde(flatten)]
+    pub counts: Cancelled,
+}
+
 /// What cancelling a batch did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Cancelled {
     /// Rows that will not run.
     pub cancelled: u64,

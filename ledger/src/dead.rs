@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::{Ledger, Result, rfc3339};
 
 /// A dead row as `GET /dead` lists it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct DeadLetter {
     pub batch_id: String,
     pub line: u64,

@@ -56,7 +56,7 @@ pub enum Attempt {
 }
 
 /// Where a batch's completion callback stands, as the batch shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct CallbackDelivery {
     /// `pending`, `delivered` or `given_up`.
     pub status: String,

@@ -110,7 +110,9 @@ impl From<sqlx::Error> for LedgerError {
 pub type Result<T, E = LedgerError> = std::result::Result<T, E>;
 
 /// A row's status in the ledger.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum RowStatus {
     /// Not settled yet.
@@ -166,7 +168,7 @@ impl FromStr for RowStatus {
 }
 
 /// A batch's state in the ledger.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BatchState {
     Publishing,

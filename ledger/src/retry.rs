@@ -13,6 +13,18 @@ use serde::Serialize;
 
 use crate::{BatchState, Ledger, LedgerError, Result, batches::lock_state};
 
+/// What a retry did, as the producer answers `POST /batches/{id}/retry`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Retried {
+    pub batch_id: String,
+    /// Dead rows set back to pending by this call.
+    pub retried: u64,
+    /// Rows published again and confirmed: those, and any an interrupted retry left.
+    pub published: u64,
+    /// Their copies taken out of the dead queue.
+    pub removed_from_dead_queue: u64,
+}
+
 /// What a retry set in motion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Retry {

@@ -18,25 +18,30 @@ use std::{
 use axum::{
     Extension, Json,
     body::Body,
-    extract::{Path, Query, State},
+    extract::State,
     http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
-use spillway_common::auth::Principal;
 use spillway_common::events::{BatchPublishing, publishing_routing_key};
-use spillway_ledger::{
-    BatchFilter, BatchRecord, RowStatus,
-    batches::Deleted,
-    cancel::{CancelRefused, Cancelled},
-    results::Format,
-    retry::RetryRefused,
+use spillway_common::{
+    auth::Principal,
+    extract::{Path, Query},
 };
+use spillway_ledger::{
+    BatchFilter, BatchRecord, BatchState, RowStatus,
+    batches::Deleted,
+    cancel::{CancelAnswer, CancelRefused},
+    results::Format,
+    retry::{Retried, RetryRefused},
+};
+
+use utoipa::{IntoParams, ToSchema};
 
 use crate::{
     broker::Broker,
     ingest::{publish, resume::LedgerRows},
-    routes::{ApiError, AppState},
+    routes::{ApiError, AppState, ErrorAnswer},
 };
 
 /// Whether `principal` may see batch `id`: an admin any, a submitter its tenant's. A
@@ -56,7 +61,7 @@ const MAX_PAGE: u32 = 500;
 const DEFAULT_PAGE: u32 = 50;
 
 /// A batch as the API shows it: the ledger's record and what follows from it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct BatchView {
     #[serde(flatten)]
     pub record: BatchRecord,
@@ -76,15 +81,23 @@ impl BatchView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only batches in this state.
+    #[param(value_type = Option<BatchState>, inline)]
     state: Option<String>,
+    /// Only batches of this job type.
     job_type: Option<String>,
+    /// Only batches older than this one: the `next_before` of the previous page.
     before: Option<String>,
+    /// Most batches to list, 1 to 500 (50 by default).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
 }
 
-#[derive(Debug, Serialize)]
+/// One page of batches, newest first.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct BatchPage {
     pub batches: Vec<BatchView>,
     /// Pass as `before` for the next page; absent on the last.
@@ -92,6 +105,13 @@ pub struct BatchPage {
     pub next_before: Option<String>,
 }
 
+/// `GET /batches`: the batches this token may see, newest first, a page at a time.
+#[utoipa::path(get, operation_id = "list_batches", path = "/batches", tag = "batches", params(ListQuery),
+    responses(
+        (status = 200, description = "A page of batches", body = BatchPage),
+        (status = 400, description = "A filter or limit that cannot be", body = ErrorAnswer),
+        (status = 503, description = "PostgreSQL is out of reach", body = ErrorAnswer),
+    ))]
 pub async fn list(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Principal>,
@@ -125,6 +145,14 @@ pub async fn list(
     }))
 }
 
+/// `GET /batches/{id}`: one batch, its counts and progress.
+#[utoipa::path(get, operation_id = "get_batch", path = "/batches/{id}", tag = "batches",
+    params(("id" = String, Path, description = "The batch's id, as its upload answered")),
+    responses(
+        (status = 200, description = "The batch", body = BatchView),
+        (status = 404, description = "No such batch (or another tenant's)", body = ErrorAnswer),
+        (status = 503, description = "PostgreSQL is out of reach", body = ErrorAnswer),
+    ))]
 pub async fn get(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Principal>,
@@ -139,12 +167,39 @@ pub async fn get(
     Ok(Json(BatchView::of(record)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ResultsQuery {
+    /// `csv` (the default) or `jsonl`.
+    #[param(value_type = Option<ResultsFormat>, inline)]
     format: Option<String>,
+    /// Only rows of this status.
+    #[param(value_type = Option<RowStatus>, inline)]
     status: Option<String>,
 }
 
+/// The formats results download in: the parameter's documented values.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[expect(
+    dead_code,
+    reason = "only its schema is used: the query holds the text"
+)]
+enum ResultsFormat {
+    Csv,
+    Jsonl,
+}
+
+/// `GET /batches/{id}/results`: every row in line order with its outcome, streamed.
+#[utoipa::path(get, operation_id = "batch_results", path = "/batches/{id}/results", tag = "batches",
+    params(("id" = String, Path, description = "The batch's id"), ResultsQuery),
+    responses(
+        (status = 200, description = "The original columns, then spillway_line, spillway_status, spillway_result, spillway_error and spillway_attempts; as a file download",
+            content((String = "text/csv"), (String = "application/jsonl"))),
+        (status = 400, description = "An unknown format or status", body = ErrorAnswer),
+        (status = 404, description = "No such batch (or another tenant's)", body = ErrorAnswer),
+        (status = 503, description = "PostgreSQL is out of reach", body = ErrorAnswer),
+    ))]
 pub async fn results(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Principal>,
@@ -191,6 +246,15 @@ pub async fn results(
         .into_response())
 }
 
+/// `DELETE /batches/{id}`: a finished batch and its rows out of the ledger.
+#[utoipa::path(delete, operation_id = "delete_batch", path = "/batches/{id}", tag = "batches",
+    params(("id" = String, Path, description = "The batch's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such batch (or another tenant's)", body = ErrorAnswer),
+        (status = 409, description = "The batch is not finished: rows of it may still run", body = ErrorAnswer),
+        (status = 503, description = "PostgreSQL is out of reach", body = ErrorAnswer),
+    ))]
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Principal>,
@@ -207,18 +271,6 @@ pub async fn delete(
     }
 }
 
-/// What a retry did.
-#[derive(Debug, Serialize)]
-pub struct Retried {
-    pub batch_id: String,
-    /// Dead rows set back to pending by this call.
-    pub retried: u64,
-    /// Rows published again and confirmed: those, and any an interrupted retry left.
-    pub published: u64,
-    /// Their copies taken out of the dead queue.
-    pub removed_from_dead_queue: u64,
-}
-
 /// `POST /batches/{id}/retry`: every dead row of the batch back to pending, attempts
 /// reset, out of the dead queue and published again, once.
 ///
@@ -226,6 +278,14 @@ pub struct Retried {
 /// and lists them (one transaction); their copies leave the dead queue; the listed
 /// rows are published with confirms; the list is emptied. Calling it again after an
 /// interruption at any point finishes the job.
+#[utoipa::path(post, operation_id = "retry_batch", path = "/batches/{id}/retry", tag = "batches",
+    params(("id" = String, Path, description = "The batch's id")),
+    responses(
+        (status = 200, description = "The dead rows are published again", body = Retried),
+        (status = 404, description = "No such batch (or another tenant's), or its job type is no longer configured", body = ErrorAnswer),
+        (status = 409, description = "The batch was never published", body = ErrorAnswer),
+        (status = 503, description = "RabbitMQ or PostgreSQL is out of reach; calling again finishes the retry", body = ErrorAnswer),
+    ))]
 pub async fn retry(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Principal>,
@@ -313,19 +373,18 @@ pub(crate) async fn publish_listed(
     Ok(published)
 }
 
-/// What a cancel did.
-#[derive(Debug, Serialize)]
-pub struct CancelAnswer {
-    pub batch_id: String,
-    pub state: &'static str,
-    #[serde(flatten)]
-    pub counts: Cancelled,
-}
-
 /// `POST /batches/{id}/cancel`: the batch's rows not yet settled will not run.
 ///
 /// A batch still being published stops being published within a second; rows already
 /// queued are acked by workers without running; rows in a worker's hands finish.
+#[utoipa::path(post, operation_id = "cancel_batch", path = "/batches/{id}/cancel", tag = "batches",
+    params(("id" = String, Path, description = "The batch's id")),
+    responses(
+        (status = 200, description = "Cancelled: its unsettled rows will not run", body = CancelAnswer),
+        (status = 404, description = "No such batch (or another tenant's)", body = ErrorAnswer),
+        (status = 409, description = "The batch is finished already", body = ErrorAnswer),
+        (status = 503, description = "PostgreSQL is out of reach", body = ErrorAnswer),
+    ))]
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Principal>,
@@ -337,7 +396,7 @@ pub async fn cancel(
             tracing::info!(batch_id = %id, cancelled = counts.cancelled, ran = counts.ran, "batch cancelled");
             Ok(Json(CancelAnswer {
                 batch_id: id,
-                state: "cancelled",
+                state: BatchState::Cancelled,
                 counts,
             }))
         }

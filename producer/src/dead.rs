@@ -26,10 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::{
-    Extension, Json,
-    extract::{Query, State},
-};
+use axum::{Extension, Json, extract::State};
 use lapin::{
     Channel,
     options::{
@@ -39,18 +36,20 @@ use lapin::{
     types::FieldTable,
 };
 use serde::{Deserialize, Serialize};
-use spillway_common::auth::Principal;
 use spillway_common::{
+    auth::Principal,
     envelope::{self, RowMessage},
+    extract::Query,
     jobs_config::JobType,
     topology,
 };
 use spillway_ledger::dead::{DeadFilter, DeadLetter, Revival, parse_cursor};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::{
     batches::publish_listed,
     broker::BrokerError,
-    routes::{ApiError, AppState},
+    routes::{ApiError, AppState, ErrorAnswer},
 };
 
 /// Most dead rows one page lists.
@@ -81,16 +80,22 @@ impl Replays {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// The job type whose dead rows to list (the default job type if absent).
     job_type: Option<String>,
+    /// Only this batch's dead rows.
     batch_id: Option<String>,
-    /// `<batch_id>:<line>` of the last row of the previous page.
+    /// `<batch_id>:<line>` of the last row of the previous page: its `next_after`.
     after: Option<String>,
+    /// Most rows to list, 1 to 500 (100 by default).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
 }
 
-#[derive(Debug, Serialize)]
+/// One page of a job type's dead rows.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DeadPage {
     pub job_type: String,
     pub dead_queue: String,
@@ -114,6 +119,14 @@ fn admin_only(principal: &Principal) -> Result<(), ApiError> {
 }
 
 /// `GET /dead?job_type=NAME`: the job type's dead rows, paged.
+#[utoipa::path(get, operation_id = "list_dead", path = "/dead", tag = "dead letters", params(ListQuery),
+    responses(
+        (status = 200, description = "A page of dead rows", body = DeadPage),
+        (status = 400, description = "A bad `after` or `limit`", body = ErrorAnswer),
+        (status = 403, description = "Dead letters are for admin tokens only", body = ErrorAnswer),
+        (status = 404, description = "No such job type; `known_job_types` lists them", body = ErrorAnswer),
+        (status = 503, description = "RabbitMQ or PostgreSQL is out of reach", body = ErrorAnswer),
+    ))]
 pub async fn list(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Principal>,
@@ -163,14 +176,17 @@ pub async fn list(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ReplayQuery {
+    /// The job type whose dead queue to replay (the default job type if absent).
     job_type: Option<String>,
+    /// Only this batch's dead rows.
     batch_id: Option<String>,
 }
 
 /// What a replay did.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, ToSchema)]
 pub struct Replayed {
     pub job_type: String,
     /// Rows an interrupted retry or replay had left listed, published first.
@@ -192,6 +208,14 @@ pub struct Replayed {
 ///
 /// It runs in a task of its own, so a client that hangs up does not stop it halfway
 /// (which would lose nothing, but leave the replay for the next call).
+#[utoipa::path(post, operation_id = "replay_dead", path = "/dead/replay", tag = "dead letters", params(ReplayQuery),
+    responses(
+        (status = 200, description = "One pass through the dead queue, and what it did", body = Replayed),
+        (status = 403, description = "Dead letters are for admin tokens only", body = ErrorAnswer),
+        (status = 404, description = "No such job type; `known_job_types` lists them", body = ErrorAnswer),
+        (status = 409, description = "A replay of this job type is running already", body = ErrorAnswer),
+        (status = 503, description = "RabbitMQ or PostgreSQL is out of reach; calling again finishes the replay", body = ErrorAnswer),
+    ))]
 pub async fn replay(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Principal>,

@@ -2,7 +2,8 @@
 //!
 //! `POST /upload` and `POST /submit/{job_type}` take a multipart body with a `file`
 //! field, and optionally a `callback_url` (before or after it); the batches API is in [`crate::batches`]; `/healthz`, `/readyz` and
-//! `/metrics` serve probes and Prometheus. Every error is `{"error": ..., "line": ...}`
+//! `/metrics` serve probes and Prometheus; `/openapi.json` describes all of it, built
+//! from the same routes and their annotations. Every error is an [`ErrorAnswer`]
 //! with a status that says whose fault it is: 4xx for the request, 503 for the broker
 //! or PostgreSQL being out of reach.
 
@@ -17,24 +18,26 @@ use std::{
 use axum::{
     Extension, Json, Router,
     extract::{
-        ConnectInfo, DefaultBodyLimit, Multipart, Path, State,
+        ConnectInfo, DefaultBodyLimit, Multipart, State,
         multipart::{Field, MultipartError, MultipartRejection},
     },
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::{get, post},
 };
 use bytes::Bytes;
 use futures_util::Stream;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
-use serde_json::json;
 use spillway_common::{
     auth::{AuthSettings, Gate, Principal, require_token},
+    extract::Path,
     jobs_config::{JobsConfig, UnknownJobType},
+    openapi,
 };
 use spillway_ledger::{BatchState, Ledger, LedgerError};
 use tokio_util::task::TaskTracker;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     batches,
@@ -145,19 +148,29 @@ pub fn router(state: Arc<AppState>, gate: Gate) -> Router {
             .saturating_add(MULTIPART_SLACK),
     )
     .unwrap_or(usize::MAX);
-    Router::new()
-        .route("/upload", post(upload))
-        .route("/submit/{job_type}", post(submit))
-        .route("/batches", get(batches::list))
-        .route("/batches/{id}", get(batches::get).delete(batches::delete))
-        .route("/batches/{id}/results", get(batches::results))
-        .route("/batches/{id}/retry", post(batches::retry))
-        .route("/batches/{id}/cancel", post(batches::cancel))
-        .route("/dead", get(dead::list))
-        .route("/dead/replay", post(dead::replay))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+    // Each route and its documentation come from one `routes!`: none goes undocumented.
+    let (routes, doc) = OpenApiRouter::new()
+        .routes(routes!(upload))
+        .routes(routes!(submit))
+        .routes(routes!(batches::list))
+        .routes(routes!(batches::get, batches::delete))
+        .routes(routes!(batches::results))
+        .routes(routes!(batches::retry))
+        .routes(routes!(batches::cancel))
+        .routes(routes!(dead::list))
+        .routes(routes!(dead::replay))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .split_for_parts();
+    let doc = openapi::finish(
+        doc,
+        "Spillway producer",
+        "Uploads a CSV file as a batch of one task per row, and keeps every batch and every row's result in its ledger.",
+        &gate,
+    );
+    routes
+        .merge(openapi::route(&doc))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -166,7 +179,7 @@ pub fn router(state: Arc<AppState>, gate: Gate) -> Router {
 }
 
 /// The answer to an accepted upload, sent once every row is confirmed.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Accepted {
     pub batch_id: String,
     pub job_type: String,
@@ -177,6 +190,68 @@ pub struct Accepted {
 /// The address a request came from, as the server recorded it.
 type Client = Option<Extension<ConnectInfo<SocketAddr>>>;
 
+/// An upload's form, as its schema: the handlers read it field by field as it
+/// streams in, never as a whole.
+#[derive(ToSchema)]
+#[expect(dead_code, reason = "only its schema is used: the form is streamed")]
+struct UploadForm {
+    /// The CSV file: a header line, then one row per task.
+    #[schema(value_type = String, format = Binary, content_media_type = "text/csv",
+        example = "id,text\n1,a\n2,b\n")]
+    file: Vec<u8>,
+    /// Where to POST the batch's summary when it is finished (needs CALLBACK_SECRET).
+    callback_url: Option<String>,
+}
+
+/// Why an upload is refused, whichever job type it is for: its answers' documentation.
+#[derive(utoipa::IntoResponses)]
+#[expect(
+    dead_code,
+    reason = "only its documentation is used: refusals are ApiErrors"
+)]
+enum UploadRefused {
+    /// Not a CSV Spillway accepts, a broken form or a bad callback_url; `line` says where
+    #[response(status = 400)]
+    Invalid(ErrorAnswer),
+    /// The client stopped sending the upload
+    #[response(status = 408)]
+    Stalled(ErrorAnswer),
+    /// The batch was cancelled while it was published
+    #[response(status = 409)]
+    Cancelled(ErrorAnswer),
+    /// Larger than MAX_UPLOAD_BYTES
+    #[response(status = 413)]
+    TooLarge(ErrorAnswer),
+    /// Not multipart/form-data
+    #[response(status = 415)]
+    NotAForm(ErrorAnswer),
+    /// This client has MAX_UPLOADS_PER_CLIENT uploads in progress; see Retry-After
+    #[response(status = 429)]
+    TooMany(ErrorAnswer),
+    /// RabbitMQ or PostgreSQL is out of reach; nothing or only part was published, as the answer says
+    #[response(status = 503)]
+    Unavailable(ErrorAnswer),
+}
+
+/// `POST /upload`: the CSV as a batch of the default job type.
+#[utoipa::path(
+    post,
+    path = "/upload",
+    tag = "batches",
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "Every row is in the ledger and confirmed by RabbitMQ", body = Accepted,
+            links(
+                ("batch" = (operation_id = "get_batch", parameters(("id" = "$response.body#/batch_id")))),
+                ("results" = (operation_id = "batch_results", parameters(("id" = "$response.body#/batch_id")))),
+                ("cancel" = (operation_id = "cancel_batch", parameters(("id" = "$response.body#/batch_id")))),
+                ("retry" = (operation_id = "retry_batch", parameters(("id" = "$response.body#/batch_id")))),
+                ("delete" = (operation_id = "delete_batch", parameters(("id" = "$response.body#/batch_id")))),
+            )),
+        (status = 404, description = "The default job type is not configured", body = ErrorAnswer),
+        UploadRefused,
+    )
+)]
 async fn upload(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Principal>,
@@ -188,6 +263,26 @@ async fn upload(
     submit_to(&state, &principal, client, &job_type, &headers, multipart).await
 }
 
+/// `POST /submit/{job_type}`: the CSV as a batch of the named job type.
+#[utoipa::path(
+    post,
+    path = "/submit/{job_type}",
+    tag = "batches",
+    params(("job_type" = String, Path, description = "A job type of the jobs file", example = "default")),
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "Every row is in the ledger and confirmed by RabbitMQ", body = Accepted,
+            links(
+                ("batch" = (operation_id = "get_batch", parameters(("id" = "$response.body#/batch_id")))),
+                ("results" = (operation_id = "batch_results", parameters(("id" = "$response.body#/batch_id")))),
+                ("cancel" = (operation_id = "cancel_batch", parameters(("id" = "$response.body#/batch_id")))),
+                ("retry" = (operation_id = "retry_batch", parameters(("id" = "$response.body#/batch_id")))),
+                ("delete" = (operation_id = "delete_batch", parameters(("id" = "$response.body#/batch_id")))),
+            )),
+        (status = 404, description = "No such job type; `known_job_types` lists them", body = ErrorAnswer),
+        UploadRefused,
+    )
+)]
 async fn submit(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Principal>,
@@ -467,16 +562,36 @@ fn multipart_rejection(error: &MultipartError, limit: u64) -> Rejection {
     }
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+/// A probe's answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Probe {
+    /// `ok` (alive) or `ready` (connected to RabbitMQ and PostgreSQL).
+    pub status: &'static str,
 }
 
-async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
+/// `GET /healthz`: the process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "probes",
+    responses((status = 200, description = "Alive", body = Probe)))]
+async fn healthz() -> Json<Probe> {
+    Json(Probe { status: "ok" })
+}
+
+/// `GET /readyz`: RabbitMQ and PostgreSQL both answer.
+#[utoipa::path(get, path = "/readyz", tag = "probes",
+    responses(
+        (status = 200, description = "Ready to take uploads", body = Probe),
+        (status = 503, description = "RabbitMQ or PostgreSQL is out of reach, and which", body = ErrorAnswer),
+    ))]
+async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Probe>, ApiError> {
     state.broker.check().await?;
     state.ledger.ready().await?;
-    Ok(Json(json!({"status": "ready"})))
+    Ok(Json(Probe { status: "ready" }))
 }
 
+/// `GET /metrics`: the producer's figures for Prometheus.
+#[utoipa::path(get, path = "/metrics", tag = "probes",
+    responses((status = 200, description = "OpenMetrics text",
+        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String)))]
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     // The ledger's figures are read at scrape time; without PostgreSQL the rest is
     // still served, and the gauges keep their last values.
@@ -505,6 +620,25 @@ async fn method_not_allowed() -> ApiError {
 
 async fn not_found() -> ApiError {
     ApiError::NotFound
+}
+
+/// What a failed request answers: what went wrong, and where that helps.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct ErrorAnswer {
+    /// What went wrong, for a person to read.
+    pub error: String,
+    /// The CSV line a refused upload failed at (1 is the header).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
+    /// The job types there are, when an unknown one was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub known_job_types: Option<Vec<String>>,
+    /// The batch a failed or cancelled publication was recording.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
+    /// How many of its rows were published before it stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub published: Option<u64>,
 }
 
 /// Every way a request can fail, each with its status.
@@ -604,14 +738,13 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(%status, error = %self, "request failed");
         }
-        let mut body = json!({ "error": self.to_string() });
-        match &self {
-            ApiError::Rejected(rejection) => {
-                if let Some(line) = rejection.line() {
-                    body["line"] = json!(line);
-                }
-            }
-            ApiError::UnknownJobType(unknown) => body["known_job_types"] = json!(unknown.known),
+        let mut body = ErrorAnswer {
+            error: self.to_string(),
+            ..ErrorAnswer::default()
+        };
+        match self {
+            ApiError::Rejected(rejection) => body.line = rejection.line(),
+            ApiError::UnknownJobType(unknown) => body.known_job_types = Some(unknown.known),
             ApiError::PublishFailed {
                 batch_id,
                 published,
@@ -622,8 +755,8 @@ impl IntoResponse for ApiError {
                 published,
                 ..
             } => {
-                body["batch_id"] = json!(batch_id);
-                body["published"] = json!(published);
+                body.batch_id = Some(batch_id);
+                body.published = Some(published);
             }
             _ => {}
         }

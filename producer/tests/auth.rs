@@ -284,3 +284,83 @@ async fn no_token_ever_appears_in_the_log() {
         assert!(!logged.contains(token), "a token in the log: {logged}");
     }
 }
+
+/// `/openapi.json` is open, describes every route the producer serves (the routes and
+/// the document come from the same code), and says which operations need a token.
+#[tokio::test]
+async fn the_openapi_document_is_open_and_describes_every_route() {
+    let tenants = tokens();
+    let producer = TestProducer::start("openapi", &["--tokens-file", &tenants.path]).await;
+    let (status, doc) = call(&producer, reqwest::Method::GET, "/openapi.json", None).await;
+    assert_eq!(status, StatusCode::OK, "served without a token: {doc}");
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1"),
+        "{}",
+        doc["openapi"]
+    );
+    let mut paths: Vec<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    paths.sort_unstable();
+    assert_eq!(
+        paths,
+        [
+            "/batches",
+            "/batches/{id}",
+            "/batches/{id}/cancel",
+            "/batches/{id}/results",
+            "/batches/{id}/retry",
+            "/dead",
+            "/dead/replay",
+            "/healthz",
+            "/metrics",
+            "/readyz",
+            "/submit/{job_type}",
+            "/upload",
+        ]
+    );
+    let mut ids: Vec<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|item| item.as_object().unwrap().values())
+        .map(|op| {
+            op["operationId"]
+                .as_str()
+                .expect("every operation has an id")
+        })
+        .collect();
+    let operations = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), operations, "operation ids are unique: {ids:?}");
+    let operation = |path: &str, method: &str| doc["paths"][path][method].clone();
+    for (path, method) in [
+        ("/batches", "get"),
+        ("/batches/{id}", "delete"),
+        ("/upload", "post"),
+    ] {
+        let op = operation(path, method);
+        assert_eq!(
+            op["security"],
+            serde_json::json!([{"bearer": []}]),
+            "{method} {path}"
+        );
+        assert!(op["responses"]["401"].is_object(), "{method} {path}: {op}");
+    }
+    for path in ["/healthz", "/readyz"] {
+        let op = operation(path, "get");
+        assert!(op["security"].is_null(), "{path} is open: {op}");
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"],
+        serde_json::json!({"type": "http", "scheme": "bearer"})
+    );
+    assert_eq!(
+        operation("/upload", "post")["responses"]["400"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/ErrorAnswer"
+    );
+}

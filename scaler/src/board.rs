@@ -14,6 +14,7 @@ use std::{
 use serde::Serialize;
 use spillway_common::{events::unix_now, jobs_config::JobType, rabbit_api::QueueStats};
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+use utoipa::ToSchema;
 
 use crate::{
     launcher::LaunchedWorker,
@@ -24,18 +25,23 @@ use crate::{
 const HISTORY: usize = 360;
 const EVENTS: usize = 200;
 /// One job type as last observed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct JobTypeStats {
     pub job_type: String,
+    /// Its RabbitMQ queue.
     pub queue: String,
-    /// `None` when the last read of the queue failed.
+    /// Rows waiting in the queue; `None` when the last read of the queue failed (as
+    /// for each of the queue's figures).
     pub ready: Option<u64>,
+    /// Rows delivered to workers and not yet acked.
     pub unacked: Option<u64>,
     /// Rows acked by workers since the queue was created.
     pub consumed_total: Option<u64>,
     /// Rows waiting in `<queue>.dead`.
     pub dead_lettered: Option<u64>,
+    /// Its workers that are pending, running or stopping.
     pub workers_active: u64,
+    /// The most workers it may have.
     pub max_jobs: u32,
     /// Paused by an operator: spawning nothing, its workers draining.
     pub paused: bool,
@@ -77,22 +83,28 @@ impl JobTypeStats {
     }
 }
 
-/// A point of the chart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// A point of the chart: every job type's figures added up, at one tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Sample {
+    /// When, in seconds since the Unix epoch.
     pub unix: u64,
     pub ready: u64,
     pub unacked: u64,
+    /// Active workers.
     pub workers: u64,
 }
 
 /// A spawn, drain or stop, with why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct ScalingEvent {
+    /// When, in seconds since the Unix epoch.
     pub unix: u64,
     pub job_type: String,
+    /// `spawn`, `drain` or `stop`.
     pub action: &'static str,
+    /// The workers it concerned.
     pub workers: Vec<String>,
+    /// Why the scaler decided it.
     pub reason: String,
 }
 
@@ -129,22 +141,32 @@ fn status_of(worker: &WorkerView) -> &'static str {
     }
 }
 
-/// A row of the job table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A row of the job table: a worker, with the counts of its latest report (zero
+/// before its first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct JobView {
+    /// The worker's name.
     pub name: String,
     pub job_type: String,
+    /// `pending`, `running`, `draining`, `stopping`, `succeeded`, `failed` or `ended`.
     pub status: &'static str,
+    /// When it was started, in seconds since the Unix epoch.
     pub started_unix: u64,
+    /// Rows it handled successfully.
     pub processed: u64,
+    /// Failed rows it returned to the queue for another attempt.
     pub failed: u64,
+    /// Rows it sent to the dead queue.
     pub dead_lettered: u64,
+    /// Rows in its hands now.
     pub in_flight: u64,
+    /// When a row last started or finished in it, in seconds since the Unix epoch;
+    /// null before its first report.
     pub last_activity_unix: Option<u64>,
 }
 
 /// CPU and memory of the scaler process and of the host.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, ToSchema)]
 pub struct Resources {
     pub scaler_cpu_percent: f32,
     pub scaler_memory_bytes: u64,
@@ -153,16 +175,20 @@ pub struct Resources {
     pub host_memory_total_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// What `/api/stats` answers: the board's figures as last observed.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct StatsView {
     pub job_types: Vec<JobTypeStats>,
     pub totals: Totals,
     pub resources: Resources,
+    /// One sample a tick, oldest first, the last few hundred ticks.
     pub history: Vec<Sample>,
+    /// When the last tick observed, in seconds since the Unix epoch (0 before the first).
     pub updated_unix: u64,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+/// Every job type's figures added up (a figure that could not be read counts as 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Totals {
     pub ready: u64,
     pub unacked: u64,

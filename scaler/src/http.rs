@@ -2,31 +2,39 @@
 //! `/api/jobs/{name}/logs` (a worker's log, through its launcher; followed live as
 //! Server-Sent Events with `?follow=1`),
 //! `POST /job-types/{name}/pause` and `/resume` (kept in the ledger), `/healthz`,
-//! `/readyz` (connected to RabbitMQ) and `/metrics`.
+//! `/readyz` (connected to RabbitMQ), `/metrics`, and the OpenAPI document of them all
+//! at `/openapi.json`.
 //! `/readyz` does not ask PostgreSQL: the scaler scales without the ledger, which
 //! only the batch pages read (they say when it is unreachable).
 //! Errors are JSON, like every Spillway service's. A log answer is bounded in bytes by
 //! its launcher ([`crate::launcher::MAX_LOG_BYTES`]), whatever the log's size.
+//!
+//! Every route is added with utoipa-axum's `routes!`, from its handler's
+//! `#[utoipa::path]`: the route and its documentation come from the one annotation, so
+//! no route goes undocumented.
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use axum::{
     Extension, Json, Router,
-    extract::{Path, Query, State},
+    extract::State,
     http::{StatusCode, header},
     response::{
         IntoResponse, Response,
         sse::{Event, KeepAlive, Sse},
     },
-    routing::{get, post},
 };
 use futures_util::{Stream, StreamExt as _};
-use serde_json::json;
-use spillway_common::auth::{Gate, Principal, require_token};
-use tokio_util::sync::CancellationToken;
-
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use spillway_common::{
+    auth::{Gate, Principal, require_token},
+    extract::{Path, Query},
+    openapi::{self, ErrorBody},
+};
 use spillway_ledger::{Ledger, LedgerError};
+use tokio_util::sync::CancellationToken;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     bus::Bus,
@@ -36,8 +44,8 @@ use crate::{
     reports::Reports,
 };
 
-/// Every error the scaler's HTTP API answers, each as `{"error": "..."}` with its
-/// status: the one place that shape is written.
+/// Every error the scaler's HTTP API answers, each as an [`ErrorBody`]
+/// (`{"error": "..."}`) with its status: the one place that shape is written.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("not found")]
@@ -85,7 +93,10 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(%status, error = %self, "request failed");
         }
-        (status, Json(json!({"error": self.to_string()}))).into_response()
+        let body = ErrorBody {
+            error: self.to_string(),
+        };
+        (status, Json(body)).into_response()
     }
 }
 
@@ -140,25 +151,34 @@ fn follow(
     Sse::new(events).keep_alive(KeepAlive::default())
 }
 
-/// Every route: the dashboard and its API, logs, probes and metrics.
+/// What the OpenAPI document says the scaler is.
+const DESCRIPTION: &str = "Watches queue depth and worker reports, spawns and drains \
+    Spillway workers, and serves the dashboard, its JSON API, worker logs, probes and metrics.";
+
+/// Every route: the dashboard and its API, logs, probes and metrics, and the OpenAPI
+/// document describing them (served to anyone, like the probes).
 pub fn app<L: Launcher>(state: HttpState<L>, dashboard: DashboardState, gate: Gate) -> Router {
-    let pages = Router::new()
-        .route("/", get(dashboard::index))
-        .route("/api/stats", get(dashboard::stats))
-        .route("/api/jobs", get(dashboard::jobs))
-        .route("/api/batches", get(batches::list))
-        .route("/api/batches/{id}", get(batches::get))
-        .route("/batches/{id}", get(batches::page))
-        .route("/batches/{id}/results", get(batches::results))
-        .route("/dead", get(dead::page))
-        .route("/batches/{id}/retry", post(operations::retry))
-        .route("/batches/{id}/cancel", post(operations::cancel))
-        .route("/api/events", get(dashboard::events))
-        .route("/api/summary", get(dashboard::summary))
+    let pages = OpenApiRouter::new()
+        .routes(routes!(dashboard::index))
+        .routes(routes!(dashboard::stats))
+        .routes(routes!(dashboard::jobs))
+        .routes(routes!(batches::list))
+        .routes(routes!(batches::get))
+        .routes(routes!(batches::page))
+        .routes(routes!(batches::results))
+        .routes(routes!(dead::page))
+        .routes(routes!(operations::retry))
+        .routes(routes!(operations::cancel))
+        .routes(routes!(dashboard::events))
+        .routes(routes!(dashboard::summary))
         .with_state(dashboard);
-    router(state)
+    let (routes, doc) = router(state)
         .merge(pages)
         .merge(crate::login::routes(gate.clone()))
+        .split_for_parts();
+    let doc = openapi::finish(doc, "Spillway scaler", DESCRIPTION, &gate);
+    routes
+        .merge(openapi::route(&doc))
         .layer(axum::middleware::from_fn_with_state(gate, require_token))
 }
 
@@ -176,26 +196,77 @@ impl<L> Clone for HttpState<L> {
     }
 }
 
-fn router<L: Launcher>(state: HttpState<L>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz::<L>))
-        .route("/metrics", get(metrics::<L>))
-        .route("/api/jobs/{name}/logs", get(logs::<L>))
-        .route("/job-types/{name}/pause", post(pause::<L>))
-        .route("/job-types/{name}/resume", post(resume::<L>))
+/// The probes, metrics, worker logs and pausing, with the JSON 404 for any other path.
+///
+/// `readyz`, `metrics`, `logs`, `pause` and `resume` are generic over the launcher;
+/// `routes!` names a handler without a turbofish (it pastes the name into that of the
+/// annotation's type, which `logs::<L>` would break), and needs none: the handler's
+/// `State<HttpState<L>>` can only be this router's state, so the compiler infers `L`.
+/// Their `#[utoipa::path]` does not depend on `L`, so they are routed and documented
+/// like every other handler, from the one annotation.
+fn router<L: Launcher>(state: HttpState<L>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(logs))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
         .fallback(|| async { ApiError::NotFound })
         .with_state(state)
 }
 
-async fn readyz<L>(State(state): State<HttpState<L>>) -> Result<Response, ApiError> {
+/// What a probe answers when it passes.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProbeStatus {
+    /// `ok` from `/healthz`, `ready` from `/readyz`.
+    #[schema(example = "ok")]
+    status: &'static str,
+}
+
+/// Whether the scaler is up.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "probes",
+    responses((status = 200, description = "The scaler is up.", body = ProbeStatus))
+)]
+async fn healthz() -> Json<ProbeStatus> {
+    Json(ProbeStatus { status: "ok" })
+}
+
+/// Whether the scaler is connected to RabbitMQ.
+///
+/// PostgreSQL is not asked: the scaler scales without it.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "probes",
+    responses(
+        (status = 200, description = "Connected to RabbitMQ.", body = ProbeStatus),
+        (status = 503, description = "Not connected to RabbitMQ.", body = ErrorBody),
+    )
+)]
+async fn readyz<L>(State(state): State<HttpState<L>>) -> Result<Json<ProbeStatus>, ApiError> {
     if state.bus.connected() {
-        Ok(Json(json!({"status": "ready"})).into_response())
+        Ok(Json(ProbeStatus { status: "ready" }))
     } else {
         Err(ApiError::NotReady)
     }
 }
 
+/// The scaler's metrics, for Prometheus.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "probes",
+    responses((
+        status = 200,
+        description = "Every metric of the scaler, in the OpenMetrics text format.",
+        body = String,
+        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8",
+    ))
+)]
 async fn metrics<L>(State(state): State<HttpState<L>>) -> Response {
     (
         [(
@@ -207,22 +278,65 @@ async fn metrics<L>(State(state): State<HttpState<L>>) -> Response {
         .into_response()
 }
 
+/// A job type's state after it was paused or resumed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobTypePaused {
+    pub job_type: String,
+    /// Paused: spawning nothing, its workers draining.
+    pub paused: bool,
+}
+
+/// Pauses a job type (admin tokens only).
+///
+/// The scaler spawns no worker for it and drains those it has, until it is resumed;
+/// kept in the ledger, so it outlives the scaler.
+#[utoipa::path(
+    post,
+    path = "/job-types/{name}/pause",
+    tag = "job types",
+    params(("name" = String, Path, description = "The job type, as the job-types file names it.")),
+    responses(
+        (status = 200, description = "The job type is paused.", body = JobTypePaused),
+        (status = 400, description = "The path cannot be read: it holds a NUL byte (`%00`), or is not UTF-8 once decoded.", body = ErrorBody),
+        (status = 403, description = "The token is not an admin's.", body = ErrorBody),
+        (status = 404, description = "No job type of that name is configured.", body = ErrorBody),
+        (status = 500, description = "The ledger failed to record it.", body = ErrorBody),
+        (status = 503, description = "PostgreSQL cannot be reached: nothing changed.", body = ErrorBody),
+    )
+)]
 async fn pause<L>(
     State(state): State<HttpState<L>>,
     Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<JobTypePaused>, ApiError> {
     if !principal.is_admin() {
         return Err(ApiError::AdminOnly("pausing and resuming job types"));
     }
     set_paused(&state, name, true).await
 }
 
+/// Resumes a paused job type (admin tokens only).
+///
+/// The scaler spawns its workers again as its queue asks.
+#[utoipa::path(
+    post,
+    path = "/job-types/{name}/resume",
+    tag = "job types",
+    params(("name" = String, Path, description = "The job type, as the job-types file names it.")),
+    responses(
+        (status = 200, description = "The job type is running again.", body = JobTypePaused),
+        (status = 400, description = "The path cannot be read: it holds a NUL byte (`%00`), or is not UTF-8 once decoded.", body = ErrorBody),
+        (status = 403, description = "The token is not an admin's.", body = ErrorBody),
+        (status = 404, description = "No job type of that name is configured.", body = ErrorBody),
+        (status = 500, description = "The ledger failed to record it.", body = ErrorBody),
+        (status = 503, description = "PostgreSQL cannot be reached: nothing changed.", body = ErrorBody),
+    )
+)]
 async fn resume<L>(
     State(state): State<HttpState<L>>,
     Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<JobTypePaused>, ApiError> {
     if !principal.is_admin() {
         return Err(ApiError::AdminOnly("pausing and resuming job types"));
     }
@@ -235,7 +349,7 @@ async fn set_paused<L>(
     state: &HttpState<L>,
     name: String,
     paused: bool,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<JobTypePaused>, ApiError> {
     if !state.job_types.contains(&name) {
         return Err(ApiError::NoSuchJobType(name));
     }
@@ -246,19 +360,24 @@ async fn set_paused<L>(
     }
     state.reports.set_paused(&name, paused);
     tracing::info!(job_type = %name, paused, "job type {}", if paused { "paused" } else { "resumed" });
-    Ok(Json(json!({"job_type": name, "paused": paused})))
+    Ok(Json(JobTypePaused {
+        job_type: name,
+        paused,
+    }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct LogQuery {
     /// Only the last this many lines.
     tail: Option<u32>,
-    /// Serve as a file download.
+    /// `true` serves the log as a file download, `<name>.log`.
     #[serde(default)]
     download: bool,
-    /// Follow the log as Server-Sent Events (`follow=1`): the last `tail` lines
-    /// ([`FOLLOW_TAIL`] by default), then each line as it is written.
+    /// `1` (or `true`, or no value) follows the log as Server-Sent Events: its last
+    /// `tail` lines (100 unless `tail` says), then each line as it is written.
     #[serde(default, deserialize_with = "flag")]
+    #[param(value_type = String, pattern = "^(1|true|0|false)?$")]
     follow: bool,
 }
 
@@ -277,6 +396,36 @@ fn flag<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Er
     }
 }
 
+/// A worker's log (admin tokens only).
+///
+/// Its last lines, or with `follow=1` followed live as Server-Sent Events.
+#[utoipa::path(
+    get,
+    path = "/api/jobs/{name}/logs",
+    tag = "workers",
+    params(
+        ("name" = String, Path, description = "The worker, as `/api/jobs` names it."),
+        LogQuery,
+    ),
+    responses(
+        (
+            status = 200,
+            description = "The log as text, at most 1 MiB of it (starting with a line saying \
+                so when cut), a download with `download=true`; or, with `follow=1`, Server-Sent \
+                Events: a `data` event per line (or run of lines written at once), an `error` \
+                event when reading fails, and an `end` event once the worker has ended.",
+            headers(("Content-Disposition" = String, description = "`attachment; filename=\"<name>.log\"` with `download=true` (and no `follow`).")),
+            // The event stream has no schema: in OpenAPI 3.1 one would describe the
+            // whole body (a string), which tools such as schemathesis read as the shape
+            // of each event instead; the description says what the events are.
+            content((String = "text/plain"), ("text/event-stream")),
+        ),
+        (status = 400, description = "The path or the query cannot be read (a `tail` that is not a count, a flag that is not one, a NUL byte).", body = ErrorBody),
+        (status = 403, description = "The token is not an admin's.", body = ErrorBody),
+        (status = 404, description = "This scaler's launcher started no worker of that name.", body = ErrorBody),
+        (status = 502, description = "The launcher cannot list its workers or read the log (locally its registry or the log file; on Kubernetes the API server).", body = ErrorBody),
+    )
+)]
 async fn logs<L: Launcher>(
     State(state): State<HttpState<L>>,
     Extension(principal): Extension<Principal>,
@@ -310,6 +459,7 @@ async fn logs<L: Launcher>(
 mod tests {
     use std::io::Write;
 
+    use serde_json::json;
     use spillway_common::jobs_config::JobsConfig;
 
     use super::*;
@@ -459,6 +609,117 @@ mod tests {
             stop.cancelled_owned(),
         ));
         (base, served)
+    }
+
+    /// Every `$ref` in `value`.
+    fn refs<'a>(value: &'a serde_json::Value, found: &mut Vec<&'a str>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    match (key.as_str(), value) {
+                        ("$ref", serde_json::Value::String(target)) => found.push(target),
+                        _ => refs(value, found),
+                    }
+                }
+            }
+            serde_json::Value::Array(values) => values.iter().for_each(|v| refs(v, found)),
+            _ => {}
+        }
+    }
+
+    #[tokio::test]
+    async fn the_openapi_document_is_served_without_a_token_and_describes_every_route() {
+        use std::collections::BTreeSet;
+
+        use spillway_common::auth::{Role, Tokens};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.toml");
+        Tokens::add(&path, "ops", "default", Role::Admin).unwrap();
+        let gate = Gate::with_tokens(Tokens::load(&path).unwrap(), false);
+        let launcher = LocalLauncher::new("/bin/true".into(), dir.path().join("workers")).unwrap();
+        let (base, _served) = serve_logs(launcher, CancellationToken::new(), gate).await;
+
+        let response = reqwest::get(format!("{base}/openapi.json")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let doc: serde_json::Value = response.json().await.unwrap();
+        let version = doc["openapi"].as_str().unwrap();
+        assert!(version.starts_with("3.1"), "{version}");
+        assert_eq!(doc["info"]["title"], "Spillway scaler");
+
+        // Every route the scaler serves, and nothing else.
+        let served: BTreeSet<(&str, &str)> = [
+            ("get", "/"),
+            ("get", "/api/stats"),
+            ("get", "/api/jobs"),
+            ("get", "/api/batches"),
+            ("get", "/api/batches/{id}"),
+            ("get", "/batches/{id}"),
+            ("get", "/batches/{id}/results"),
+            ("get", "/dead"),
+            ("post", "/batches/{id}/retry"),
+            ("post", "/batches/{id}/cancel"),
+            ("get", "/api/events"),
+            ("get", "/api/summary"),
+            ("get", "/healthz"),
+            ("get", "/readyz"),
+            ("get", "/metrics"),
+            ("get", "/api/jobs/{name}/logs"),
+            ("post", "/job-types/{name}/pause"),
+            ("post", "/job-types/{name}/resume"),
+            ("get", "/login"),
+            ("post", "/login"),
+            ("post", "/logout"),
+        ]
+        .into_iter()
+        .collect();
+        let paths = doc["paths"].as_object().unwrap();
+        let documented: BTreeSet<(&str, &str)> = paths
+            .iter()
+            .flat_map(|(path, item)| {
+                item.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|key| ["get", "post", "put", "delete", "patch"].contains(&key.as_str()))
+                    .map(move |method| (method.as_str(), path.as_str()))
+            })
+            .collect();
+        assert_eq!(documented, served);
+
+        let operations: Vec<&serde_json::Value> = served
+            .iter()
+            .map(|(method, path)| &doc["paths"][path][method])
+            .collect();
+        let ids: BTreeSet<&str> = operations
+            .iter()
+            .map(|op| op["operationId"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            ids.len(),
+            operations.len(),
+            "operation ids are unique: {ids:?}"
+        );
+        let mut targets = Vec::new();
+        refs(&doc, &mut targets);
+        for target in targets {
+            let name = target.strip_prefix("#/components/schemas/").unwrap();
+            assert!(
+                doc["components"]["schemas"].get(name).is_some(),
+                "{target} is in the document"
+            );
+        }
+
+        // A token where the gate asks for one, and a 401 without it; none on probes.
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
+        let stats = &doc["paths"]["/api/stats"]["get"];
+        assert_eq!(stats["security"], json!([{"bearer": []}]));
+        assert!(stats["responses"].get("401").is_some(), "{stats}");
+        let healthz = &doc["paths"]["/healthz"]["get"];
+        assert!(healthz.get("security").is_none(), "{healthz}");
+        assert!(healthz["responses"].get("401").is_none(), "{healthz}");
     }
 
     /// Reads `response` until `wanted` is in what came (or the body ends).

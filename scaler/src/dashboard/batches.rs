@@ -16,15 +16,21 @@ use std::{future::Future, time::Duration};
 use axum::{
     Extension, Json,
     body::Body,
-    extract::{Path, Query, State},
+    extract::State,
     http::{StatusCode, header},
     response::{Html, IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
-use spillway_common::auth::Principal;
+use spillway_common::{
+    auth::Principal,
+    extract::{Path, Query},
+    openapi::ErrorBody,
+};
 use spillway_ledger::{
     BatchFilter, BatchRecord, Ledger, RowStatus, batches::DeadRow, results::Format,
 };
+
+use utoipa::{IntoParams, ToSchema};
 
 use super::DashboardState;
 use crate::http::ApiError;
@@ -39,7 +45,7 @@ pub const DEAD_ROWS_SHOWN: u32 = 100;
 pub const LEDGER_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A batch as the dashboard shows it: the ledger's record and what follows from it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct BatchView {
     #[serde(flatten)]
     pub record: BatchRecord,
@@ -68,7 +74,7 @@ impl BatchView {
 }
 
 /// The batch table: the newest batches, and whether older ones exist.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, ToSchema)]
 pub struct BatchesView {
     pub batches: Vec<BatchView>,
     /// Older batches exist beyond [`BATCHES_SHOWN`].
@@ -76,7 +82,7 @@ pub struct BatchesView {
 }
 
 /// A batch's page: its figures and its first dead rows.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct BatchPage {
     pub batch: BatchView,
     /// The first [`DEAD_ROWS_SHOWN`] dead rows, in line order.
@@ -135,7 +141,18 @@ async fn page_of(ledger: &Ledger, principal: &Principal, id: &str) -> Result<Bat
     })
 }
 
-/// `GET /api/batches`
+/// The newest batches the token may see (its tenant's; every tenant's for an admin).
+#[utoipa::path(
+    get,
+    path = "/api/batches",
+    tag = "batches",
+    operation_id = "list_batches",
+    responses(
+        (status = 200, description = "The newest batches, newest first, and whether older ones exist.", body = BatchesView),
+        (status = 500, description = "The ledger failed to answer.", body = ErrorBody),
+        (status = 503, description = "PostgreSQL cannot be reached, or did not answer in time.", body = ErrorBody),
+    )
+)]
 pub async fn list(
     State(state): State<DashboardState>,
     Extension(principal): Extension<Principal>,
@@ -143,7 +160,21 @@ pub async fn list(
     Ok(Json(newest(&state.ledger, &principal).await?))
 }
 
-/// `GET /api/batches/{id}`
+/// A batch's figures and its first dead rows.
+#[utoipa::path(
+    get,
+    path = "/api/batches/{id}",
+    tag = "batches",
+    operation_id = "get_batch",
+    params(("id" = String, Path, description = "The batch's id, as the producer gave it.")),
+    responses(
+        (status = 200, description = "The batch, and its first dead rows in line order.", body = BatchPage),
+        (status = 400, description = "The path cannot be read: it holds a NUL byte (`%00`), or is not UTF-8 once decoded.", body = ErrorBody),
+        (status = 404, description = "No such batch that this token may see.", body = ErrorBody),
+        (status = 500, description = "The ledger failed to answer.", body = ErrorBody),
+        (status = 503, description = "PostgreSQL cannot be reached, or did not answer in time.", body = ErrorBody),
+    )
+)]
 pub async fn get(
     State(state): State<DashboardState>,
     Extension(principal): Extension<Principal>,
@@ -152,8 +183,27 @@ pub async fn get(
     Ok(Json(page_of(&state.ledger, &principal, &id).await?))
 }
 
-/// `GET /batches/{id}`: the batch's page; when the ledger cannot say, a page that
-/// says why, with the error's status.
+/// The batch's page.
+///
+/// When the ledger cannot say, a page that says why, with the error's status.
+#[utoipa::path(
+    get,
+    path = "/batches/{id}",
+    tag = "batches",
+    operation_id = "batch_page",
+    params(("id" = String, Path, description = "The batch's id, as the producer gave it.")),
+    responses(
+        (status = 200, description = "The batch's page: its figures, its first dead rows and its results download.", body = String, content_type = "text/html"),
+        (status = 400, description = "The path cannot be read: it holds a NUL byte (`%00`), or is not UTF-8 once decoded.", body = ErrorBody),
+        (status = 404, description = "A page saying there is no such batch that this token may see.", body = String, content_type = "text/html"),
+        (
+            status = 500,
+            description = "A page saying the ledger failed; or, when the page itself cannot be rendered, the JSON error.",
+            content((String = "text/html"), (ErrorBody = "application/json")),
+        ),
+        (status = 503, description = "A page saying PostgreSQL cannot be reached or did not answer in time; it refreshes itself.", body = String, content_type = "text/html"),
+    )
+)]
 pub async fn page(
     State(state): State<DashboardState>,
     Extension(principal): Extension<Principal>,
@@ -172,13 +222,37 @@ pub async fn page(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ResultsQuery {
+    /// Only the rows of this status (`dead`, say); every row without it.
+    #[param(value_type = Option<RowStatus>, inline)]
     status: Option<String>,
 }
 
-/// `GET /batches/{id}/results`: every row with its outcome and result as CSV, in line
-/// order (`?status=dead` for the dead ones), streamed from PostgreSQL.
+/// The batch's rows and their outcomes, as CSV.
+///
+/// Every row with its outcome and result, in line order, streamed from PostgreSQL.
+#[utoipa::path(
+    get,
+    path = "/batches/{id}/results",
+    tag = "batches",
+    operation_id = "batch_results",
+    params(("id" = String, Path, description = "The batch's id, as the producer gave it."), ResultsQuery),
+    responses(
+        (
+            status = 200,
+            description = "The rows as a CSV download: the batch's own columns, then each row's line, status, result, error and attempts.",
+            body = String,
+            content_type = "text/csv",
+            headers(("Content-Disposition" = String, description = "`attachment; filename=\"<id>-results.csv\"`, the id keeping only letters, digits, `-` and `_`.")),
+        ),
+        (status = 400, description = "`status` is not a row status (the error names them), or the path or the query cannot be read (a NUL byte, say).", body = ErrorBody),
+        (status = 404, description = "No such batch that this token may see.", body = ErrorBody),
+        (status = 500, description = "The ledger failed to answer.", body = ErrorBody),
+        (status = 503, description = "PostgreSQL cannot be reached, or did not answer in time.", body = ErrorBody),
+    )
+)]
 pub async fn results(
     State(state): State<DashboardState>,
     Extension(principal): Extension<Principal>,

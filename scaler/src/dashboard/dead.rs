@@ -4,12 +4,13 @@
 
 use axum::{
     Extension,
-    extract::{Query, State},
+    extract::State,
     response::{Html, IntoResponse, Response},
 };
 use serde::Deserialize;
-use spillway_common::auth::Principal;
+use spillway_common::{auth::Principal, extract::Query, openapi::ErrorBody};
 use spillway_ledger::dead::{DeadFilter, parse_cursor};
+use utoipa::IntoParams;
 
 use super::{DashboardState, batches::read};
 use crate::http::ApiError;
@@ -17,13 +18,42 @@ use crate::http::ApiError;
 /// Dead rows one page shows.
 const PAGE: u32 = 100;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeadQuery {
+    /// The job type whose dead rows to list.
     job_type: String,
-    /// `<batch_id>:<line>` of the last row of the previous page.
+    /// `<batch_id>:<line>` of the last row of the previous page; the first page
+    /// without it.
     after: Option<String>,
 }
 
+/// A page of a job type's dead rows (admin tokens only).
+///
+/// In batch and line order, read from the ledger, so that browsing them neither
+/// consumes nor reorders the dead queue.
+#[utoipa::path(
+    get,
+    path = "/dead",
+    tag = "batches",
+    operation_id = "dead_page",
+    params(DeadQuery),
+    responses(
+        (status = 200, description = "The page of dead rows, linking the next page when there is one.", body = String, content_type = "text/html"),
+        (
+            status = 400,
+            description = "A page saying `after` is not a `<batch_id>:<line>` cursor; or, when the query cannot be read at all (no `job_type`, a NUL byte), the JSON error.",
+            content((String = "text/html"), (ErrorBody = "application/json")),
+        ),
+        (status = 403, description = "The token is not an admin's.", body = ErrorBody),
+        (
+            status = 500,
+            description = "A page saying the ledger failed; or, when the page itself cannot be rendered, the JSON error.",
+            content((String = "text/html"), (ErrorBody = "application/json")),
+        ),
+        (status = 503, description = "A page saying PostgreSQL cannot be reached or did not answer in time.", body = String, content_type = "text/html"),
+    )
+)]
 pub async fn page(
     State(state): State<DashboardState>,
     Extension(principal): Extension<Principal>,

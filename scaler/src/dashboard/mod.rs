@@ -20,12 +20,14 @@ use std::sync::Arc;
 
 use axum::{
     Extension, Json,
-    extract::{Query, State},
+    extract::State,
     response::{Html, IntoResponse, Response},
 };
-use spillway_common::auth::Principal;
+use serde::Deserialize;
+use spillway_common::{auth::Principal, extract::Query, openapi::ErrorBody};
 use spillway_ledger::Ledger;
 use tera::{Context, Kwargs, State as TeraState, Tera};
+use utoipa::IntoParams;
 
 use crate::{
     board::{Board, JobView, ScalingEvent, StatsView},
@@ -196,6 +198,24 @@ pub struct DashboardState {
     pub producer: operations::Producer,
 }
 
+/// The dashboard page.
+///
+/// Workers, queues, scaling and the newest batches, as HTML that then refreshes itself
+/// from the JSON API.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "dashboard",
+    responses(
+        (
+            status = 200,
+            description = "The dashboard page (a ledger that cannot be read is a banner on it).",
+            body = String,
+            content_type = "text/html",
+        ),
+        (status = 500, description = "The page cannot be rendered.", body = ErrorBody),
+    )
+)]
 pub async fn index(
     State(state): State<DashboardState>,
     Extension(principal): Extension<Principal>,
@@ -214,26 +234,66 @@ pub async fn index(
         })
 }
 
+/// The board's figures.
+///
+/// Every job type's latest figures, their totals, the scaler's and the host's CPU and
+/// memory, and the recent history for the chart.
+#[utoipa::path(
+    get,
+    path = "/api/stats",
+    tag = "dashboard",
+    responses((status = 200, description = "The board's figures as last observed.", body = StatsView))
+)]
 pub async fn stats(State(state): State<DashboardState>) -> Json<StatsView> {
     Json(state.board.stats())
 }
 
+/// The workers, newest first, with the counts of their latest reports.
+#[utoipa::path(
+    get,
+    path = "/api/jobs",
+    tag = "dashboard",
+    responses((status = 200, description = "Every worker the launcher lists.", body = [JobView]))
+)]
 pub async fn jobs(State(state): State<DashboardState>) -> Json<Vec<JobView>> {
     Json(state.board.jobs())
 }
 
+/// The recent scaling events (spawns, drains, stops), newest first.
+#[utoipa::path(
+    get,
+    path = "/api/events",
+    tag = "dashboard",
+    responses((status = 200, description = "The events the scaler still keeps (the newest few hundred).", body = [ScalingEvent]))
+)]
 pub async fn events(State(state): State<DashboardState>) -> Json<Vec<ScalingEvent>> {
     Json(state.board.events())
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SummaryQuery {
+    /// `true` adds ANSI colours.
     #[serde(default)]
     color: bool,
 }
 
-/// The board and the ledger's batches as plain text (`?color=true` for ANSI
-/// colours), for `dashboard.sh`.
+/// The board and the ledger's batches as plain text, for `dashboard.sh`.
+#[utoipa::path(
+    get,
+    path = "/api/summary",
+    tag = "dashboard",
+    params(SummaryQuery),
+    responses(
+        (
+            status = 200,
+            description = "The board as text for a terminal (batches that cannot be read are a line saying why).",
+            body = String,
+            content_type = "text/plain",
+        ),
+        (status = 400, description = "The query cannot be read (`color` is not `true` or `false`, a NUL byte).", body = ErrorBody),
+    )
+)]
 pub async fn summary(
     State(state): State<DashboardState>,
     Extension(principal): Extension<Principal>,

@@ -6,12 +6,13 @@
 use axum::{
     Json,
     body::Body,
-    extract::{Path, State},
+    extract::State,
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde_json::json;
-use spillway_common::auth::presented;
+use spillway_common::{auth::presented, extract::Path, openapi::ErrorBody};
+use spillway_ledger::{cancel::CancelAnswer, retry::Retried};
 
 use super::DashboardState;
 
@@ -34,9 +35,8 @@ impl Producer {
         }
     }
 
-    /// POSTs `path` to the producer and passes its answer on.
     /// POSTs `path` to the producer with the caller's token (`token`), so that the
-    /// producer applies the caller's own rights.
+    /// producer applies the caller's own rights, and passes its answer on.
     async fn forward(&self, path: &str, token: Option<String>) -> Response {
         let url = format!("{}{path}", self.url);
         let answer = async {
@@ -67,7 +67,31 @@ impl Producer {
     }
 }
 
-/// `POST /batches/{id}/retry`, forwarded to the producer.
+/// Retries the batch's dead rows, through the producer.
+///
+/// Every dead row back to pending, out of the dead queue and published again, once:
+/// the producer's `POST /batches/{id}/retry`, forwarded with the caller's token.
+#[utoipa::path(
+    post,
+    path = "/batches/{id}/retry",
+    tag = "batches",
+    operation_id = "retry_batch",
+    params(("id" = String, Path, description = "The batch's id, as the producer gave it.")),
+    responses(
+        (status = 200, description = "The producer's answer: what the retry did (nothing, when no row is dead).", body = Retried),
+        (status = 400, description = "The path cannot be read: it holds a NUL byte (`%00`), or is not UTF-8 once decoded.", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one, at the scaler or at the producer it is forwarded to (a browser asking the scaler for HTML is sent to /login instead).", body = ErrorBody),
+        (status = 404, description = "The producer knows no such batch that this token may see, or no longer its job type.", body = ErrorBody),
+        (status = 409, description = "The batch is still publishing, failed to publish, or was cancelled: it cannot be retried.", body = ErrorBody),
+        (status = 500, description = "The producer's ledger failed, or RabbitMQ refused the queue's declaration.", body = ErrorBody),
+        (status = 502, description = "The producer cannot be reached at PRODUCER_URL.", body = ErrorBody),
+        (
+            status = 503,
+            description = "RabbitMQ or PostgreSQL is unavailable to the producer, or publishing the rows failed part way (the error then also says `batch_id` and how many rows were `published`): calling again finishes the retry.",
+            body = ErrorBody,
+        ),
+    )
+)]
 pub async fn retry(
     State(state): State<DashboardState>,
     headers: HeaderMap,
@@ -77,7 +101,27 @@ pub async fn retry(
     state.producer.forward(&path, presented(&headers)).await
 }
 
-/// `POST /batches/{id}/cancel`, forwarded to the producer.
+/// Cancels the batch, through the producer.
+///
+/// Its rows not yet settled will not run: the producer's `POST /batches/{id}/cancel`,
+/// forwarded with the caller's token.
+#[utoipa::path(
+    post,
+    path = "/batches/{id}/cancel",
+    tag = "batches",
+    operation_id = "cancel_batch",
+    params(("id" = String, Path, description = "The batch's id, as the producer gave it.")),
+    responses(
+        (status = 200, description = "The producer's answer: the batch is cancelled, with how many rows will not run and how many ran.", body = CancelAnswer),
+        (status = 400, description = "The path cannot be read: it holds a NUL byte (`%00`), or is not UTF-8 once decoded.", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one, at the scaler or at the producer it is forwarded to (a browser asking the scaler for HTML is sent to /login instead).", body = ErrorBody),
+        (status = 404, description = "The producer knows no such batch that this token may see.", body = ErrorBody),
+        (status = 409, description = "The batch is finished already: only an unfinished batch can be cancelled.", body = ErrorBody),
+        (status = 500, description = "The producer's ledger failed.", body = ErrorBody),
+        (status = 502, description = "The producer cannot be reached at PRODUCER_URL.", body = ErrorBody),
+        (status = 503, description = "PostgreSQL is unavailable to the producer.", body = ErrorBody),
+    )
+)]
 pub async fn cancel(
     State(state): State<DashboardState>,
     headers: HeaderMap,
