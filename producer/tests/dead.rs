@@ -267,12 +267,25 @@ async fn a_replay_killed_halfway_and_run_again_leaves_every_row_in_exactly_one_p
     assert_eq!(status, StatusCode::OK, "{replayed}");
     assert!(ledger.listed_batches("default").await.unwrap().is_empty());
     let dead = ledger.batch("b1").await.unwrap().unwrap().dead;
-    wait_for(
-        "the dead queue to hold the rows dead in the ledger",
-        Duration::from_secs(30),
-        || async { u64::from(producer.depth("tasks.dead").await.unwrap()) >= dead },
-    )
-    .await;
+    let returned = async {
+        while u64::from(producer.depth("tasks.dead").await.unwrap()) < dead {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(60), returned)
+        .await
+        .is_err()
+    {
+        // Where the missing messages are, for whoever reads the failure.
+        panic!(
+            "timed out after 60s waiting for the dead queue to hold the {dead} rows dead in the \
+             ledger: the second replay answered {replayed}; the ledger has {:?}; the dead queue \
+             {:?}; connections {:?}",
+            ledger.batch("b1").await.unwrap(),
+            producer.vhost.api.queue_stats("tasks.dead").await,
+            producer.vhost.api.connections().await,
+        );
+    }
     let queued = producer.drain("tasks").await;
     let in_work: BTreeSet<u64> = queued.iter().map(|(_, _, row)| row.line).collect();
     let in_dead: BTreeSet<u64> = producer
