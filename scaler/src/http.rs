@@ -568,7 +568,8 @@ mod tests {
         std::fs::write(
             &script,
             format!(
-                "#!/bin/sh\nfor n in 1 2 3 4 5 6; do echo \"line $n\"; done\nwhile [ ! -e '{}/release' ]; do sleep 0.02; done\necho last\n",
+                // Gone with its test's directory, released or not.
+                "#!/bin/sh\nfor n in 1 2 3 4 5 6; do echo \"line $n\"; done\nwhile [ -d '{0}' ] && [ ! -e '{0}/release' ]; do sleep 0.02; done\necho last\n",
                 dir.display()
             ),
         )
