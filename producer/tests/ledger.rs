@@ -328,8 +328,17 @@ async fn a_refused_upload_leaves_nothing_and_uploads_beyond_the_pool_wait_their_
 
 #[tokio::test]
 async fn a_batch_cancelled_while_it_is_published_stops_being_published() {
-    let (producer, _db, ledger) = producer_with_ledger("ledger-cancel").await;
-    const ROWS: u64 = 300_000;
+    // One row in flight at a time: publishing takes seconds whatever the machine, so
+    // the cancel comes while it runs (with the default window a loaded machine once
+    // published every row before the cancel arrived).
+    let db = TestDatabase::new("ledger-cancel").await;
+    let producer = TestProducer::start(
+        "ledger-cancel",
+        &["--database-url", &db.url, "--publish-window", "1"],
+    )
+    .await;
+    let ledger = Ledger::open(&db.url, 2).unwrap();
+    const ROWS: u64 = 100_000;
     let csv = std::iter::once("n".to_string())
         .chain((1..=ROWS).map(|n| n.to_string()))
         .collect::<Vec<_>>()
