@@ -57,11 +57,12 @@ for service in producer scaler; do
     url=$PRODUCER
     [[ $service == scaler ]] && url=$SCALER
     say "fuzzing the $service's API from $url/openapi.json ($EXAMPLES examples an operation)"
-    if ! SPILLWAY_TOKEN=$(cat "$WORK/admin-token") "$SCHEMATHESIS" --config-file "$WORK/schemathesis.toml" \
+    # From the check's directory, where schemathesis keeps its cache, not the repository.
+    if ! (cd "$WORK" && SPILLWAY_TOKEN=$(cat "$WORK/admin-token") "$SCHEMATHESIS" --config-file "$WORK/schemathesis.toml" \
         run "$url/openapi.json" \
         --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
         --max-examples "$EXAMPLES" --seed 1 --workers 2 --request-timeout 30 \
-        --generation-database none --no-color; then
+        --generation-database none --no-color); then
         failed+=("$service")
     fi
 done
