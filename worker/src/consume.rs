@@ -27,6 +27,7 @@ use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    acks::Acks,
     cancelled::CancelledBatches,
     drain,
     handler::Handler,
@@ -174,6 +175,11 @@ impl Worker {
             .await
             .map_err(setup)?;
 
+        let acks = Arc::new(Acks::default());
+        let sending_acks = tokio::spawn({
+            let acks = Arc::clone(&acks);
+            async move { acks.run().await }
+        });
         let settler = Arc::new(Settler {
             recorder: recorder.clone(),
             ledger: self.ledger.clone(),
@@ -184,6 +190,7 @@ impl Worker {
             delivery_limit: self.delivery_limit,
             progress: Arc::clone(progress),
             cancelled: CancelledBatches::new(self.ledger.clone()),
+            acks: Arc::clone(&acks),
         });
         let reporter = tokio::spawn(report_every(
             self.progress_interval,
@@ -223,6 +230,7 @@ impl Worker {
                     (slot, rows.next().await)
                 } => match next {
                     (slot, Some(Ok(delivery))) => {
+                        acks.delivered(delivery.delivery_tag).await;
                         let in_hand = progress.row_in_hand();
                         let handler = self.handler.clone();
                         let settler = Arc::clone(&settler);
@@ -253,6 +261,7 @@ impl Worker {
             }
         }
         reporter.abort();
+        sending_acks.abort();
         if matches!(end, SessionEnd::Drained) {
             progress.set_state(WorkerState::Exited);
             if let Err(error) = progress.publish(&publisher).await {

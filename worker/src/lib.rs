@@ -8,11 +8,13 @@
 //! - [`settle`]: one delivery's fate: run, record its outcome, then ack, requeue or
 //!   dead-letter it, once.
 //! - [`record`]: rows' outcomes written to the ledger in batches before their acks.
+//! - `acks`: those acks sent in runs, one `multiple` ack for many rows.
 //! - `cancelled`: which batches are cancelled, so their rows are acked unrun.
 //! - [`handler`]: what is done with a row: `simulate` or `exec`.
 //! - [`drain`]: drain requests from the scaler over RabbitMQ.
 //! - [`progress`]: counters and the progress reports on the events exchange.
 
+mod acks;
 mod cancelled;
 pub mod config;
 pub mod consume;

@@ -26,13 +26,14 @@ use futures_util::FutureExt;
 use lapin::{
     BasicProperties, Channel,
     message::Delivery,
-    options::{BasicAckOptions, BasicPublishOptions, BasicRejectOptions},
+    options::{BasicPublishOptions, BasicRejectOptions},
     types::{AMQPValue, ShortString},
 };
 use spillway_common::{envelope::RowMessage, topology};
 use spillway_ledger::{Ledger, LedgerError, Outcome, Recorded, RowStatus};
 
 use crate::{
+    acks::{Acks, Sent},
     cancelled::CancelledBatches,
     handler::{Handler, RowFailed},
     progress::{Progress, Tally},
@@ -65,6 +66,28 @@ pub(crate) struct Settler {
     pub delivery_limit: u32,
     pub progress: Arc<Progress>,
     pub cancelled: CancelledBatches,
+    /// The consuming channel's acks, sent in runs.
+    pub acks: Arc<Acks>,
+}
+
+impl Settler {
+    /// Acks `delivery` with the next run of acks; returns once it is sent.
+    async fn ack(&self, delivery: &Delivery) -> Sent {
+        self.acks
+            .ack(delivery.delivery_tag, delivery.acker.clone())
+            .await
+    }
+
+    /// Returns `delivery` to the queue, at once.
+    async fn requeue(&self, delivery: &Delivery) -> Sent {
+        self.acks
+            .reject(
+                delivery.delivery_tag,
+                &delivery.acker,
+                BasicRejectOptions { requeue: true },
+            )
+            .await
+    }
 }
 
 /// Handles one delivery and settles it.
@@ -81,7 +104,7 @@ pub(crate) async fn process(delivery: Delivery, handler: &Handler, settler: &Set
         Ok(row) => {
             if settler.cancelled.is_cancelled(&row.batch_id).await {
                 // The ledger has the row as `cancelled` already: nothing to run or record.
-                match delivery.ack(BasicAckOptions::default()).await {
+                match settler.ack(&delivery).await {
                     Ok(_) => settler.progress.tally(Tally::Skipped),
                     Err(error) => {
                         tracing::warn!(%error, "cannot ack a cancelled row; the broker will redeliver it")
@@ -91,7 +114,7 @@ pub(crate) async fn process(delivery: Delivery, handler: &Handler, settler: &Set
             }
             if delivery.redelivered && already_settled(settler, &row).await {
                 // Its outcome is committed: running it again would only repeat work.
-                if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+                if let Err(error) = settler.ack(&delivery).await {
                     tracing::warn!(%error, "cannot ack a row already done; the broker will redeliver it");
                 }
                 return;
@@ -168,12 +191,10 @@ async fn settle(
     let (reason, retry) = match outcome {
         Ok(result) => {
             if let Err(error) = record(RowStatus::Done, Some(result), None).await {
-                delivery
-                    .reject(BasicRejectOptions { requeue: true })
-                    .await?;
+                settler.requeue(delivery).await?;
                 return Err(error.into());
             }
-            sent(delivery.ack(BasicAckOptions::default()).await?)?;
+            sent(settler.ack(delivery).await?)?;
             progress.tally(Tally::Processed);
             return Ok(());
         }
@@ -186,11 +207,7 @@ async fn settle(
         if let Err(error) = record(RowStatus::Failed, None, Some(&reason)).await {
             tracing::warn!(%error, "cannot record a failed attempt");
         }
-        sent(
-            delivery
-                .reject(BasicRejectOptions { requeue: true })
-                .await?,
-        )?;
+        sent(settler.requeue(delivery).await?)?;
         progress.tally(Tally::Failed);
         return Ok(());
     }
@@ -204,12 +221,10 @@ async fn settle(
         Err(error) => Err(error),
     };
     if let Err(error) = recorded {
-        delivery
-            .reject(BasicRejectOptions { requeue: true })
-            .await?;
+        settler.requeue(delivery).await?;
         return Err(error);
     }
-    sent(delivery.ack(BasicAckOptions::default()).await?)?;
+    sent(settler.ack(delivery).await?)?;
     progress.tally(Tally::DeadLettered);
     Ok(())
 }

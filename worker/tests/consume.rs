@@ -58,6 +58,37 @@ async fn every_row_is_processed_and_acked_exactly_once_and_reported() {
     );
 }
 
+/// Acks go in runs (one `multiple` ack for many rows): a row returned to the queue in
+/// the middle of a run must not be covered by it. Every seventh row fails its first
+/// attempt among many succeeding at once; each is delivered again and done, every row
+/// recorded once, none left anywhere.
+#[tokio::test]
+async fn rows_returned_among_rows_acked_in_runs_come_back_and_are_done_once() {
+    let script = format!(
+        r#"if [ $((SPILLWAY_LINE % 7)) = 0 ] && mkdir "$STARTED.$SPILLWAY_LINE" 2>/dev/null; then exit 3; fi; {RECORDING}"#
+    );
+    let rig = Rig::new("runs", 5, &script).await;
+    rig.publish_rows(300).await;
+    let mut worker = rig.start_worker("runs-1", &[("CONCURRENCY", "50"), ("PREFETCH", "50")]);
+    rig.wait_recorded("record", 300, &mut worker).await;
+    worker.signal("TERM");
+    assert!(worker.wait_exit().await.success(), "{}", worker.log_text());
+
+    let counts = rig.counts("record");
+    assert_eq!(counts.len(), 300, "every row done: {counts:?}");
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "each row once: {counts:?}"
+    );
+    let failed_first = (1..=300u64)
+        .filter(|line| line % 7 == 0)
+        .filter(|line| rig.path(&format!("started.{line}")).exists())
+        .count();
+    assert_eq!(failed_first, 300 / 7, "the rows meant to fail did, once");
+    assert_eq!(rig.ready(QUEUE).await, 0, "every row was acked");
+    assert_eq!(rig.ready(&dead_queue_name(QUEUE)).await, 0, "none died");
+}
+
 #[tokio::test]
 async fn rows_held_by_a_killed_worker_are_processed_by_another() {
     let rig = Rig::new("sigkill", 5, RECORDING).await;
