@@ -33,6 +33,14 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// What a probe (`/healthz`, `/readyz`) answers when it passes.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Probe {
+    /// `ok` from `/healthz` (the process serves requests), `ready` from `/readyz`.
+    #[schema(example = "ok")]
+    pub status: &'static str,
+}
+
 /// `doc` as served: titled, versioned, with the bearer scheme, and every operation
 /// not open through `gate` requiring it (answering 401 without it).
 pub fn finish(mut doc: OpenApi, title: &str, description: &str, gate: &Gate) -> OpenApi {

@@ -32,7 +32,7 @@ use spillway_common::{
     auth::{AuthSettings, Gate, Principal, require_token},
     extract::Path,
     jobs_config::{JobsConfig, UnknownJobType},
-    openapi,
+    openapi::{self, Probe},
 };
 use spillway_ledger::{BatchState, Ledger, LedgerError};
 use tokio_util::task::TaskTracker;
@@ -560,13 +560,6 @@ fn multipart_rejection(error: &MultipartError, limit: u64) -> Rejection {
     } else {
         Rejection::NotMultipart(error.body_text())
     }
-}
-
-/// A probe's answer.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Probe {
-    /// `ok` (alive) or `ready` (connected to RabbitMQ and PostgreSQL).
-    pub status: &'static str,
 }
 
 /// `GET /healthz`: the process is alive.

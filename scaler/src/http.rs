@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use spillway_common::{
     auth::{Gate, Principal, require_token},
     extract::{Path, Query},
-    openapi::{self, ErrorBody},
+    openapi::{self, ErrorBody, Probe},
 };
 use spillway_ledger::{Ledger, LedgerError};
 use tokio_util::sync::CancellationToken;
@@ -216,23 +216,15 @@ fn router<L: Launcher>(state: HttpState<L>) -> OpenApiRouter {
         .with_state(state)
 }
 
-/// What a probe answers when it passes.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ProbeStatus {
-    /// `ok` from `/healthz`, `ready` from `/readyz`.
-    #[schema(example = "ok")]
-    status: &'static str,
-}
-
 /// Whether the scaler is up.
 #[utoipa::path(
     get,
     path = "/healthz",
     tag = "probes",
-    responses((status = 200, description = "The scaler is up.", body = ProbeStatus))
+    responses((status = 200, description = "The scaler is up.", body = Probe))
 )]
-async fn healthz() -> Json<ProbeStatus> {
-    Json(ProbeStatus { status: "ok" })
+async fn healthz() -> Json<Probe> {
+    Json(Probe { status: "ok" })
 }
 
 /// Whether the scaler is connected to RabbitMQ.
@@ -243,13 +235,13 @@ async fn healthz() -> Json<ProbeStatus> {
     path = "/readyz",
     tag = "probes",
     responses(
-        (status = 200, description = "Connected to RabbitMQ.", body = ProbeStatus),
+        (status = 200, description = "Connected to RabbitMQ.", body = Probe),
         (status = 503, description = "Not connected to RabbitMQ.", body = ErrorBody),
     )
 )]
-async fn readyz<L>(State(state): State<HttpState<L>>) -> Result<Json<ProbeStatus>, ApiError> {
+async fn readyz<L>(State(state): State<HttpState<L>>) -> Result<Json<Probe>, ApiError> {
     if state.bus.connected() {
-        Ok(Json(ProbeStatus { status: "ready" }))
+        Ok(Json(Probe { status: "ready" }))
     } else {
         Err(ApiError::NotReady)
     }
