@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use lapin::options::BasicPublishOptions;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use reqwest::StatusCode;
 use serde_json::Value;
 use spillway_common::{
@@ -26,7 +26,8 @@ use support::TestProducer;
 const DELIVERY_LIMIT: u32 = 5;
 
 /// Records a batch of `rows` rows, every one dead after its last attempt, and puts
-/// their messages in `tasks.dead`, as workers leave them.
+/// their messages in `tasks.dead`, as workers leave them. Each publish waits for the
+/// broker's confirm, so the dead queue holds every message when this returns.
 async fn dead_batch(ledger: &Ledger, vhost: &TestVhost, batch_id: &str, rows: u64) {
     let header = vec!["n".to_string()];
     let batch = NewBatch {
@@ -55,6 +56,10 @@ async fn dead_batch(ledger: &Ledger, vhost: &TestVhost, batch_id: &str, rows: u6
     ledger.record("worker-1", &outcomes).await.unwrap();
     let connection = vhost.connect().await;
     let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     topology::declare_work_queue(&channel, "tasks", DELIVERY_LIMIT)
         .await
         .unwrap();
@@ -67,7 +72,7 @@ async fn dead_batch(ledger: &Ledger, vhost: &TestVhost, batch_id: &str, rows: u6
             headers: header.clone(),
             fields: vec![line.to_string()],
         };
-        channel
+        let confirmation = channel
             .basic_publish(
                 "".into(),
                 "tasks.dead".into(),
@@ -79,6 +84,7 @@ async fn dead_batch(ledger: &Ledger, vhost: &TestVhost, batch_id: &str, rows: u6
             .unwrap()
             .await
             .unwrap();
+        assert!(confirmation.is_ack(), "the broker refused a dead message");
     }
 }
 
