@@ -59,10 +59,15 @@ const LEDGER_POLL: Duration = Duration::from_millis(20);
 /// The workers' `CONCURRENCY` and `PREFETCH`: what the README recommends for many short
 /// rows, and what the worker benchmark uses.
 const PREFETCH: u16 = 200;
-/// The built-in job type with a no-op handler. The short idle window only lets the
-/// workers drain soon after a run: it starts once the queue is empty, after the timing.
-const E2E_JOBS: &str =
-    "idle_seconds = 5\n\n[job_types.default]\nqueue = \"tasks\"\nsimulate_ms = 0\n";
+/// The built-in job type with a no-op handler and at most `max_jobs` workers. The
+/// short idle window only lets the workers drain soon after a run: it starts once the
+/// queue is empty, after the timing.
+fn e2e_jobs(max_jobs: u32) -> String {
+    format!(
+        "idle_seconds = 5\n\n[job_types.default]\nqueue = \"tasks\"\nsimulate_ms = 0\n\
+         max_jobs = {max_jobs}\n"
+    )
+}
 const PATIENCE: Duration = Duration::from_secs(300);
 
 const IDLE_WARM_UP: Duration = Duration::from_secs(15);
@@ -77,12 +82,22 @@ async fn main() {
         return idle_baseline().await;
     }
     let idle = idle_scaler().await;
-    let e2e = end_to_end().await;
+    // c: a worker per core, as rows that only use the CPU are best run on one machine;
+    // c2: the built-in job type's cap, ten workers sharing this machine's cores.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let e2e = end_to_end("c", cores).await;
+    let default_cap = JobsConfig::load(None)
+        .expect("the built-in job types")
+        .job_type("default")
+        .expect("the default job type")
+        .max_jobs;
+    let e2e_default_cap = end_to_end("c2", default_cap).await;
     let reaction = reaction().await;
     record(
         "system",
         &[
             e2e,
+            e2e_default_cap,
             idle.cpu,
             idle.memory,
             reaction.spawn,
@@ -95,10 +110,10 @@ async fn main() {
 
 // c: end to end
 
-async fn end_to_end() -> Figure {
+async fn end_to_end(key: &str, max_jobs: u32) -> Figure {
     let dir = tempfile::tempdir().expect("a temp dir");
     let jobs_path = dir.path().join("jobs.toml");
-    std::fs::write(&jobs_path, E2E_JOBS).expect("write jobs.toml");
+    std::fs::write(&jobs_path, e2e_jobs(max_jobs)).expect("write jobs.toml");
     let jobs = JobsConfig::load(Some(&jobs_path)).expect("the benchmark's job types");
     let job = jobs.job_type("default").expect("the default job type");
     let e2e_rows = bench::rows(E2E_ROWS);
@@ -117,15 +132,18 @@ async fn end_to_end() -> Figure {
         }
     }
     Figure {
-        key: "c".into(),
-        what: format!("end to end, {e2e_rows} rows, local launcher, no-op handler"),
+        key: key.into(),
+        what: format!(
+            "end to end, {e2e_rows} rows, local launcher, {max_jobs} workers, no-op handler"
+        ),
         spillway: Measure::mean_throughput(e2e_rows, &spillway),
         baseline: Measure::mean_throughput(e2e_rows, &broker),
         note: format!(
             "upload to the release `producer` (which records every row in the ledger before \
              publishing) until the ledger holds every row's result, recorded by the workers the \
              release `scaler` spawned before they acked (local launcher, default job type but \
-             `simulate_ms = 0`, tick {tick} s, workers at CONCURRENCY = PREFETCH = {PREFETCH}), \
+             `simulate_ms = 0` and `max_jobs = {max_jobs}`, tick {tick} s, workers at \
+             CONCURRENCY = PREFETCH = {PREFETCH}), \
              so it includes the scaler's reaction to the rows; against a bare lapin publisher \
              ({CONFIRM_WINDOW} confirms in flight) then a bare lapin consumer (prefetch \
              {PREFETCH}) on the same quorum queue, with no database; mean of two runs each \

@@ -32,7 +32,7 @@ use crate::{
     drain,
     handler::Handler,
     progress::Progress,
-    record::Recorder,
+    record::{Recorder, Slots},
     settle::{LogRecords, Settler, process},
 };
 
@@ -76,13 +76,23 @@ impl Worker {
     /// Runs until drained by `stop` or by a drain request; returns when every row
     /// received has been settled and the final report sent.
     pub async fn run(self, stop: CancellationToken) -> Result<(), WorkerError> {
+        let progress = Arc::new(Progress::new(
+            self.name.clone(),
+            self.job_type.clone(),
+            self.queue.clone(),
+        ));
+        let in_hand = Arc::clone(&progress);
         let (recorder, recording) = Recorder::start(
             self.ledger.clone(),
             self.name.clone(),
             stop.clone(),
             LogRecords,
+            Slots {
+                concurrency: self.concurrency as u64,
+                in_hand: Box::new(move || in_hand.in_hand()),
+            },
         );
-        let ran = self.sessions(&recorder, &stop).await;
+        let ran = self.sessions(&progress, &recorder, &stop).await;
         drop(recorder);
         let _ = recording.await;
         ran
@@ -91,14 +101,10 @@ impl Worker {
     /// Connects and consumes, reconnecting after a lost connection, until drained.
     async fn sessions(
         &self,
+        progress: &Arc<Progress>,
         recorder: &Recorder,
         stop: &CancellationToken,
     ) -> Result<(), WorkerError> {
-        let progress = Arc::new(Progress::new(
-            self.name.clone(),
-            self.job_type.clone(),
-            self.queue.clone(),
-        ));
         tracing::info!(
             worker = %self.name, job_type = %self.job_type, queue = %self.queue,
             concurrency = self.concurrency, prefetch = self.prefetch, "worker starting"
@@ -116,7 +122,7 @@ impl Worker {
                     source,
                 })?,
             };
-            match self.session(&connection, &progress, recorder, stop).await? {
+            match self.session(&connection, progress, recorder, stop).await? {
                 SessionEnd::Drained => {
                     let _ = connection.close(200, "drained".into()).await;
                     let report = progress.report();

@@ -68,6 +68,11 @@ impl Progress {
         InHand(std::sync::Arc::clone(self))
     }
 
+    /// Rows in hand now.
+    pub fn in_hand(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     /// Counts a settled row. (How each batch is doing is the ledger's to say.)
     pub fn tally(&self, tally: Tally) {
         let total = match tally {
