@@ -32,7 +32,7 @@ pub const MAX_BATCH: usize = 512;
 const QUEUE: usize = 4 * MAX_BATCH;
 
 /// Longest a row's outcome waits for others to join its transaction.
-pub const LINGER: Duration = Duration::from_millis(20);
+const LINGER: Duration = Duration::from_millis(20);
 
 /// How a row's outcome was recorded.
 pub type Committed = Result<(), RecordError>;
