@@ -16,8 +16,9 @@
 //!   worker's recorder writes them: [`Ledger::record`] with up to
 //!   [`spillway_worker::record::MAX_BATCH`] outcomes a call, one call after another.
 //!   The baseline is a bare `UPDATE ... FROM unnest(...)` of the same columns of the
-//!   same rows, one statement per as many rows. Three rounds of ledger, bare, bare,
-//!   ledger, each run on a batch of its own, after a `VACUUM` and a `CHECKPOINT`.
+//!   same rows, one statement per as many rows. Each side on a batch of its own, a call
+//!   of each in turn (so a stall of the machine lands on both alike), three rounds, each
+//!   after a `VACUUM` and a `CHECKPOINT`.
 //!
 //! `BENCH_ROWS` replaces both row counts, for a quick run. Records its figures in
 //! `target/bench-results/ledger.json`.
@@ -43,8 +44,7 @@ use sqlx::postgres::PgPoolCopyExt;
 
 const DOWNLOAD_ROWS: u64 = 1_000_000;
 const RECORD_ROWS: u64 = 100_000;
-/// Rounds of f (ledger, bare, bare, ledger): its runs take a second each, and one
-/// round moved by a tenth from run to run on this shared machine.
+/// Rounds of f, each a run of both sides, call by call.
 const WRITE_ROUNDS: usize = 3;
 /// What the built-in `simulate` handler records as a row's result at 0 ms.
 const SIMULATE_RESULT: &str = r#"{"simulated_ms":0}"#;
@@ -222,39 +222,48 @@ async fn finish_every_row(ledger: &Ledger, batch_id: &str) {
 // f: ledger writes
 
 async fn write_outcomes(ledger: &Ledger, csv: &Path, rows: u64) -> Figure {
-    // A batch of its own for each run: a row already done keeps its outcome.
-    let batch_ids: Vec<String> = (1..=4 * WRITE_ROUNDS)
-        .map(|run| format!("bench-record-{run}"))
-        .collect();
-    for batch_id in &batch_ids {
-        record_batch(ledger, batch_id, csv, rows).await;
-    }
-
-    // Rounds of ledger, bare, bare, ledger: neither gains from going first. Each run
-    // starts from a vacuumed table and a checkpoint, so none pays for the dead row
-    // versions or the dirty pages of the runs before it (autovacuum woke during the
-    // fourth run).
     let (mut spillway, mut baseline) = (Vec::new(), Vec::new());
-    let turns = [true, false, false, true].repeat(WRITE_ROUNDS);
-    for (batch_id, ledger_turn) in batch_ids.iter().zip(turns) {
-        settle_down(ledger).await;
-        let outcomes = done_outcomes(batch_id, rows);
-        if ledger_turn {
-            let elapsed = through_ledger(ledger, &outcomes).await;
-            assert_state(ledger, batch_id, BatchState::Done).await;
-            println!(
-                "Ledger::record: {rows} outcomes in {:.2} s",
-                elapsed.as_secs_f64()
-            );
-            spillway.push(elapsed);
-        } else {
-            let elapsed = bare_update(ledger, &outcomes).await;
-            println!(
-                "bare UPDATE FROM unnest: {rows} outcomes in {:.2} s",
-                elapsed.as_secs_f64()
-            );
-            baseline.push(elapsed);
+    for round in 1..=WRITE_ROUNDS {
+        // A batch of its own for each side: a row already done keeps its outcome.
+        // Whichever side's batch is recorded first has its rows first in the table.
+        let ledgers = format!("bench-record-ledger-{round}");
+        let bares = format!("bench-record-bare-{round}");
+        let mut batch_ids = [&ledgers, &bares];
+        if round % 2 == 0 {
+            batch_ids.reverse();
         }
+        for batch_id in batch_ids {
+            record_batch(ledger, batch_id, csv, rows).await;
+        }
+        // From a vacuumed table and a checkpoint, so neither side pays for the dead row
+        // versions or the dirty pages of the rounds before.
+        settle_down(ledger).await;
+        let (ledger_outcomes, bare_outcomes) =
+            (done_outcomes(&ledgers, rows), done_outcomes(&bares, rows));
+        let (mut through, mut bare) = (Duration::ZERO, Duration::ZERO);
+        // A call of each side in turn, first one then the other: a stall of the machine
+        // (a slow flush of the write-ahead log) lands on both sides alike.
+        let calls = ledger_outcomes
+            .chunks(MAX_BATCH)
+            .zip(bare_outcomes.chunks(MAX_BATCH));
+        for (call, (ledger_chunk, bare_chunk)) in calls.enumerate() {
+            if call % 2 == 0 {
+                through += through_ledger(ledger, ledger_chunk).await;
+                bare += bare_update(ledger, bare_chunk).await;
+            } else {
+                bare += bare_update(ledger, bare_chunk).await;
+                through += through_ledger(ledger, ledger_chunk).await;
+            }
+        }
+        assert_state(ledger, &ledgers, BatchState::Done).await;
+        assert_settled(ledger, &bares, rows).await;
+        println!(
+            "round {round}: Ledger::record {rows} outcomes in {:.2} s, bare UPDATE FROM unnest in {:.2} s",
+            through.as_secs_f64(),
+            bare.as_secs_f64()
+        );
+        spillway.push(through);
+        baseline.push(bare);
     }
     Figure {
         key: "f".into(),
@@ -262,14 +271,13 @@ async fn write_outcomes(ledger: &Ledger, csv: &Path, rows: u64) -> Figure {
         spillway: Measure::mean_throughput(rows, &spillway),
         baseline: Measure::mean_throughput(rows, &baseline),
         note: format!(
-            "`Ledger::record`, as a worker's recorder calls it, with {MAX_BATCH} outcomes a call, \
-             one call after another: one statement that updates each row from the status its \
-             delivery count implies (a final row keeps its outcome), returns the rows it \
-             changed and moves the batch's counters by them; against a bare `UPDATE batch_rows ... FROM unnest(...)` of the same \
-             columns of the same rows, one statement per {MAX_BATCH}; each on a batch of its \
-             own, after a VACUUM and a CHECKPOINT; mean of {runs} runs each ({WRITE_ROUNDS} \
-             rounds of ledger, bare, bare, ledger); higher is better, target >= 0.80",
-            runs = 2 * WRITE_ROUNDS
+            "`Ledger::record`, as a worker's recorder calls it, with {MAX_BATCH} outcomes a call: \
+             one statement that updates each row from the status its delivery count implies \
+             (a final row keeps its outcome), reports the rows it changed and moves the \
+             batch's counters by them; against a bare `UPDATE batch_rows ... FROM unnest(...)` \
+             of the same columns, one statement per {MAX_BATCH}; each side on a batch of its \
+             own, a call of each in turn, after a VACUUM and a CHECKPOINT; mean of \
+             {WRITE_ROUNDS} rounds; higher is better, target >= 0.80"
         ),
     }
 }
@@ -292,52 +300,50 @@ fn done_outcomes(batch_id: &str, rows: u64) -> Vec<Outcome> {
         .collect()
 }
 
+/// One call of `Ledger::record`, as a worker's recorder makes it.
 async fn through_ledger(ledger: &Ledger, outcomes: &[Outcome]) -> Duration {
     let started = Instant::now();
-    let mut applied = 0;
-    for chunk in outcomes.chunks(MAX_BATCH) {
-        applied += ledger
-            .record(WORKER, chunk)
-            .await
-            .expect("outcomes recorded")
-            .applied;
-    }
+    let recorded = ledger
+        .record(WORKER, outcomes)
+        .await
+        .expect("outcomes recorded");
     let elapsed = started.elapsed();
-    assert_eq!(applied, outcomes.len(), "every outcome changes its row");
+    assert_eq!(
+        recorded.applied,
+        outcomes.len(),
+        "every outcome changes its row"
+    );
     elapsed
 }
 
 /// What writing the outcomes takes at the least: the same columns as
-/// `Ledger::record` writes, one statement per chunk, and nothing else.
+/// `Ledger::record` writes, in one statement, and nothing else.
 async fn bare_update(ledger: &Ledger, outcomes: &[Outcome]) -> Duration {
+    let batch_ids: Vec<&str> = outcomes.iter().map(|o| o.batch_id.as_str()).collect();
+    let lines: Vec<i64> = outcomes.iter().map(|o| o.line as i64).collect();
+    let statuses: Vec<&str> = outcomes.iter().map(|o| o.status.as_str()).collect();
+    let attempts: Vec<i32> = outcomes.iter().map(|o| o.attempts as i32).collect();
+    let errors: Vec<Option<&str>> = outcomes.iter().map(|o| o.error.as_deref()).collect();
+    let results: Vec<Option<&str>> = outcomes.iter().map(|o| o.result.as_deref()).collect();
     let started = Instant::now();
-    let mut updated = 0;
-    for chunk in outcomes.chunks(MAX_BATCH) {
-        let batch_ids: Vec<&str> = chunk.iter().map(|o| o.batch_id.as_str()).collect();
-        let lines: Vec<i64> = chunk.iter().map(|o| o.line as i64).collect();
-        let statuses: Vec<&str> = chunk.iter().map(|o| o.status.as_str()).collect();
-        let attempts: Vec<i32> = chunk.iter().map(|o| o.attempts as i32).collect();
-        let errors: Vec<Option<&str>> = chunk.iter().map(|o| o.error.as_deref()).collect();
-        let results: Vec<Option<&str>> = chunk.iter().map(|o| o.result.as_deref()).collect();
-        updated += sqlx::query(
-            "UPDATE batch_rows r SET status = u.status, attempts = u.attempts, error = u.error,
-                    result = u.result, worker = $7, settled_at = now()
-             FROM unnest($1::text[], $2::int8[], $3::text[], $4::int4[], $5::text[], $6::text[])
-                  AS u(batch_id, line, status, attempts, error, result)
-             WHERE r.batch_id = u.batch_id AND r.line = u.line",
-        )
-        .bind(&batch_ids)
-        .bind(&lines)
-        .bind(&statuses)
-        .bind(&attempts)
-        .bind(&errors)
-        .bind(&results)
-        .bind(WORKER)
-        .execute(ledger.pool())
-        .await
-        .expect("the bare update")
-        .rows_affected();
-    }
+    let updated = sqlx::query(
+        "UPDATE batch_rows r SET status = u.status, attempts = u.attempts, error = u.error,
+                result = u.result, worker = $7, settled_at = now()
+         FROM unnest($1::text[], $2::int8[], $3::text[], $4::int4[], $5::text[], $6::text[])
+              AS u(batch_id, line, status, attempts, error, result)
+         WHERE r.batch_id = u.batch_id AND r.line = u.line",
+    )
+    .bind(&batch_ids)
+    .bind(&lines)
+    .bind(&statuses)
+    .bind(&attempts)
+    .bind(&errors)
+    .bind(&results)
+    .bind(WORKER)
+    .execute(ledger.pool())
+    .await
+    .expect("the bare update")
+    .rows_affected();
     let elapsed = started.elapsed();
     assert_eq!(
         updated,
@@ -345,6 +351,18 @@ async fn bare_update(ledger: &Ledger, outcomes: &[Outcome]) -> Duration {
         "every outcome updates its row"
     );
     elapsed
+}
+
+/// Every row of `batch_id`'s first `rows` done, as the bare update left them.
+async fn assert_settled(ledger: &Ledger, batch_id: &str, rows: u64) {
+    let done: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM batch_rows WHERE batch_id = $1 AND status = 'done'",
+    )
+    .bind(batch_id)
+    .fetch_one(ledger.pool())
+    .await
+    .expect("count the rows done");
+    assert_eq!(done, rows as i64, "rows of {batch_id} done");
 }
 
 // set-up shared by both
