@@ -15,12 +15,16 @@
 //! - **f.** The outcomes of 100,000 rows (done, with a `simulate` result) written as a
 //!   worker's recorder writes them: [`Ledger::record`] with up to
 //!   [`spillway_worker::record::MAX_BATCH`] outcomes a call, one call after another.
-//!   The baseline is a bare `UPDATE ... FROM unnest(...)` of the same columns of the
-//!   same rows, one statement per as many rows. Each side on a batch of its own, a call
-//!   of each in turn (so a stall of the machine lands on both alike), three rounds, each
-//!   after a `VACUUM` and a `CHECKPOINT`.
+//!   The baseline is a bare `INSERT ... SELECT FROM unnest(...)` of the same columns
+//!   into a table that has nothing else (no constraint, no default), one statement per
+//!   as many rows. A call of each side in turn (so a stall of the machine lands on both
+//!   alike), three rounds, each after a `VACUUM` and a `CHECKPOINT`.
+//! - **f2.** Those outcomes folded into their rows and their batch's counts
+//!   ([`Ledger::fold`], as the producer folds), against a bare `UPDATE ... FROM
+//!   unnest(...)` of the same columns of as many rows of another batch, in as many
+//!   transactions. Not on a worker's path; reported so the work the log moves is seen.
 //!
-//! `BENCH_ROWS` replaces both row counts, for a quick run. Records its figures in
+//! `BENCH_ROWS` replaces every row count, for a quick run. Records its figures in
 //! `target/bench-results/ledger.json`.
 
 use std::{
@@ -29,7 +33,7 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use spillway_ledger::{BatchState, Ledger, NewBatch, Outcome, RowStatus};
+use spillway_ledger::{BatchState, Ledger, NewBatch, Outcome, RowStatus, outcomes::FOLD_CHUNK};
 use spillway_testkit::{
     TestDatabase, TestVhost,
     bench::{
@@ -64,8 +68,11 @@ async fn main() {
     generate_csv(&csv, download_rows.max(record_rows));
 
     let download = download(&ledger, &vhost, &database, &csv, download_rows).await;
-    let writes = write_outcomes(&ledger, &csv, record_rows).await;
-    record("ledger", &[download.throughput, download.memory, writes]);
+    let [writes, folds] = write_outcomes(&ledger, &csv, record_rows).await;
+    record(
+        "ledger",
+        &[download.throughput, download.memory, writes, folds],
+    );
 }
 
 // e: results download
@@ -219,13 +226,23 @@ async fn finish_every_row(ledger: &Ledger, batch_id: &str) {
     assert_state(ledger, batch_id, BatchState::Done).await;
 }
 
-// f: ledger writes
+// f: ledger writes, and f2: their fold
 
-async fn write_outcomes(ledger: &Ledger, csv: &Path, rows: u64) -> Figure {
-    let (mut spillway, mut baseline) = (Vec::new(), Vec::new());
+async fn write_outcomes(ledger: &Ledger, csv: &Path, rows: u64) -> [Figure; 2] {
+    // The bare side's table: the outcome log's columns, without its constraint, its
+    // default or anything else.
+    sqlx::raw_sql(
+        "CREATE TABLE bench_bare_outcomes (batch_id text, line bigint, status text,
+             attempts integer, error text, result text, worker text, started float8)",
+    )
+    .execute(ledger.pool())
+    .await
+    .expect("the bare side's table");
+    let (mut written, mut inserted) = (Vec::new(), Vec::new());
+    let (mut folded, mut updated) = (Vec::new(), Vec::new());
     for round in 1..=WRITE_ROUNDS {
-        // A batch of its own for each side: a row already done keeps its outcome.
-        // Whichever side's batch is recorded first has its rows first in the table.
+        // A batch for each side's rows: the ledger's outcomes are folded into its own,
+        // the bare update updates the other.
         let ledgers = format!("bench-record-ledger-{round}");
         let bares = format!("bench-record-bare-{round}");
         let mut batch_ids = [&ledgers, &bares];
@@ -235,7 +252,11 @@ async fn write_outcomes(ledger: &Ledger, csv: &Path, rows: u64) -> Figure {
         for batch_id in batch_ids {
             record_batch(ledger, batch_id, csv, rows).await;
         }
-        // From a vacuumed table and a checkpoint, so neither side pays for the dead row
+        sqlx::raw_sql("TRUNCATE bench_bare_outcomes")
+            .execute(ledger.pool())
+            .await
+            .expect("empty the bare side's table");
+        // From vacuumed tables and a checkpoint, so neither side pays for the dead row
         // versions or the dirty pages of the rounds before.
         settle_down(ledger).await;
         let (ledger_outcomes, bare_outcomes) =
@@ -249,36 +270,68 @@ async fn write_outcomes(ledger: &Ledger, csv: &Path, rows: u64) -> Figure {
         for (call, (ledger_chunk, bare_chunk)) in calls.enumerate() {
             if call % 2 == 0 {
                 through += through_ledger(ledger, ledger_chunk).await;
-                bare += bare_update(ledger, bare_chunk).await;
+                bare += bare_insert(ledger, bare_chunk).await;
             } else {
-                bare += bare_update(ledger, bare_chunk).await;
+                bare += bare_insert(ledger, bare_chunk).await;
                 through += through_ledger(ledger, ledger_chunk).await;
             }
         }
-        assert_state(ledger, &ledgers, BatchState::Done).await;
         println!(
-            "round {round}: Ledger::record {rows} outcomes in {:.2} s, bare UPDATE FROM unnest in {:.2} s",
+            "round {round}: Ledger::record {rows} outcomes in {:.2} s, bare INSERT FROM unnest in {:.2} s",
             through.as_secs_f64(),
             bare.as_secs_f64()
         );
-        spillway.push(through);
-        baseline.push(bare);
+        written.push(through);
+        inserted.push(bare);
+
+        settle_down(ledger).await;
+        let (fold, update) = if round % 2 == 1 {
+            let fold = fold_all(ledger, rows).await;
+            (fold, bare_update(ledger, &bare_outcomes).await)
+        } else {
+            let update = bare_update(ledger, &bare_outcomes).await;
+            (fold_all(ledger, rows).await, update)
+        };
+        assert_state(ledger, &ledgers, BatchState::Done).await;
+        println!(
+            "round {round}: Ledger::fold {rows} outcomes in {:.2} s, bare UPDATE FROM unnest in {:.2} s",
+            fold.as_secs_f64(),
+            update.as_secs_f64()
+        );
+        folded.push(fold);
+        updated.push(update);
     }
-    Figure {
-        key: "f".into(),
-        what: format!("ledger writes, {rows} outcomes, {MAX_BATCH} a transaction"),
-        spillway: Measure::mean_throughput(rows, &spillway),
-        baseline: Measure::mean_throughput(rows, &baseline),
-        note: format!(
-            "`Ledger::record`, as a worker's recorder calls it, with {MAX_BATCH} outcomes a call: \
-             one statement that updates each row from the status its delivery count implies \
-             (a final row keeps its outcome), reports the rows it changed and moves the \
-             batch's counters by them; against a bare `UPDATE batch_rows ... FROM unnest(...)` \
-             of the same columns, one statement per {MAX_BATCH}; each side on a batch of its \
-             own, a call of each in turn, after a VACUUM and a CHECKPOINT; mean of \
-             {WRITE_ROUNDS} rounds; higher is better, target >= 0.80"
-        ),
-    }
+    [
+        Figure {
+            key: "f".into(),
+            what: format!("ledger writes, {rows} outcomes, {MAX_BATCH} a transaction"),
+            spillway: Measure::mean_throughput(rows, &written),
+            baseline: Measure::mean_throughput(rows, &inserted),
+            note: format!(
+                "`Ledger::record`, as a worker's recorder calls it, with {MAX_BATCH} outcomes \
+                 a call: one `INSERT` into the outcome log; against a bare `INSERT ... SELECT \
+                 FROM unnest(...)` of the same columns into a table with nothing else, one \
+                 statement per {MAX_BATCH}; a call of each in turn, after a VACUUM and a \
+                 CHECKPOINT; mean of {WRITE_ROUNDS} rounds; higher is better, target >= 0.80"
+            ),
+        },
+        Figure {
+            key: "f2".into(),
+            what: format!("outcomes folded, {rows} rows, up to {FOLD_CHUNK} a transaction"),
+            spillway: Measure::mean_throughput(rows, &folded),
+            baseline: Measure::mean_throughput(rows, &updated),
+            note: format!(
+                "`Ledger::fold`, as the producer calls it, of the {rows} outcomes f logged: each \
+                 row updated from the status its delivery count implies (a final row keeps \
+                 its outcome) and the batch's counters moved by the rows it changed, up to \
+                 {FOLD_CHUNK} outcomes a transaction; against a bare `UPDATE batch_rows ... \
+                 FROM unnest(...)` of the same columns of as many rows of another batch, \
+                 {FOLD_CHUNK} a statement and a transaction; after a VACUUM and a CHECKPOINT, \
+                 each first in turn; mean of {WRITE_ROUNDS} rounds; higher is better; off the \
+                 workers' path, so no target of its own (c counts it)"
+            ),
+        },
+    ]
 }
 
 fn done_outcomes(batch_id: &str, rows: u64) -> Vec<Outcome> {
@@ -302,54 +355,107 @@ fn done_outcomes(batch_id: &str, rows: u64) -> Vec<Outcome> {
 /// One call of `Ledger::record`, as a worker's recorder makes it.
 async fn through_ledger(ledger: &Ledger, outcomes: &[Outcome]) -> Duration {
     let started = Instant::now();
-    let recorded = ledger
+    ledger
         .record(WORKER, outcomes)
         .await
         .expect("outcomes recorded");
+    started.elapsed()
+}
+
+/// The outcomes' columns, one array each, as both bare sides bind them.
+struct Columns<'o> {
+    batch_ids: Vec<&'o str>,
+    lines: Vec<i64>,
+    statuses: Vec<&'static str>,
+    attempts: Vec<i32>,
+    errors: Vec<Option<&'o str>>,
+    results: Vec<Option<&'o str>>,
+    started: Vec<f64>,
+}
+
+impl<'o> Columns<'o> {
+    fn of(outcomes: &'o [Outcome]) -> Self {
+        Columns {
+            batch_ids: outcomes.iter().map(|o| o.batch_id.as_str()).collect(),
+            lines: outcomes.iter().map(|o| o.line as i64).collect(),
+            statuses: outcomes.iter().map(|o| o.status.as_str()).collect(),
+            attempts: outcomes.iter().map(|o| o.attempts as i32).collect(),
+            errors: outcomes.iter().map(|o| o.error.as_deref()).collect(),
+            results: outcomes.iter().map(|o| o.result.as_deref()).collect(),
+            started: outcomes.iter().map(|o| o.started_unix).collect(),
+        }
+    }
+}
+
+/// What writing the outcomes takes at the least: the same columns as
+/// `Ledger::record` writes, in one statement, into a table with nothing else.
+async fn bare_insert(ledger: &Ledger, outcomes: &[Outcome]) -> Duration {
+    let started = Instant::now();
+    let columns = Columns::of(outcomes);
+    let inserted = sqlx::query(
+        "INSERT INTO bench_bare_outcomes
+         SELECT u.batch_id, u.line, u.status, u.attempts, u.error, u.result, $8, u.started
+         FROM unnest($1::text[], $2::int8[], $3::text[], $4::int4[], $5::text[], $6::text[],
+                     $7::float8[]) AS u(batch_id, line, status, attempts, error, result, started)",
+    )
+    .bind(&columns.batch_ids)
+    .bind(&columns.lines)
+    .bind(&columns.statuses)
+    .bind(&columns.attempts)
+    .bind(&columns.errors)
+    .bind(&columns.results)
+    .bind(&columns.started)
+    .bind(WORKER)
+    .execute(ledger.pool())
+    .await
+    .expect("the bare insert")
+    .rows_affected();
+    let elapsed = started.elapsed();
+    assert_eq!(inserted, outcomes.len() as u64, "every outcome is inserted");
+    elapsed
+}
+
+/// One `Ledger::fold` of the `rows` outcomes logged, as the producer makes it.
+async fn fold_all(ledger: &Ledger, rows: u64) -> Duration {
+    let started = Instant::now();
+    let folded = ledger.fold().await.expect("outcomes folded");
     let elapsed = started.elapsed();
     assert_eq!(
-        recorded.applied,
-        outcomes.len(),
-        "every outcome changes its row"
+        (folded.applied, folded.outcomes()),
+        (rows as usize, rows as usize),
+        "every outcome logged is folded, and changes its row"
     );
     elapsed
 }
 
-/// What writing the outcomes takes at the least: the same columns as
-/// `Ledger::record` writes, in one statement, and nothing else.
+/// What applying the outcomes to their rows takes at the least: the same columns as
+/// `Ledger::fold` writes, in one statement and one transaction per as many rows as a
+/// fold takes at once, and nothing else.
 async fn bare_update(ledger: &Ledger, outcomes: &[Outcome]) -> Duration {
     let started = Instant::now();
-    let batch_ids: Vec<&str> = outcomes.iter().map(|o| o.batch_id.as_str()).collect();
-    let lines: Vec<i64> = outcomes.iter().map(|o| o.line as i64).collect();
-    let statuses: Vec<&str> = outcomes.iter().map(|o| o.status.as_str()).collect();
-    let attempts: Vec<i32> = outcomes.iter().map(|o| o.attempts as i32).collect();
-    let errors: Vec<Option<&str>> = outcomes.iter().map(|o| o.error.as_deref()).collect();
-    let results: Vec<Option<&str>> = outcomes.iter().map(|o| o.result.as_deref()).collect();
-    let updated = sqlx::query(
-        "UPDATE batch_rows r SET status = u.status, attempts = u.attempts, error = u.error,
-                result = u.result, worker = $7, settled_at = now()
-         FROM unnest($1::text[], $2::int8[], $3::text[], $4::int4[], $5::text[], $6::text[])
-              AS u(batch_id, line, status, attempts, error, result)
-         WHERE r.batch_id = u.batch_id AND r.line = u.line",
-    )
-    .bind(&batch_ids)
-    .bind(&lines)
-    .bind(&statuses)
-    .bind(&attempts)
-    .bind(&errors)
-    .bind(&results)
-    .bind(WORKER)
-    .execute(ledger.pool())
-    .await
-    .expect("the bare update")
-    .rows_affected();
-    let elapsed = started.elapsed();
-    assert_eq!(
-        updated,
-        outcomes.len() as u64,
-        "every outcome updates its row"
-    );
-    elapsed
+    for chunk in outcomes.chunks(FOLD_CHUNK) {
+        let columns = Columns::of(chunk);
+        let updated = sqlx::query(
+            "UPDATE batch_rows r SET status = u.status, attempts = u.attempts, error = u.error,
+                    result = u.result, worker = $7, settled_at = now()
+             FROM unnest($1::text[], $2::int8[], $3::text[], $4::int4[], $5::text[], $6::text[])
+                  AS u(batch_id, line, status, attempts, error, result)
+             WHERE r.batch_id = u.batch_id AND r.line = u.line",
+        )
+        .bind(&columns.batch_ids)
+        .bind(&columns.lines)
+        .bind(&columns.statuses)
+        .bind(&columns.attempts)
+        .bind(&columns.errors)
+        .bind(&columns.results)
+        .bind(WORKER)
+        .execute(ledger.pool())
+        .await
+        .expect("the bare update")
+        .rows_affected();
+        assert_eq!(updated, chunk.len() as u64, "every outcome updates its row");
+    }
+    started.elapsed()
 }
 
 // set-up shared by both
@@ -395,7 +501,7 @@ async fn record_batch(ledger: &Ledger, batch_id: &str, csv: &Path, rows: u64) {
 
 /// Leaves no dead row versions or stale statistics from the set-up to the timed part.
 async fn vacuum(ledger: &Ledger) {
-    sqlx::raw_sql("VACUUM ANALYZE batches, batch_rows")
+    sqlx::raw_sql("VACUUM ANALYZE batches, batch_rows, row_outcomes")
         .execute(ledger.pool())
         .await
         .expect("vacuum the ledger's tables");

@@ -377,7 +377,7 @@ impl Ledger {
     }
 
     pub async fn batch(&self, batch_id: &str) -> Result<Option<BatchRecord>> {
-        self.schema().await?;
+        self.caught_up().await?;
         let sql = concat!(
             "SELECT ",
             batch_columns!(),
@@ -392,7 +392,7 @@ impl Ledger {
 
     /// Batches newest first, as `filter` selects them.
     pub async fn batches(&self, filter: &BatchFilter) -> Result<Vec<BatchRecord>> {
-        self.schema().await?;
+        self.caught_up().await?;
         let sql = concat!(
             "SELECT ",
             batch_columns!(),
@@ -419,7 +419,7 @@ impl Ledger {
     /// The first `limit` dead rows of `batch_id`, in line order: what a batch's page
     /// shows of them (the results download has them all).
     pub async fn dead_rows(&self, batch_id: &str, limit: u32) -> Result<Vec<DeadRow>> {
-        self.schema().await?;
+        self.caught_up().await?;
         let rows: Vec<(i64, i32, Option<String>, Vec<String>)> = sqlx::query_as(
             "SELECT line, attempts, error, fields FROM batch_rows
              WHERE batch_id = $1 AND status = 'dead' ORDER BY line LIMIT $2",
@@ -441,8 +441,10 @@ impl Ledger {
 
     /// Removes a finished batch and its rows.
     pub async fn delete_batch(&self, batch_id: &str) -> Result<Deleted> {
-        self.schema().await?;
+        self.caught_up().await?;
         let mut tx = self.pool().begin().await?;
+        // Every outcome recorded so far counts first, and none is folded until this ends.
+        crate::outcomes::fold_within(&mut tx).await?;
         let Some(state) = lock_state(&mut tx, batch_id).await? else {
             return Ok(Deleted::NotFound);
         };

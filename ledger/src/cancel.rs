@@ -44,11 +44,12 @@ impl Ledger {
         &self,
         batch_id: &str,
     ) -> Result<std::result::Result<Cancelled, CancelRefused>> {
-        self.schema().await?;
-        // Rows first, then their batch: the order in which workers record outcomes, so
-        // a cancel and a worker wait for each other instead of deadlocking.
+        self.caught_up().await?;
         let mut tx = self.pool().begin().await?;
-        let Some(state) = self.batch_state(batch_id).await? else {
+        // Every outcome recorded so far counts first, and none is folded until this
+        // ends: the rows' statuses and the batch's state are the last word.
+        crate::outcomes::fold_within(&mut tx).await?;
+        let Some(state) = state_in(&mut tx, batch_id).await? else {
             return Ok(Err(CancelRefused::NotFound));
         };
         if state.is_finished() {
@@ -82,9 +83,10 @@ impl Ledger {
         .fetch_optional(&mut *tx)
         .await?;
         let Some((done, dead)) = counted else {
-            // It finished (or was cancelled) meanwhile: the rows go back as they were.
+            // It finished meanwhile (its publication ended with every row settled):
+            // the rows go back as they were.
+            let state = state_in(&mut tx, batch_id).await?;
             tx.rollback().await?;
-            let state = self.batch_state(batch_id).await?;
             return Ok(Err(
                 state.map_or(CancelRefused::NotFound, CancelRefused::Finished)
             ));
@@ -112,4 +114,13 @@ impl Ledger {
                 .await?;
         state.as_deref().map(crate::batches::state_of).transpose()
     }
+}
+
+/// The state of `batch_id` as `tx` sees it.
+async fn state_in(tx: &mut sqlx::PgConnection, batch_id: &str) -> Result<Option<BatchState>> {
+    let state: Option<String> = sqlx::query_scalar("SELECT state FROM batches WHERE batch_id = $1")
+        .bind(batch_id)
+        .fetch_optional(tx)
+        .await?;
+    state.as_deref().map(crate::batches::state_of).transpose()
 }

@@ -80,7 +80,7 @@ pub enum Revival {
 impl Ledger {
     /// A page of the dead rows `filter` selects.
     pub async fn dead_letters(&self, filter: &DeadFilter) -> Result<Vec<DeadLetter>> {
-        self.schema().await?;
+        self.caught_up().await?;
         let (after_batch, after_line) = filter
             .after
             .as_ref()
@@ -132,7 +132,7 @@ impl Ledger {
     /// that are still dead back to pending, attempts reset, and lists them for
     /// publication; says for each what to do with its dead copy.
     pub async fn revive_dead(&self, messages: &[(String, u64, u64)]) -> Result<Vec<Revival>> {
-        self.schema().await?;
+        self.caught_up().await?;
         let mut keys: Vec<(&str, i64, i64)> = messages
             .iter()
             .map(|(batch, line, position)| {
@@ -149,6 +149,8 @@ impl Ledger {
         let batches: Vec<&str> = keys.iter().map(|k| k.0).collect();
         let lines: Vec<i64> = keys.iter().map(|k| k.1).collect();
         let mut tx = self.pool().begin().await?;
+        // Every outcome recorded so far counts first, and none is folded until this ends.
+        crate::outcomes::fold_within(&mut tx).await?;
         let found: Vec<(String, i64, String, String)> = sqlx::query_as(
             "SELECT r.batch_id, r.line, r.status, b.state
              FROM unnest($1::text[], $2::bigint[]) AS w(batch_id, line)

@@ -14,7 +14,8 @@
 //!
 //! - [`batches`]: recording a batch and its rows, its publication, reading and
 //!   deleting batches.
-//! - [`outcomes`]: recording rows' outcomes, idempotently, in batches.
+//! - [`outcomes`]: rows' outcomes appended to a log in batches, and folded into the
+//!   rows and their batches' counts, idempotently.
 //! - [`results`]: a batch's rows and results streamed out as CSV or JSON Lines.
 //! - [`retry`]: a batch's dead rows set back to pending and listed for publication.
 //! - [`dead`]: dead rows listed, and revived for a replay of the dead queue.
@@ -46,7 +47,7 @@ use sqlx::{
 use tokio::sync::OnceCell;
 
 pub use batches::{BatchFilter, BatchRecord, DeadRow, NewBatch};
-pub use outcomes::{Outcome, Recorded};
+pub use outcomes::{Folded, Outcome};
 
 /// The default `DATABASE_URL`.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/spillway";

@@ -45,7 +45,7 @@ impl Ledger {
         format: Format,
         status: Option<RowStatus>,
     ) -> Result<Download> {
-        self.schema().await?;
+        self.caught_up().await?;
         let filter = match status {
             Some(status) => format!(" AND r.status = '{}'", status.as_str()),
             None => String::new(),

@@ -49,8 +49,10 @@ impl Ledger {
         &self,
         batch_id: &str,
     ) -> Result<std::result::Result<Retry, RetryRefused>> {
-        self.schema().await?;
+        self.caught_up().await?;
         let mut tx = self.pool().begin().await?;
+        // Every outcome recorded so far counts first, and none is folded until this ends.
+        crate::outcomes::fold_within(&mut tx).await?;
         let Some(state) = lock_state(&mut tx, batch_id).await? else {
             return Ok(Err(RetryRefused::NotFound));
         };

@@ -14,7 +14,7 @@ pub struct RowTotal {
 impl Ledger {
     /// Rows by job type and status, over every batch in the ledger.
     pub async fn row_totals(&self) -> Result<Vec<RowTotal>> {
-        self.schema().await?;
+        self.caught_up().await?;
         let sums: Vec<(String, i64, i64, i64, i64, i64)> = sqlx::query_as(
             "SELECT job_type, sum(pending)::int8, sum(done)::int8, sum(failed)::int8,
                     sum(dead)::int8, sum(cancelled)::int8

@@ -2,7 +2,7 @@
 
 use futures_util::TryStreamExt;
 use spillway_ledger::{
-    BatchFilter, BatchState, Ledger, NewBatch, Outcome, Recorded, RowStatus,
+    BatchFilter, BatchState, Folded, Ledger, NewBatch, Outcome, RowStatus,
     batches::Deleted,
     results::{CSV_COLUMNS, Format},
 };
@@ -192,7 +192,7 @@ async fn a_batch_runs_then_finishes_as_its_rows_settle_and_redeliveries_count_on
 
     // Row 3 fails with attempts left, then is redelivered and done; row 2 is
     // redelivered after it was done: nothing counts twice.
-    let recorded = ledger
+    ledger
         .record(
             "w2",
             &[
@@ -203,10 +203,11 @@ async fn a_batch_runs_then_finishes_as_its_rows_settle_and_redeliveries_count_on
         .await
         .unwrap();
     assert_eq!(
-        recorded,
-        Recorded {
+        ledger.fold().await.unwrap(),
+        Folded {
             applied: 1,
             already_final: 1,
+            superseded: 0,
             unknown: 0
         }
     );
@@ -318,6 +319,98 @@ async fn concurrent_workers_recording_the_same_rows_count_each_once() {
         .await
         .unwrap();
     assert_eq!(done, 500);
+}
+
+#[tokio::test]
+async fn outcomes_count_once_whatever_order_and_however_many_folds_take_them() {
+    let (_db, ledger) = ledger("folds").await;
+    let rows: Vec<Vec<String>> = (0..300).map(|n| vec![n.to_string()]).collect();
+    let rows: Vec<Vec<&str>> = rows
+        .iter()
+        .map(|r| r.iter().map(String::as_str).collect())
+        .collect();
+    let rows: Vec<&[&str]> = rows.iter().map(Vec::as_slice).collect();
+    record_batch(&ledger, "b1", &["n"], &rows).await;
+    ledger.finish_publishing("b1").await.unwrap();
+    let failed = |line, attempts, error: &str| Outcome {
+        attempts,
+        error: Some(error.into()),
+        ..outcome("b1", line, RowStatus::Failed, None)
+    };
+
+    // Recorded, not yet folded: the log holds it, and a reader folds it first.
+    ledger
+        .record("w2", &[failed(2, 2, "second")])
+        .await
+        .unwrap();
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM row_outcomes")
+        .fetch_one(ledger.pool())
+        .await
+        .unwrap();
+    assert_eq!(logged, 1, "the outcome waits in the log");
+    let batch = ledger.batch("b1").await.unwrap().unwrap();
+    assert_eq!((batch.pending, batch.failed), (299, 1));
+
+    // An earlier delivery's failure, folded after the later one's, changes nothing.
+    ledger.record("w1", &[failed(2, 1, "first")]).await.unwrap();
+    assert_eq!(
+        ledger.fold().await.unwrap(),
+        Folded {
+            superseded: 1,
+            ..Folded::default()
+        }
+    );
+    let (attempts, error, worker): (i32, String, String) = sqlx::query_as(
+        "SELECT attempts, error, worker FROM batch_rows WHERE batch_id = 'b1' AND line = 2",
+    )
+    .fetch_one(ledger.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        (attempts, error.as_str(), worker.as_str()),
+        (2, "second", "w2")
+    );
+
+    // A row's outcomes recorded out of order in one fold apply by delivery: done wins.
+    let done = Outcome {
+        attempts: 2,
+        ..outcome("b1", 3, RowStatus::Done, Some("r"))
+    };
+    ledger
+        .record("w1", &[done, failed(3, 1, "first")])
+        .await
+        .unwrap();
+
+    // Every other row done, recorded by many calls and folded by many folds at once.
+    for lines in (4..302).collect::<Vec<u64>>().chunks(37) {
+        let outcomes: Vec<_> = lines
+            .iter()
+            .map(|&line| outcome("b1", line, RowStatus::Done, Some("r")))
+            .collect();
+        ledger.record("w3", &outcomes).await.unwrap();
+    }
+    let folds: Vec<_> = (0..4)
+        .map(|_| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move { ledger.fold().await.unwrap() })
+        })
+        .collect();
+    let (mut applied, mut folded) = (0, 0);
+    for fold in folds {
+        let fold = fold.await.unwrap();
+        applied += fold.applied;
+        folded += fold.outcomes();
+    }
+    assert_eq!(
+        (applied, folded),
+        (2 + 298, 2 + 298),
+        "each outcome folded once, and each changed its row"
+    );
+    let batch = ledger.batch("b1").await.unwrap().unwrap();
+    assert_eq!(
+        (batch.state, batch.pending, batch.failed, batch.done),
+        (BatchState::Running, 0, 1, 299)
+    );
 }
 
 #[tokio::test]

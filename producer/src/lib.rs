@@ -17,12 +17,14 @@
 //!   - [`ingest::resume`]: publications whose producer stopped, resumed from the ledger.
 //! - [`dead`]: the dead-letter list and replays of the dead queue.
 //! - [`outbox`]: batch state changes published as events, and completion callbacks.
+//! - [`folding`]: workers' logged outcomes folded into rows and batch counts.
 //! - [`metrics`]: Prometheus counters and the publish-latency histogram.
 
 pub mod batches;
 pub mod broker;
 pub mod config;
 pub mod dead;
+pub mod folding;
 pub mod ingest;
 pub mod metrics;
 pub mod outbox;
@@ -72,7 +74,8 @@ pub fn build_state(settings: &Settings, jobs: JobsConfig) -> anyhow::Result<Arc<
 /// Serves the API on `listener` until `shutdown` completes, then lets requests in
 /// flight finish and every batch being published reach its last confirm. Meanwhile
 /// it resumes publications whose producer stopped (see [`ingest::resume`]) and
-/// delivers the ledger's outbox (see [`outbox`]).
+/// delivers the ledger's outbox (see [`outbox`]) and folds workers' outcomes (see
+/// [`folding`]).
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
@@ -87,6 +90,7 @@ pub async fn serve(
         stop_resuming.clone(),
     ));
     let delivering = tokio::spawn(outbox::run(Arc::clone(&state), stop_resuming.clone()));
+    let folding = tokio::spawn(folding::run(Arc::clone(&state), stop_resuming.clone()));
     let served = spillway_common::serve::serve(
         listener,
         routes::router(Arc::clone(&state), gate),
@@ -97,6 +101,7 @@ pub async fn serve(
     stop_resuming.cancel();
     let _ = resuming.await;
     let _ = delivering.await;
+    let _ = folding.await;
     state.tasks.close();
     state.tasks.wait().await;
     served

@@ -39,6 +39,10 @@ pub struct Metrics {
     pub ledger_rows: Family<RowLabels, Gauge>,
     /// Uploads being read, recorded or published now.
     pub uploads_in_progress: Gauge,
+    /// Workers' outcomes folded into rows and batch counts by this producer.
+    pub outcomes_folded: Counter,
+    /// Seconds each fold of the outcome log took.
+    pub fold_seconds: Histogram,
 }
 
 impl Metrics {
@@ -95,8 +99,23 @@ impl Metrics {
             "Uploads being read, recorded or published now",
             uploads_in_progress.clone(),
         );
+        let outcomes_folded = Counter::default();
+        registry.register(
+            "outcomes_folded",
+            "Rows' outcomes, as workers recorded them, folded into rows and batch counts",
+            outcomes_folded.clone(),
+        );
+        let fold_seconds =
+            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0]);
+        registry.register(
+            "fold_seconds",
+            "Time each fold of the outcome log took",
+            fold_seconds.clone(),
+        );
         Metrics {
             registry,
+            outcomes_folded,
+            fold_seconds,
             uploads_in_progress,
             ledger_seconds,
             batch_rows,
@@ -106,6 +125,12 @@ impl Metrics {
             rejections,
             publish_seconds,
         }
+    }
+
+    /// A fold of `outcomes` took `took`.
+    pub fn folded(&self, outcomes: usize, took: std::time::Duration) {
+        self.outcomes_folded.inc_by(outcomes as u64);
+        self.fold_seconds.observe(took.as_secs_f64());
     }
 
     pub fn outcome(&self, outcome: &'static str) {

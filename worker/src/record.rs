@@ -21,7 +21,7 @@
 use std::time::{Duration, Instant};
 
 use spillway_common::retry;
-use spillway_ledger::{Ledger, LedgerError, Outcome, Recorded};
+use spillway_ledger::{Ledger, LedgerError, Outcome};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -71,7 +71,7 @@ impl Slots {
 
 /// What the recorder did, for the worker's progress report and logs.
 pub trait RecordObserver: Send + Sync + 'static {
-    fn recorded(&self, rows: usize, took: Duration, recorded: Recorded);
+    fn recorded(&self, rows: usize, took: Duration);
     fn unavailable(&self, error: &LedgerError);
 }
 
@@ -149,8 +149,8 @@ async fn write(
     loop {
         let started = Instant::now();
         match ledger.record(worker, outcomes).await {
-            Ok(recorded) => {
-                observer.recorded(outcomes.len(), started.elapsed(), recorded);
+            Ok(()) => {
+                observer.recorded(outcomes.len(), started.elapsed());
                 return Ok(());
             }
             Err(error) if error.is_unavailable() && !stop.is_cancelled() => {

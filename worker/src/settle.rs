@@ -30,7 +30,7 @@ use lapin::{
     types::{AMQPValue, ShortString},
 };
 use spillway_common::{envelope::RowMessage, topology};
-use spillway_ledger::{Ledger, LedgerError, Outcome, Recorded, RowStatus};
+use spillway_ledger::{Ledger, LedgerError, Outcome, RowStatus};
 
 use crate::{
     acks::{Acks, Sent},
@@ -239,14 +239,8 @@ fn unix_seconds() -> f64 {
 pub(crate) struct LogRecords;
 
 impl RecordObserver for LogRecords {
-    fn recorded(&self, rows: usize, took: Duration, recorded: Recorded) {
-        tracing::debug!(rows, ?took, ?recorded, "outcomes recorded");
-        if recorded.unknown > 0 {
-            tracing::warn!(
-                rows = recorded.unknown,
-                "outcomes of rows the ledger does not hold (a deleted batch?) were not recorded"
-            );
-        }
+    fn recorded(&self, rows: usize, took: Duration) {
+        tracing::debug!(rows, ?took, "outcomes recorded");
     }
 
     fn unavailable(&self, error: &LedgerError) {
