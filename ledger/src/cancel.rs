@@ -3,8 +3,9 @@
 //!
 //! Rows already queued stay in RabbitMQ; workers ack them without running them (they
 //! ask [`Ledger::batch_state`]). A row in a worker's hands when the batch is cancelled
-//! finishes, but its outcome is not recorded over `cancelled`: the counts say how many
-//! rows ran before the cancel.
+//! finishes, but its outcome, folded after the cancel, does not change `cancelled`:
+//! the counts say how many rows ran before the cancel (outcomes recorded before it are
+//! folded first).
 
 use serde::Serialize;
 

@@ -24,8 +24,8 @@ pub async fn run(state: Arc<AppState>, stop: CancellationToken) {
         let wait = match state.ledger.fold().await {
             Ok(folded) => {
                 delays = retry::ledger_delays();
-                if folded.outcomes() > 0 {
-                    state.metrics.folded(folded.outcomes(), started.elapsed());
+                if folded.outcomes > 0 {
+                    state.metrics.folded(folded.outcomes, started.elapsed());
                     tracing::debug!(?folded, took = ?started.elapsed(), "outcomes folded");
                 }
                 if folded.unknown > 0 {

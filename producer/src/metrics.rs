@@ -128,8 +128,8 @@ impl Metrics {
     }
 
     /// A fold of `outcomes` took `took`.
-    pub fn folded(&self, outcomes: usize, took: std::time::Duration) {
-        self.outcomes_folded.inc_by(outcomes as u64);
+    pub fn folded(&self, outcomes: u64, took: std::time::Duration) {
+        self.outcomes_folded.inc_by(outcomes);
         self.fold_seconds.observe(took.as_secs_f64());
     }
 
