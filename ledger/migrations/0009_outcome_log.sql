@@ -1,10 +1,13 @@
 -- Rows' outcomes as workers record them: appended here, one row per delivery settled,
--- with nothing to check or update, and folded into `batch_rows` and the batches'
+-- with nothing to look up or update, and folded into `batch_rows` and the batches'
 -- counters by `Ledger::fold` (the producer folds continually, and every reader of a
 -- row's status or a batch's counts folds first). An append is the cheapest durable
 -- write PostgreSQL has: no index, no row locks shared between workers, no hot
 -- counter row on the batch.
 CREATE TABLE row_outcomes (
+    -- In the order outcomes were logged: a reader folds those logged before it looked,
+    -- not those logged while it folds. No index: folds read the log whole.
+    id          bigint GENERATED ALWAYS AS IDENTITY,
     batch_id    text NOT NULL,
     line        bigint NOT NULL,
     status      text NOT NULL CHECK (status IN ('done', 'failed', 'dead')),

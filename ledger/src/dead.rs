@@ -143,7 +143,7 @@ impl Ledger {
                 )
             })
             .collect();
-        // Rows in key order, then their batches, as workers lock them.
+        // Rows in key order, then their batches, each once; no fold runs meanwhile.
         keys.sort_unstable();
         keys.dedup_by(|a, b| (a.0, a.1) == (b.0, b.1));
         let batches: Vec<&str> = keys.iter().map(|k| k.0).collect();

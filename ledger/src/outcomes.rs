@@ -46,8 +46,8 @@ pub struct Outcome {
 pub struct Folded {
     /// Outcomes taken out of the log and folded, whatever they changed.
     pub outcomes: u64,
-    /// Rows whose status changed. A row's outcomes past the one it ends with (a row
-    /// already final, an earlier delivery's failure) change nothing.
+    /// Rows an outcome was applied to (a failed row failing again counts). Outcomes of a
+    /// row already final, and an earlier delivery's failure, change nothing.
     pub rows_changed: u64,
     /// Outcomes of rows the ledger does not hold (a deleted batch): dropped.
     pub unknown: u64,
@@ -101,15 +101,24 @@ impl Ledger {
         Ok(())
     }
 
-    /// Folds every outcome logged so far into its row and its batch's counts, a chunk
-    /// per transaction, and says what that changed.
+    /// Folds the outcomes logged so far into their rows and their batches' counts, a
+    /// chunk per transaction, and says what that changed. Outcomes logged meanwhile are
+    /// left to the next fold, so a fold ends however fast workers log.
     pub async fn fold(&self) -> Result<Folded> {
         self.schema().await?;
+        match last_logged(self.pool()).await? {
+            Some(last) => self.fold_until(last).await,
+            None => Ok(Folded::default()),
+        }
+    }
+
+    /// Folds the outcomes logged up to `last` (the log's id).
+    async fn fold_until(&self, last: i64) -> Result<Folded> {
         let mut folded = Folded::default();
         loop {
             let mut tx = self.pool().begin().await?;
             lock_folds(&mut tx).await?;
-            let chunk = fold_chunk(&mut tx).await?;
+            let chunk = fold_chunk(&mut tx, last).await?;
             tx.commit().await?;
             folded.add(chunk);
             if chunk.outcomes < FOLD_CHUNK as u64 {
@@ -118,40 +127,51 @@ impl Ledger {
         }
     }
 
-    /// Applies the schema, and folds the outcomes logged so far if there are any: what
-    /// every reader of rows' statuses or batches' counts does first.
+    /// Applies the schema, and folds the outcomes logged so far, if any: what every
+    /// reader of rows' statuses or batches' counts does first.
     pub(crate) async fn caught_up(&self) -> Result<()> {
-        self.schema().await?;
-        // Outcomes being folded are still visible here until their fold commits, so
-        // an empty log means nothing is left to fold, nor being folded.
-        let logged: bool = sqlx::query_scalar("SELECT EXISTS (SELECT FROM row_outcomes)")
-            .fetch_one(self.pool())
-            .await?;
-        if logged {
-            self.fold().await?;
-        }
+        self.fold().await?;
         Ok(())
     }
 
-    /// The status of one row, or `None` if the ledger does not hold it. A worker asks
-    /// this of a redelivered row only, to ack a row already done without running it.
+    /// The status of one row, counting its outcomes still in the log, or `None` if the
+    /// ledger does not hold it. A worker asks this of a redelivered row only, to ack a
+    /// row already done without running it; it waits for no fold.
     pub async fn row_status(&self, batch_id: &str, line: u64) -> Result<Option<RowStatus>> {
-        self.caught_up().await?;
-        let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM batch_rows WHERE batch_id = $1 AND line = $2")
-                .bind(batch_id)
-                .bind(line_of(line))
-                .fetch_optional(self.pool())
-                .await?;
+        self.schema().await?;
+        let status: Option<String> = sqlx::query_scalar(
+            "SELECT CASE WHEN r.status IN ('pending', 'failed')
+                         THEN coalesce((SELECT o.status FROM row_outcomes o
+                                        WHERE o.batch_id = r.batch_id AND o.line = r.line
+                                          AND o.status <> 'failed'
+                                        LIMIT 1), r.status)
+                         ELSE r.status END
+             FROM batch_rows r WHERE r.batch_id = $1 AND r.line = $2",
+        )
+        .bind(batch_id)
+        .bind(line_of(line))
+        .fetch_optional(self.pool())
+        .await?;
         Ok(status.and_then(|s| s.parse().ok()))
     }
+}
+
+/// The id of the last outcome logged and committed, or `None` if the log is empty.
+/// Outcomes being folded still count until their fold commits, so `None` means
+/// nothing is left to fold, nor being folded.
+async fn last_logged<'c>(executor: impl sqlx::PgExecutor<'c>) -> Result<Option<i64>> {
+    Ok(sqlx::query_scalar("SELECT max(id) FROM row_outcomes")
+        .fetch_one(executor)
+        .await?)
 }
 
 /// Takes the fold lock for the rest of `tx`, and folds every outcome logged so far in
 /// it: what an operation that changes rows does before it reads them.
 pub(crate) async fn fold_within(tx: &mut PgConnection) -> Result<()> {
     lock_folds(tx).await?;
-    while fold_chunk(tx).await?.outcomes == FOLD_CHUNK as u64 {}
+    if let Some(last) = last_logged(&mut *tx).await? {
+        while fold_chunk(tx, last).await?.outcomes == FOLD_CHUNK as u64 {}
+    }
     Ok(())
 }
 
@@ -163,19 +183,21 @@ async fn lock_folds(tx: &mut PgConnection) -> Result<()> {
     Ok(())
 }
 
-/// Takes up to a chunk of logged outcomes out of the log and applies them, in `tx`,
-/// which holds the fold lock: one statement.
+/// Takes up to a chunk of the outcomes logged up to `last` out of the log and applies
+/// them, in `tx`, which holds the fold lock: one statement.
 ///
 /// A row's outcomes apply by delivery, then by when they were recorded, and the row
 /// ends with the first final one (done or dead), or else with the last. It changes
 /// only from `pending` or `failed`, and to `failed` only from as many deliveries as
 /// the outcome's or fewer. The row's status before (`was`, the statement's snapshot:
-/// no other fold, cancel or retry runs meanwhile) and after move its batch's counters.
-async fn fold_chunk(tx: &mut PgConnection) -> Result<Folded> {
+/// no other fold, cancel or retry runs meanwhile) and after move its batch's counters;
+/// a row changed since the snapshot (by a writer that does not take the fold lock) is
+/// not, and its outcome goes back into the log, after `last`.
+async fn fold_chunk(tx: &mut PgConnection, last: i64) -> Result<Folded> {
     let (outcomes, rows_changed, unknown): (i64, i64, i64) = sqlx::query_as(
         "WITH taken AS (
              DELETE FROM row_outcomes
-             WHERE ctid = ANY (ARRAY (SELECT ctid FROM row_outcomes LIMIT $1))
+             WHERE ctid = ANY (ARRAY (SELECT ctid FROM row_outcomes WHERE id <= $2 LIMIT $1))
              RETURNING *
          ), per_row AS (
              SELECT DISTINCT ON (batch_id, line)
@@ -197,7 +219,23 @@ async fn fold_chunk(tx: &mut PgConnection) -> Result<Folded> {
              WHERE r.batch_id = p.batch_id AND r.line = p.line
                AND was.status IN ('pending', 'failed')
                AND (p.status <> 'failed' OR was.attempts <= p.attempts)
-             RETURNING r.batch_id, was.status AS was, p.status, p.started
+               -- Unless another writer changed the row since the statement began (only
+               -- a process built before the log does, without the fold lock).
+               AND r.status = was.status AND r.attempts = was.attempts
+             RETURNING r.batch_id, r.line, was.status AS was, p.status, p.started
+         ), relogged AS (
+             -- A row another writer changed is left for the next fold to apply to.
+             INSERT INTO row_outcomes (batch_id, line, status, attempts, error, result, worker,
+                                       started, settled_at)
+             SELECT p.batch_id, p.line, p.status, p.attempts, p.error, p.result, p.worker,
+                    p.started, p.settled_at
+             FROM per_row p
+             JOIN batch_rows was ON was.batch_id = p.batch_id AND was.line = p.line
+             WHERE (SELECT count(*) FROM applied) < (SELECT count(*) FROM per_row)
+               AND was.status IN ('pending', 'failed')
+               AND (p.status <> 'failed' OR was.attempts <= p.attempts)
+               AND NOT EXISTS (SELECT FROM applied a
+                               WHERE a.batch_id = p.batch_id AND a.line = p.line)
          ), moved AS (
              SELECT batch_id,
                     sum((status = 'failed')::int - (was = 'failed')::int) AS failed,
@@ -222,6 +260,7 @@ async fn fold_chunk(tx: &mut PgConnection) -> Result<Folded> {
                      ELSE 0 END",
     )
     .bind(FOLD_CHUNK as i64)
+    .bind(last)
     .fetch_one(tx)
     .await?;
     let count = |n: i64| u64::try_from(n).unwrap_or(0);

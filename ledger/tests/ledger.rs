@@ -6,7 +6,9 @@ use spillway_ledger::{
     batches::Deleted,
     results::{CSV_COLUMNS, Format},
 };
-use spillway_testkit::TestDatabase;
+use std::time::Duration;
+
+use spillway_testkit::{TestDatabase, wait_for};
 
 async fn ledger(label: &str) -> (TestDatabase, Ledger) {
     let db = TestDatabase::new(label).await;
@@ -216,10 +218,21 @@ async fn a_batch_runs_then_finishes_as_its_rows_settle_and_redeliveries_count_on
         .record("w1", &[outcome("b1", 3, RowStatus::Done, Some("c"))])
         .await
         .unwrap();
+    // A redelivered row's status counts its outcomes still in the log, unfolded.
     assert_eq!(
         ledger.row_status("b1", 2).await.unwrap(),
         Some(RowStatus::Done)
     );
+    assert_eq!(
+        ledger.row_status("b1", 3).await.unwrap(),
+        Some(RowStatus::Done),
+        "done in the log, failed in the row"
+    );
+    assert_eq!(
+        ledger.row_status("b1", 4).await.unwrap(),
+        Some(RowStatus::Pending)
+    );
+    assert_eq!(ledger.row_status("b1", 99).await.unwrap(), None);
 
     // The last row dies: the batch is done, with failures.
     ledger
@@ -235,8 +248,8 @@ async fn a_batch_runs_then_finishes_as_its_rows_settle_and_redeliveries_count_on
     assert_eq!(
         ledger.fold().await.unwrap(),
         Folded {
-            outcomes: 2,
-            rows_changed: 1,
+            outcomes: 3,
+            rows_changed: 2,
             unknown: 1
         },
         "line 99 is no row of the batch"
@@ -425,6 +438,71 @@ async fn outcomes_count_once_whatever_order_and_however_many_folds_take_them() {
         (batch.state, batch.pending, batch.failed, batch.done),
         (BatchState::Running, 0, 1, 299)
     );
+}
+
+#[tokio::test]
+async fn a_row_changed_under_a_fold_keeps_its_outcome_in_the_log_for_the_next() {
+    let (db, ledger) = ledger("fold-race").await;
+    record_batch(&ledger, "b1", &["n"], &[&["1"], &["2"]]).await;
+    ledger.finish_publishing("b1").await.unwrap();
+    ledger
+        .record("w2", &[outcome("b1", 2, RowStatus::Done, Some("answer"))])
+        .await
+        .unwrap();
+    // A writer that takes no fold lock (a worker built before the log) fails row 2 and
+    // holds it while a fold starts.
+    let mut other = ledger.pool().begin().await.unwrap();
+    sqlx::query(
+        "UPDATE batch_rows SET status = 'failed', attempts = 1 WHERE batch_id = 'b1' AND line = 2",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE batches SET pending = pending - 1, failed = failed + 1 WHERE batch_id = 'b1'",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let folding = {
+        let ledger = ledger.clone();
+        tokio::spawn(async move { ledger.fold().await.unwrap() })
+    };
+    wait_for(
+        "the fold to wait for the row",
+        Duration::from_secs(10),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = $1 AND wait_event_type = 'Lock' AND query LIKE '%row_outcomes%'",
+            )
+            .bind(&db.name)
+            .fetch_one(ledger.pool())
+            .await
+            .unwrap();
+            waiting > 0
+        },
+    )
+    .await;
+    other.commit().await.unwrap();
+    assert_eq!(
+        folding.await.unwrap(),
+        Folded {
+            outcomes: 1,
+            rows_changed: 0,
+            unknown: 0
+        },
+        "the row changed under the fold: nothing applied, nothing counted"
+    );
+    // The next fold applies the outcome to the row as it now is.
+    assert_eq!(ledger.fold().await.unwrap().rows_changed, 1);
+    let batch = ledger.batch("b1").await.unwrap().unwrap();
+    assert_eq!(
+        (batch.state, batch.pending, batch.failed, batch.done),
+        (BatchState::Running, 1, 0, 1)
+    );
+    let csv = download(&ledger, "b1", Format::Csv, None).await;
+    assert!(csv.contains("\n1,2,done,answer,,1\n"), "{csv}");
 }
 
 #[tokio::test]

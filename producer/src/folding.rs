@@ -8,6 +8,7 @@
 use std::{sync::Arc, time::Duration};
 
 use spillway_common::retry;
+use spillway_ledger::outcomes::FOLD_CHUNK;
 use tokio_util::sync::CancellationToken;
 
 use crate::routes::AppState;
@@ -15,8 +16,8 @@ use crate::routes::AppState;
 /// How long the producer waits between folds of the outcome log.
 pub const FOLD_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Folds the outcome log every [`FOLD_INTERVAL`] until `stop`; while PostgreSQL cannot
-/// be reached, on the ledger's backoff curve.
+/// Folds the outcome log every [`FOLD_INTERVAL`] (at once again while it is busy) until
+/// `stop`; while PostgreSQL cannot be reached, on the ledger's backoff curve.
 pub async fn run(state: Arc<AppState>, stop: CancellationToken) {
     let mut delays = retry::ledger_delays();
     loop {
@@ -34,7 +35,13 @@ pub async fn run(state: Arc<AppState>, stop: CancellationToken) {
                         "outcomes of rows the ledger does not hold (a deleted batch?) were dropped"
                     );
                 }
-                FOLD_INTERVAL
+                // A fold that took a whole chunk or more found the log busy: fold again
+                // at once rather than fall behind.
+                if folded.outcomes >= FOLD_CHUNK as u64 {
+                    Duration::ZERO
+                } else {
+                    FOLD_INTERVAL
+                }
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot fold rows' outcomes yet; they wait in the ledger's log");
