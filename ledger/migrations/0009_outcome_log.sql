@@ -5,9 +5,6 @@
 -- write PostgreSQL has: no index, no row locks shared between workers, no hot
 -- counter row on the batch.
 CREATE TABLE row_outcomes (
-    -- In the order outcomes were logged: a reader folds those logged before it looked,
-    -- not those logged while it folds. No index: folds read the log whole.
-    id          bigint GENERATED ALWAYS AS IDENTITY,
     batch_id    text NOT NULL,
     line        bigint NOT NULL,
     status      text NOT NULL CHECK (status IN ('done', 'failed', 'dead')),
@@ -17,6 +14,8 @@ CREATE TABLE row_outcomes (
     worker      text NOT NULL,
     -- When the worker started the row, in seconds since the Unix epoch.
     started     float8 NOT NULL,
+    -- When it was recorded (its transaction's start): a fold takes the outcomes
+    -- recorded before it began, not those recorded while it folds.
     settled_at  timestamptz NOT NULL DEFAULT now()
 -- The log's rows live from an append to the next fold: vacuum it by the number of
 -- dead rows, not by a share of a table that is usually almost empty.

@@ -106,19 +106,19 @@ impl Ledger {
     /// left to the next fold, so a fold ends however fast workers log.
     pub async fn fold(&self) -> Result<Folded> {
         self.schema().await?;
-        match last_logged(self.pool()).await? {
-            Some(last) => self.fold_until(last).await,
+        match began(self.pool()).await? {
+            Some(began) => self.fold_until(&began).await,
             None => Ok(Folded::default()),
         }
     }
 
-    /// Folds the outcomes logged up to `last` (the log's id).
-    async fn fold_until(&self, last: i64) -> Result<Folded> {
+    /// Folds the outcomes recorded up to `began`, a time as PostgreSQL writes it.
+    async fn fold_until(&self, began: &str) -> Result<Folded> {
         let mut folded = Folded::default();
         loop {
             let mut tx = self.pool().begin().await?;
             lock_folds(&mut tx).await?;
-            let chunk = fold_chunk(&mut tx, last).await?;
+            let chunk = fold_chunk(&mut tx, began).await?;
             tx.commit().await?;
             folded.add(chunk);
             if chunk.outcomes < FOLD_CHUNK as u64 {
@@ -156,21 +156,24 @@ impl Ledger {
     }
 }
 
-/// The id of the last outcome logged and committed, or `None` if the log is empty.
-/// Outcomes being folded still count until their fold commits, so `None` means
-/// nothing is left to fold, nor being folded.
-async fn last_logged<'c>(executor: impl sqlx::PgExecutor<'c>) -> Result<Option<i64>> {
-    Ok(sqlx::query_scalar("SELECT max(id) FROM row_outcomes")
-        .fetch_one(executor)
-        .await?)
+/// When a fold begins (the statement's time, as PostgreSQL writes it), or `None` if the
+/// log is empty. Every outcome committed before has an earlier `settled_at` (its
+/// transaction's start); outcomes being folded still count until their fold commits,
+/// so `None` means nothing is left to fold, nor being folded.
+async fn began<'c>(executor: impl sqlx::PgExecutor<'c>) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT statement_timestamp()::text WHERE EXISTS (SELECT FROM row_outcomes)",
+    )
+    .fetch_optional(executor)
+    .await?)
 }
 
 /// Takes the fold lock for the rest of `tx`, and folds every outcome logged so far in
 /// it: what an operation that changes rows does before it reads them.
 pub(crate) async fn fold_within(tx: &mut PgConnection) -> Result<()> {
     lock_folds(tx).await?;
-    if let Some(last) = last_logged(&mut *tx).await? {
-        while fold_chunk(tx, last).await?.outcomes == FOLD_CHUNK as u64 {}
+    if let Some(began) = began(&mut *tx).await? {
+        while fold_chunk(tx, &began).await?.outcomes == FOLD_CHUNK as u64 {}
     }
     Ok(())
 }
@@ -183,8 +186,8 @@ async fn lock_folds(tx: &mut PgConnection) -> Result<()> {
     Ok(())
 }
 
-/// Takes up to a chunk of the outcomes logged up to `last` out of the log and applies
-/// them, in `tx`, which holds the fold lock: one statement.
+/// Takes up to a chunk of the outcomes recorded up to `began` out of the log and
+/// applies them, in `tx`, which holds the fold lock: one statement.
 ///
 /// A row's outcomes apply by delivery, then by when they were recorded, and the row
 /// ends with the first final one (done or dead), or else with the last. It changes
@@ -192,12 +195,13 @@ async fn lock_folds(tx: &mut PgConnection) -> Result<()> {
 /// the outcome's or fewer. The row's status before (`was`, the statement's snapshot:
 /// no other fold, cancel or retry runs meanwhile) and after move its batch's counters;
 /// a row changed since the snapshot (by a writer that does not take the fold lock) is
-/// not, and its outcome goes back into the log, after `last`.
-async fn fold_chunk(tx: &mut PgConnection, last: i64) -> Result<Folded> {
+/// not, and its outcome goes back into the log to be folded again.
+async fn fold_chunk(tx: &mut PgConnection, began: &str) -> Result<Folded> {
     let (outcomes, rows_changed, unknown): (i64, i64, i64) = sqlx::query_as(
         "WITH taken AS (
              DELETE FROM row_outcomes
-             WHERE ctid = ANY (ARRAY (SELECT ctid FROM row_outcomes WHERE id <= $2 LIMIT $1))
+             WHERE ctid = ANY (ARRAY (SELECT ctid FROM row_outcomes
+                                      WHERE settled_at <= $2::timestamptz LIMIT $1))
              RETURNING *
          ), per_row AS (
              SELECT DISTINCT ON (batch_id, line)
@@ -224,7 +228,7 @@ async fn fold_chunk(tx: &mut PgConnection, last: i64) -> Result<Folded> {
                AND r.status = was.status AND r.attempts = was.attempts
              RETURNING r.batch_id, r.line, was.status AS was, p.status, p.started
          ), relogged AS (
-             -- A row another writer changed is left for the next fold to apply to.
+             -- A row another writer changed: its outcome is folded again, to the row as it is.
              INSERT INTO row_outcomes (batch_id, line, status, attempts, error, result, worker,
                                        started, settled_at)
              SELECT p.batch_id, p.line, p.status, p.attempts, p.error, p.result, p.worker,
@@ -260,7 +264,7 @@ async fn fold_chunk(tx: &mut PgConnection, last: i64) -> Result<Folded> {
                      ELSE 0 END",
     )
     .bind(FOLD_CHUNK as i64)
-    .bind(last)
+    .bind(began)
     .fetch_one(tx)
     .await?;
     let count = |n: i64| u64::try_from(n).unwrap_or(0);
