@@ -33,7 +33,10 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use spillway_ledger::{BatchState, Ledger, NewBatch, Outcome, RowStatus, outcomes::FOLD_CHUNK};
+use spillway_ledger::{
+    BatchState, Ledger, NewBatch, Outcome, RowStatus,
+    outcomes::{FOLD_CHUNK, OutcomeColumns},
+};
 use spillway_testkit::{
     TestDatabase, TestVhost,
     bench::{
@@ -362,36 +365,11 @@ async fn through_ledger(ledger: &Ledger, outcomes: &[Outcome]) -> Duration {
     started.elapsed()
 }
 
-/// The outcomes' columns, one array each, as both bare sides bind them.
-struct Columns<'o> {
-    batch_ids: Vec<&'o str>,
-    lines: Vec<i64>,
-    statuses: Vec<&'static str>,
-    attempts: Vec<i32>,
-    errors: Vec<Option<&'o str>>,
-    results: Vec<Option<&'o str>>,
-    started: Vec<f64>,
-}
-
-impl<'o> Columns<'o> {
-    fn of(outcomes: &'o [Outcome]) -> Self {
-        Columns {
-            batch_ids: outcomes.iter().map(|o| o.batch_id.as_str()).collect(),
-            lines: outcomes.iter().map(|o| o.line as i64).collect(),
-            statuses: outcomes.iter().map(|o| o.status.as_str()).collect(),
-            attempts: outcomes.iter().map(|o| o.attempts as i32).collect(),
-            errors: outcomes.iter().map(|o| o.error.as_deref()).collect(),
-            results: outcomes.iter().map(|o| o.result.as_deref()).collect(),
-            started: outcomes.iter().map(|o| o.started_unix).collect(),
-        }
-    }
-}
-
 /// What writing the outcomes takes at the least: the same columns as
 /// `Ledger::record` writes, in one statement, into a table with nothing else.
 async fn bare_insert(ledger: &Ledger, outcomes: &[Outcome]) -> Duration {
     let started = Instant::now();
-    let columns = Columns::of(outcomes);
+    let columns = OutcomeColumns::of(outcomes);
     let inserted = sqlx::query(
         "INSERT INTO bench_bare_outcomes
          SELECT u.batch_id, u.line, u.status, u.attempts, u.error, u.result, $8, u.started
@@ -434,7 +412,7 @@ async fn fold_all(ledger: &Ledger, rows: u64) -> Duration {
 async fn bare_update(ledger: &Ledger, outcomes: &[Outcome]) -> Duration {
     let started = Instant::now();
     for chunk in outcomes.chunks(FOLD_CHUNK) {
-        let columns = Columns::of(chunk);
+        let columns = OutcomeColumns::of(chunk);
         let updated = sqlx::query(
             "UPDATE batch_rows r SET status = u.status, attempts = u.attempts, error = u.error,
                     result = u.result, worker = $7, settled_at = now()

@@ -77,10 +77,7 @@ impl Ledger {
         if outcomes.is_empty() {
             return Ok(());
         }
-        let mut columns = LogColumns::default();
-        for outcome in outcomes {
-            columns.push(outcome);
-        }
+        let columns = OutcomeColumns::of(outcomes);
         sqlx::query(
             "INSERT INTO row_outcomes (batch_id, line, status, attempts, error, result, worker, started)
              SELECT u.batch_id, u.line, u.status, u.attempts, u.error, u.result, $8, u.started
@@ -279,27 +276,31 @@ fn line_of(line: u64) -> i64 {
     i64::try_from(line).unwrap_or(i64::MAX)
 }
 
-/// Outcomes as one array per column of the log, for `unnest`.
-#[derive(Default)]
-struct LogColumns<'o> {
-    batch_ids: Vec<&'o str>,
-    lines: Vec<i64>,
-    statuses: Vec<&'static str>,
-    attempts: Vec<i32>,
-    errors: Vec<Option<&'o str>>,
-    results: Vec<Option<&'o str>>,
-    started: Vec<f64>,
+/// Outcomes as one array per column of the log, for `unnest`: what [`Ledger::record`]
+/// binds, and what a benchmark's bare statements bind to write the same columns.
+pub struct OutcomeColumns<'o> {
+    pub batch_ids: Vec<&'o str>,
+    pub lines: Vec<i64>,
+    pub statuses: Vec<&'static str>,
+    pub attempts: Vec<i32>,
+    pub errors: Vec<Option<&'o str>>,
+    pub results: Vec<Option<&'o str>>,
+    pub started: Vec<f64>,
 }
 
-impl<'o> LogColumns<'o> {
-    fn push(&mut self, outcome: &'o Outcome) {
-        self.batch_ids.push(&outcome.batch_id);
-        self.lines.push(line_of(outcome.line));
-        self.statuses.push(outcome.status.as_str());
-        self.attempts
-            .push(i32::try_from(outcome.attempts).unwrap_or(i32::MAX));
-        self.errors.push(outcome.error.as_deref());
-        self.results.push(outcome.result.as_deref());
-        self.started.push(outcome.started_unix);
+impl<'o> OutcomeColumns<'o> {
+    pub fn of(outcomes: &'o [Outcome]) -> Self {
+        OutcomeColumns {
+            batch_ids: outcomes.iter().map(|o| o.batch_id.as_str()).collect(),
+            lines: outcomes.iter().map(|o| line_of(o.line)).collect(),
+            statuses: outcomes.iter().map(|o| o.status.as_str()).collect(),
+            attempts: outcomes
+                .iter()
+                .map(|o| i32::try_from(o.attempts).unwrap_or(i32::MAX))
+                .collect(),
+            errors: outcomes.iter().map(|o| o.error.as_deref()).collect(),
+            results: outcomes.iter().map(|o| o.result.as_deref()).collect(),
+            started: outcomes.iter().map(|o| o.started_unix).collect(),
+        }
     }
 }

@@ -34,6 +34,14 @@ async fn record_batch(ledger: &Ledger, id: &str, header: &[&str], rows: &[&[&str
     spillway_testkit::ledger::record_batch(ledger, &batch, lines).await;
 }
 
+/// Records a batch `id` of `rows` rows, one column `n`: 0, 1, 2 and so on.
+async fn record_numbered_batch(ledger: &Ledger, id: &str, rows: usize) {
+    let rows: Vec<[String; 1]> = (0..rows).map(|n| [n.to_string()]).collect();
+    let rows: Vec<[&str; 1]> = rows.iter().map(|[n]| [n.as_str()]).collect();
+    let rows: Vec<&[&str]> = rows.iter().map(|r| r.as_slice()).collect();
+    record_batch(ledger, id, &["n"], &rows).await;
+}
+
 fn outcome(batch: &str, line: u64, status: RowStatus, result: Option<&str>) -> Outcome {
     Outcome {
         batch_id: batch.into(),
@@ -299,13 +307,7 @@ async fn a_batch_runs_then_finishes_as_its_rows_settle_and_redeliveries_count_on
 #[tokio::test]
 async fn concurrent_workers_recording_the_same_rows_count_each_once() {
     let (_db, ledger) = ledger("concurrent").await;
-    let rows: Vec<Vec<String>> = (0..500).map(|n| vec![n.to_string()]).collect();
-    let rows: Vec<Vec<&str>> = rows
-        .iter()
-        .map(|r| r.iter().map(String::as_str).collect())
-        .collect();
-    let rows: Vec<&[&str]> = rows.iter().map(Vec::as_slice).collect();
-    record_batch(&ledger, "b1", &["n"], &rows).await;
+    record_numbered_batch(&ledger, "b1", 500).await;
     ledger.finish_publishing("b1").await.unwrap();
     // Four workers each record every row, in different orders and slices: two as
     // failed with attempts left, two as done, so rows move pending -> failed -> done
@@ -345,13 +347,7 @@ async fn concurrent_workers_recording_the_same_rows_count_each_once() {
 #[tokio::test]
 async fn outcomes_count_once_whatever_order_and_however_many_folds_take_them() {
     let (_db, ledger) = ledger("folds").await;
-    let rows: Vec<Vec<String>> = (0..300).map(|n| vec![n.to_string()]).collect();
-    let rows: Vec<Vec<&str>> = rows
-        .iter()
-        .map(|r| r.iter().map(String::as_str).collect())
-        .collect();
-    let rows: Vec<&[&str]> = rows.iter().map(Vec::as_slice).collect();
-    record_batch(&ledger, "b1", &["n"], &rows).await;
+    record_numbered_batch(&ledger, "b1", 300).await;
     ledger.finish_publishing("b1").await.unwrap();
     let failed = |line, attempts, error: &str| Outcome {
         attempts,
