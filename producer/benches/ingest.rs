@@ -69,14 +69,17 @@ async fn main() {
             "the ledger: {batch}"
         );
         let rss = peak_rss_kib(producer.process.pid());
-        // How much of the upload was recording it in the ledger, to tell the ledger's
-        // share from the broker's when the ratio falls short.
+        // How much of the upload was recording it in the ledger and how much publishing
+        // it, to tell the ledger's share from the broker's when the ratio falls short.
+        let seconds = |metric: Option<f64>| metric.map_or("?".into(), |s| format!("{s:.2}"));
         let ledger = producer.metric("ledger_write_seconds_sum").await;
+        let publishing = producer.metric("publish_seconds_sum").await;
         println!(
             "producer over HTTP: {rows} rows in {:.2} s ({} s of it waiting, once validated, for the \
-             ledger), peak RSS {rss} KiB",
+             ledger, {} s publishing), peak RSS {rss} KiB",
             elapsed.as_secs_f64(),
-            ledger.map_or("?".into(), |s| format!("{s:.2}")),
+            seconds(ledger),
+            seconds(publishing),
         );
         purge(&channel, &job.queue).await;
 

@@ -226,7 +226,7 @@ async fn a_publication_whose_producer_stopped_is_resumed_from_the_ledger() {
     ledger.ready().await.unwrap();
     // A batch of 5 rows whose producer confirmed 2, then stopped a while ago.
     let header = vec!["n".to_string()];
-    let mut encoder = RowsEncoder::new(Vec::new(), "abandoned");
+    let mut encoder = RowsEncoder::new(Vec::new(), "abandoned").unwrap();
     for n in 0..5u64 {
         encoder.push(n + 2, [n.to_string().as_str()]).unwrap();
     }

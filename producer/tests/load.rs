@@ -14,7 +14,7 @@ use std::{
 use reqwest::{StatusCode, multipart};
 use serde_json::Value;
 use spillway_testkit::{
-    TestVhost,
+    TestDatabase, TestVhost,
     bench::process::{peak_rss_kib, rss_kib},
 };
 use tokio::{
@@ -46,7 +46,8 @@ const UPLOADS_TIMEOUT: Duration = Duration::from_secs(300);
 #[tokio::test]
 async fn eight_concurrent_uploads_of_100000_rows_all_land_in_bounded_memory() {
     let vhost = TestVhost::new("load").await;
-    let (mut producer, base_url) = start_producer(&vhost).await;
+    let database = TestDatabase::new("load").await;
+    let (mut producer, base_url) = start_producer(&vhost, &database).await;
     let pid = producer.id().expect("the producer is running");
     let client = reqwest::Client::new();
     let health = client
@@ -126,11 +127,12 @@ fn csv(upload: u64) -> reqwest::Body {
 
 /// Starts the `producer` binary on a port of its choosing, publishing to `vhost`, and
 /// returns it with its base URL once it says it is ready.
-async fn start_producer(vhost: &TestVhost) -> (Child, String) {
+async fn start_producer(vhost: &TestVhost, database: &TestDatabase) -> (Child, String) {
     // The settings are the test's alone: nothing from the environment running it.
     let mut producer = Command::new(env!("CARGO_BIN_EXE_producer"))
         .env_clear()
         .env("AMQP_URL", &vhost.amqp_url)
+        .env("DATABASE_URL", &database.url)
         .env("PRODUCER_LISTEN", "127.0.0.1:0")
         // Every upload from this one client at once.
         .env("MAX_UPLOADS_PER_CLIENT", UPLOADS.to_string())

@@ -23,7 +23,7 @@ async fn record_batch(ledger: &Ledger, id: &str, file_name: &str, rows: u64) {
 
 /// [`record_batch`], for `tenant`.
 async fn record_batch_of(ledger: &Ledger, tenant: &str, id: &str, file_name: &str, rows: u64) {
-    let mut encoder = RowsEncoder::new(Vec::new(), id);
+    let mut encoder = RowsEncoder::new(Vec::new(), id).unwrap();
     for n in 0..rows {
         let note = format!("{HOSTILE} row {n}");
         encoder

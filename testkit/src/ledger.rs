@@ -12,7 +12,8 @@ where
     F: IntoIterator<Item = S>,
     S: AsRef<str>,
 {
-    let mut encoder = RowsEncoder::new(Vec::new(), batch.batch_id);
+    let mut encoder =
+        RowsEncoder::new(Vec::new(), batch.batch_id).expect("a buffer takes the header");
     for (line, fields) in rows {
         let fields: Vec<S> = fields.into_iter().collect();
         encoder

@@ -62,7 +62,7 @@ impl<'a> SpoolWriter<'a> {
         ledger_rows.header(headers);
         Ok(SpoolWriter {
             out: BufWriter::with_capacity(BUFFER_BYTES, tempfile::tempfile_in(dir)?),
-            ledger_rows: RowsEncoder::new(ledger_rows, &batch.batch_id),
+            ledger_rows: RowsEncoder::new(ledger_rows, &batch.batch_id)?,
             batch,
             headers,
             body: Vec::with_capacity(1024),
