@@ -5,6 +5,13 @@
 //! second. So up to a window of rows is in flight, their bodies kept until confirmed:
 //! a row the broker nacks is sent again from memory, and the count of confirmed rows
 //! advances as confirms arrive, so progress can be watched while a large batch is sent.
+//!
+//! One row in every [`MANDATORY_EVERY`] (the first among them) is published
+//! `mandatory`, so that a work queue deleted while its batch is published fails the
+//! batch within that many rows instead of having RabbitMQ confirm rows it routed
+//! nowhere. Not every row: the rows already in a deleted queue are lost with it, so
+//! checking each would tell no more, and it made RabbitMQ take rows a quarter slower
+//! (BENCHMARKS.md, "a2").
 
 use std::{
     collections::VecDeque,
@@ -40,7 +47,8 @@ pub enum PublishError {
     #[error("RabbitMQ refused the row on line {line} (nack) after {published} rows were confirmed")]
     Refused { published: u64, line: u64 },
     #[error(
-        "the row on line {line} could not be routed to its queue after {published} rows were confirmed"
+        "the work queue is gone: RabbitMQ could not route the row on line {line} to it, after \
+         {published} rows were confirmed (the rows it held went with it)"
     )]
     Unroutable { published: u64, line: u64 },
     #[error("cannot read the rows to publish: {0}")]
@@ -48,6 +56,9 @@ pub enum PublishError {
     #[error("the batch was cancelled after {published} rows were confirmed")]
     Cancelled { published: u64 },
 }
+
+/// One row in this many is published `mandatory`: how soon a deleted queue is noticed.
+const MANDATORY_EVERY: u64 = 100;
 
 /// Bytes of unconfirmed bodies kept for resending, whatever `window` allows: wide rows
 /// must not multiply into gigabytes of memory.
@@ -79,6 +90,7 @@ pub async fn publish(
     };
     let mut pending: VecDeque<InFlight> = VecDeque::with_capacity(window);
     let mut pending_bytes = 0;
+    let mut sent: u64 = 0;
     loop {
         while pending.len() > 1 && pending_bytes > MAX_IN_FLIGHT_BYTES {
             let oldest = pending.pop_front().expect("more than one in flight");
@@ -97,7 +109,10 @@ pub async fn publish(
         let Some(line) = rows.next_into(&mut body).await? else {
             break;
         };
-        let confirm = publisher.send(line, &body).await?;
+        let confirm = publisher
+            .send(line, &body, sent.is_multiple_of(MANDATORY_EVERY))
+            .await?;
+        sent += 1;
         pending_bytes += body.len();
         pending.push_back(InFlight {
             line,
@@ -119,9 +134,16 @@ struct Publisher<'a> {
 }
 
 impl Publisher<'_> {
-    async fn send(&self, line: u64, body: &[u8]) -> Result<PublisherConfirm, PublishError> {
+    /// Publishes one row; RabbitMQ returns it rather than drop it if `mandatory` and
+    /// it cannot be routed.
+    async fn send(
+        &self,
+        line: u64,
+        body: &[u8],
+        mandatory: bool,
+    ) -> Result<PublisherConfirm, PublishError> {
         let options = BasicPublishOptions {
-            mandatory: true,
+            mandatory,
             ..BasicPublishOptions::default()
         };
         self.channel
@@ -170,7 +192,7 @@ impl Publisher<'_> {
                         "RabbitMQ nacked a row; sending it again"
                     );
                     tokio::time::sleep(delay).await;
-                    row.confirm = self.send(row.line, &row.body).await?;
+                    row.confirm = self.send(row.line, &row.body, true).await?;
                 }
                 Err(source) => return Err(PublishError::Broker { published, source }),
             }
