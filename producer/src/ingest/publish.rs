@@ -9,9 +9,9 @@
 //! One row in every [`MANDATORY_EVERY`] (the first among them) is published
 //! `mandatory`, so that a work queue deleted while its batch is published fails the
 //! batch within that many rows instead of having RabbitMQ confirm rows it routed
-//! nowhere. Not every row: the rows already in a deleted queue are lost with it, so
-//! checking each would tell no more, and it made RabbitMQ take rows a quarter slower
-//! (BENCHMARKS.md, "a2").
+//! nowhere. Not every row: the rows a deleted queue held are lost with it however soon
+//! that is noticed, and checking each made RabbitMQ take rows a quarter slower
+//! (BENCHMARKS.md, "a2: where the producer's time went").
 
 use std::{
     collections::VecDeque,
