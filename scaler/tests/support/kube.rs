@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 use std::{
+    cell::RefCell,
     collections::{BTreeMap, BTreeSet},
     future::Future,
     path::{Path, PathBuf},
@@ -342,18 +343,21 @@ impl Cluster {
 
     /// Waits until `rows` rows of `queue` have been settled (acknowledged, or
     /// dead-lettered and then acknowledged) and none is left.
+    /// A failure says what the management API answered last.
     pub async fn wait_until_settled(&self, queue: &str, rows: u64) {
+        let last = RefCell::new(String::from("nothing yet"));
         wait_until(
             &format!("{rows} rows of {queue} settled"),
             PATIENCE,
             || async {
-                self.vhost
-                    .api
-                    .queue_stats(queue)
-                    .await
-                    .is_ok_and(|q| q.ready == 0 && q.unacked == 0 && q.acked_total >= rows)
+                let stats = self.vhost.api.queue_stats(queue).await;
+                *last.borrow_mut() = match &stats {
+                    Ok(q) => format!("{q:?}"),
+                    Err(e) => e.to_string(),
+                };
+                stats.is_ok_and(|q| q.ready == 0 && q.unacked == 0 && q.acked_total >= rows)
             },
-            || self.state(),
+            || format!("{queue} last: {}\n{}", last.borrow(), self.state()),
         )
         .await;
     }
