@@ -10,9 +10,9 @@
 //!    publishes it: from the first byte sent to the answer.
 //!
 //! Each runs twice, in the order producer, bare, bare, producer, with the queue purged
-//! after every run. It records the mean rows/s of both (ratio target >= 0.8: the ledger must not make ingest
-//! slower than the broker allows) and the producer's peak resident memory for both
-//! sizes (target: under 64 MiB, within 10% of each other) in
+//! after every run. It records the mean rows/s of both (ratio target >= 0.8: the
+//! ledger must not make ingest slower than the broker allows) and the producer's peak
+//! resident memory for both sizes (target: under 64 MiB, within 10% of each other) in
 //! `target/bench-results/ingest.json`. `BENCH_ROWS` replaces the larger size (the
 //! smaller is a tenth of it), for a quick run.
 

@@ -6,8 +6,8 @@
 mod support;
 
 use reqwest::StatusCode;
-use spillway_ledger::{BatchState, Ledger, NewBatch, copy::RowsEncoder};
-use spillway_testkit::{TestDatabase, TestVhost, wait_for};
+use spillway_ledger::{BatchState, Ledger, NewBatch};
+use spillway_testkit::{TestDatabase, TestVhost, ledger::record_batch, wait_for};
 use std::time::Duration;
 use support::TestProducer;
 
@@ -226,11 +226,6 @@ async fn a_publication_whose_producer_stopped_is_resumed_from_the_ledger() {
     ledger.ready().await.unwrap();
     // A batch of 5 rows whose producer confirmed 2, then stopped a while ago.
     let header = vec!["n".to_string()];
-    let mut encoder = RowsEncoder::new(Vec::new(), "abandoned").unwrap();
-    for n in 0..5u64 {
-        encoder.push(n + 2, [n.to_string().as_str()]).unwrap();
-    }
-    let rows = encoder.finish().unwrap();
     let batch = NewBatch {
         tenant: "default",
         batch_id: "abandoned",
@@ -241,7 +236,7 @@ async fn a_publication_whose_producer_stopped_is_resumed_from_the_ledger() {
         rows: Some(5),
         callback_url: None,
     };
-    ledger.create_batch(&batch, &rows[..]).await.unwrap();
+    record_batch(&ledger, &batch, (0..5u64).map(|n| (n + 2, [n.to_string()]))).await;
     ledger.set_published("abandoned", 2).await.unwrap();
     sqlx::query("UPDATE batches SET heartbeat_at = now() - interval '1 hour'")
         .execute(ledger.pool())

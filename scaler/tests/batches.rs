@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use spillway_ledger::{Ledger, NewBatch, Outcome, RowStatus, copy::RowsEncoder};
-use spillway_testkit::{TestDatabase, TestVhost};
+use spillway_ledger::{Ledger, NewBatch, Outcome, RowStatus};
+use spillway_testkit::{TestDatabase, TestVhost, ledger::record_published_batch};
 use support::{Scaler, local_jobs};
 
 const HOSTILE: &str = "<script>alert(1)</script>";
@@ -23,13 +23,6 @@ async fn record_batch(ledger: &Ledger, id: &str, file_name: &str, rows: u64) {
 
 /// [`record_batch`], for `tenant`.
 async fn record_batch_of(ledger: &Ledger, tenant: &str, id: &str, file_name: &str, rows: u64) {
-    let mut encoder = RowsEncoder::new(Vec::new(), id).unwrap();
-    for n in 0..rows {
-        let note = format!("{HOSTILE} row {n}");
-        encoder
-            .push(n + 2, [n.to_string().as_str(), &note])
-            .unwrap();
-    }
     let header = ["n".to_string(), format!("note{HOSTILE}")];
     let batch = NewBatch {
         tenant,
@@ -41,12 +34,8 @@ async fn record_batch_of(ledger: &Ledger, tenant: &str, id: &str, file_name: &st
         rows: Some(rows),
         callback_url: None,
     };
-    ledger
-        .create_batch(&batch, &encoder.finish().unwrap()[..])
-        .await
-        .unwrap();
-    ledger.set_published(id, rows).await.unwrap();
-    ledger.finish_publishing(id).await.unwrap();
+    let lines = (0..rows).map(|n| (n + 2, [n.to_string(), format!("{HOSTILE} row {n}")]));
+    record_published_batch(ledger, &batch, lines).await;
 }
 
 fn outcome(batch: &str, line: u64, status: RowStatus, error: Option<&str>) -> Outcome {
