@@ -26,12 +26,13 @@ use spillway_testkit::wait_for;
 const NS: &str = "spillway";
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// The "image": prints its greeting, then does what `$MODE` says.
+/// The "image": prints its greeting, then does what `$MODE` says. `drain` lingers a
+/// second after saying so: a pod's log goes with the pod, and a test must get to read it.
 const SCRIPT: &str = r#"#!/bin/sh
 echo "hello from $HOSTNAME: $GREETING"
 case "$MODE" in
   fail) exit 3 ;;
-  drain) trap 'echo draining; exit 0' TERM; echo ready; while :; do sleep 0.05; done ;;
+  drain) trap 'echo draining; sleep 1; exit 0' TERM; echo ready; while :; do sleep 0.05; done ;;
   stubborn) trap 'echo ignoring TERM' TERM; echo ready; while :; do sleep 0.05; done ;;
   lines) for n in 1 2 3 4 5; do echo "$n"; done ;;
   files) cat "$CONFIG_FILE"; echo "tmp=$TMPDIR"; touch "$TMPDIR/scratch" && echo wrote-tmp ;;
